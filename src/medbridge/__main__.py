@@ -1,0 +1,5 @@
+"""``python -m medbridge``."""
+
+from medbridge.cli.main import entry
+
+entry()

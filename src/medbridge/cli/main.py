@@ -1,0 +1,428 @@
+"""Entry point and the platform-side commands."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+from medbridge import __version__
+from medbridge.cli import output
+from medbridge.compute.credentials import parse_address
+from medbridge.config import Home
+from medbridge.control.store import Store
+from medbridge.errors import InvalidInput, MedbridgeError
+from medbridge.platform.keys import fingerprint, load_private_key, public_line, read_public_key_file
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+home_option = click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Platform home (default: $MEDBRIDGE_HOME, then ~/.local/share/medbridge).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _actor() -> str:
+    try:
+        return f"admin:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"admin:uid={os.getuid()}"
+
+
+def _store(home: Path | None) -> tuple[Home, Store]:
+    h = Home.resolve(home)
+    settings = h.settings()
+    return h, Store(h.database_url(settings))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="medbridge")
+def cli() -> None:
+    """medbridge: batch jobs compute on an isolated medical-image platform, and leave nothing behind.
+
+    Exit codes: 0 ok, 1 error, 2 bad input, 3 home not initialised, 4 not found,
+    5 already exists, 6 access denied, 7 integrity check failed, 8 platform
+    unavailable, 9 job set-up failed; `job run` passes the payload's code through.
+    """
+
+
+# -- platform ---------------------------------------------------------------------------
+
+
+@cli.group()
+def platform() -> None:
+    """Create and serve the data platform."""
+
+
+@platform.command("init")
+@home_option
+def platform_init(home: Path | None) -> None:
+    """Create a platform home: host key, user CA, control database, storage."""
+    from medbridge.platform.storage import init_home
+
+    h = Home.resolve(home)
+    fpr = init_home(h, _actor())
+    output.out.print(f"initialised platform home {h.root}")
+    output.out.print(f"host key fingerprint: {fpr}")
+    output.out.print("give this fingerprint to users; `job run --host-key-fingerprint` pins it")
+
+
+@platform.command("fingerprint")
+@home_option
+def platform_fingerprint(home: Path | None) -> None:
+    """Print the host key fingerprint clients pin."""
+    h = Home.resolve(home)
+    h.require()
+    click.echo(fingerprint(load_private_key(h.host_key)))
+
+
+@platform.command("serve")
+@home_option
+@click.option("--listen", default="127.0.0.1:2222", show_default=True, help="HOST:PORT to listen on (port 0: any).")
+def platform_serve(home: Path | None, listen: str) -> None:
+    """Serve the SFTP data plane and the certificate issuer until SIGTERM/SIGINT."""
+    from medbridge.platform.server import serve
+
+    h = Home.resolve(home)
+    h.require()
+    host, port = parse_address(listen)
+    key = load_private_key(h.host_key)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(bound_host: str, bound_port: int) -> None:
+            click.echo(
+                f"medbridge platform listening on {bound_host}:{bound_port} host key {fingerprint(key)}", err=False
+            )
+            sys.stdout.flush()
+
+        await serve(h, host, port, ready=ready, stop=stop)
+
+    asyncio.run(main())
+
+
+# -- users and groups -----------------------------------------------------------------
+
+
+@cli.group()
+def user() -> None:
+    """Manage platform accounts."""
+
+
+@user.command("add")
+@home_option
+@click.argument("name")
+@click.option("--key", "keys", multiple=True, required=True, help="Enrolment public key file (repeatable).")
+@click.option("--group", "groups", multiple=True, help="Group to join (repeatable).")
+def user_add(home: Path | None, name: str, keys: Sequence[str], groups: Sequence[str]) -> None:
+    """Create an account with its enrolment key(s)."""
+    pubs = [read_public_key_file(k) for k in keys]
+    _, store = _store(home)
+    store.add_user(name, [(public_line(k), fingerprint(k)) for k in pubs], groups, _now(), _actor())
+    output.out.print(f"added user {name} ({', '.join(fingerprint(k) for k in pubs)})")
+
+
+@user.command("disable")
+@home_option
+@click.argument("name")
+def user_disable(home: Path | None, name: str) -> None:
+    """Disable an account; its live sessions end within seconds."""
+    _, store = _store(home)
+    store.set_enabled(name, False, _now(), _actor())
+    output.out.print(f"disabled user {name}")
+
+
+@user.command("enable")
+@home_option
+@click.argument("name")
+def user_enable(home: Path | None, name: str) -> None:
+    """Enable a disabled account again."""
+    _, store = _store(home)
+    store.set_enabled(name, True, _now(), _actor())
+    output.out.print(f"enabled user {name}")
+
+
+@user.command("list")
+@home_option
+@json_option
+def user_list(home: Path | None, as_json: bool) -> None:
+    """List accounts."""
+    _, store = _store(home)
+    users = store.users()
+    if as_json:
+        output.emit_json(
+            {
+                "users": [
+                    {"name": u.name, "enabled": u.enabled, "groups": list(u.groups), "keys": list(u.key_fingerprints)}
+                    for u in users
+                ]
+            }
+        )
+        return
+    output.table(
+        "users",
+        ["name", "enabled", "groups", "keys"],
+        [(u.name, u.enabled, ", ".join(u.groups), "\n".join(u.key_fingerprints)) for u in users],
+    )
+
+
+@cli.group()
+def group() -> None:
+    """Manage groups (e.g. a medical society's members)."""
+
+
+@group.command("add")
+@home_option
+@click.argument("name")
+def group_add(home: Path | None, name: str) -> None:
+    """Create a group."""
+    _, store = _store(home)
+    store.add_group(name, _now(), _actor())
+    output.out.print(f"added group {name}")
+
+
+@group.command("add-member")
+@home_option
+@click.argument("name")
+@click.argument("user_name", metavar="USER")
+def group_add_member(home: Path | None, name: str, user_name: str) -> None:
+    """Add USER to group NAME."""
+    _, store = _store(home)
+    store.add_member(user_name, name, _now(), _actor())
+    output.out.print(f"added {user_name} to group {name}")
+
+
+# -- datasets -------------------------------------------------------------------------
+
+
+@cli.group()
+def dataset() -> None:
+    """Manage datasets."""
+
+
+@dataset.command("add")
+@home_option
+@click.argument("name")
+@click.option("--from", "src", required=True, type=click.Path(path_type=Path), help="Folder to copy in.")
+@click.option("--provider", default="", help="Who provided the data (e.g. a society).")
+def dataset_add(home: Path | None, name: str, src: Path, provider: str) -> None:
+    """Copy a folder into platform storage with a SHA-256 manifest; all or nothing."""
+    from medbridge.platform.storage import add_dataset, scan_source
+
+    h, store = _store(home)
+    total = sum(f.stat().st_size for f in scan_source(src))
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=output.err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"copying {name}", total=total)
+        manifest = add_dataset(h, store, name, src, provider, _actor(), progress=lambda n: bar.advance(task, n))
+    output.out.print(f"added dataset {name}: {len(manifest)} files, {sum(m.size for m in manifest)} bytes")
+
+
+@dataset.command("list")
+@home_option
+@json_option
+def dataset_list(home: Path | None, as_json: bool) -> None:
+    """List datasets."""
+    _, store = _store(home)
+    rows = store.datasets()
+    if as_json:
+        output.emit_json(
+            {
+                "datasets": [
+                    {
+                        "name": d.name,
+                        "provider": d.provider,
+                        "files": d.files,
+                        "bytes": d.bytes,
+                        "created_at": d.created_at.isoformat(),
+                    }
+                    for d in rows
+                ]
+            }
+        )
+        return
+    output.table(
+        "datasets",
+        ["name", "provider", "files", "bytes", "created"],
+        [(d.name, d.provider, d.files, d.bytes, d.created_at.strftime("%Y-%m-%d %H:%M")) for d in rows],
+    )
+
+
+@dataset.command("manifest")
+@home_option
+@click.argument("name")
+def dataset_manifest(home: Path | None, name: str) -> None:
+    """Print a dataset's manifest in sha256sum format."""
+    _, store = _store(home)
+    for m in store.manifest(name):
+        click.echo(f"{m.sha256}  {m.path}")
+
+
+# -- grants ---------------------------------------------------------------------------
+
+
+def parse_until(value: str | None, now: datetime) -> datetime | None:
+    """``YYYY-MM-DD`` means through that day (UTC); a full ISO time is taken as given (UTC if naive)."""
+    if value is None:
+        return None
+    try:
+        if len(value) == 10:
+            end = datetime.combine(date.fromisoformat(value) + timedelta(days=1), time(), tzinfo=UTC)
+        else:
+            end = datetime.fromisoformat(value)
+            end = end if end.tzinfo else end.replace(tzinfo=UTC)
+    except ValueError as exc:
+        raise InvalidInput(f"--until {value!r}: use YYYY-MM-DD or an ISO 8601 time") from exc
+    if end <= now:
+        raise InvalidInput(f"--until {value!r} is already past")
+    return end
+
+
+@cli.command("grant")
+@home_option
+@click.argument("subject", metavar="USER|@GROUP")
+@click.argument("dataset_name", metavar="DATASET")
+@click.option("--until", default=None, help="Last day (YYYY-MM-DD, through that day UTC) or ISO time.")
+def grant_cmd(home: Path | None, subject: str, dataset_name: str, until: str | None) -> None:
+    """Give a user or @group read access to a dataset."""
+    _, store = _store(home)
+    now = _now()
+    end = parse_until(until, now)
+    store.grant(subject, dataset_name, end, now, _actor())
+    output.out.print(f"granted {dataset_name} to {subject}" + (f" until {end.isoformat()}" if end else ""))
+
+
+@cli.command("revoke")
+@home_option
+@click.argument("subject", metavar="USER|@GROUP")
+@click.argument("dataset_name", metavar="DATASET")
+def revoke_cmd(home: Path | None, subject: str, dataset_name: str) -> None:
+    """Take a grant back; sessions relying on it end within seconds."""
+    _, store = _store(home)
+    store.revoke(subject, dataset_name, _now(), _actor())
+    output.out.print(f"revoked {dataset_name} from {subject}")
+
+
+@cli.command("grants")
+@home_option
+@json_option
+def grants_cmd(home: Path | None, as_json: bool) -> None:
+    """List grants."""
+    _, store = _store(home)
+    rows = store.grants()
+    if as_json:
+        output.emit_json(
+            {
+                "grants": [
+                    {
+                        "subject": g.subject,
+                        "dataset": g.dataset,
+                        "until": g.expires_at.isoformat() if g.expires_at else None,
+                    }
+                    for g in rows
+                ]
+            }
+        )
+        return
+    output.table(
+        "grants",
+        ["dataset", "to", "until"],
+        [(g.dataset, g.subject, g.expires_at.isoformat() if g.expires_at else "no end") for g in rows],
+    )
+
+
+# -- audit ----------------------------------------------------------------------------
+
+
+@cli.group("audit", invoke_without_command=True)
+@home_option
+@json_option
+@click.option("--last", type=click.IntRange(min=1), default=None, help="Only the last N entries.")
+@click.option("--action", default=None, help="Only entries of this action (e.g. sftp.refused).")
+@click.pass_context
+def audit_cmd(ctx: click.Context, home: Path | None, as_json: bool, last: int | None, action: str | None) -> None:
+    """Show the audit log (hash-chained; `audit verify` checks it)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _, store = _store(home)
+    records = store.audit_records(last=last, action=action)
+    if as_json:
+        output.emit_json({"entries": [r.as_dict() for r in records]})
+        return
+    output.table(
+        "audit",
+        ["seq", "at", "actor", "action", "outcome", "subject", "detail"],
+        [
+            (r.seq, r.at.strftime("%Y-%m-%d %H:%M:%S"), r.actor, r.action, r.outcome, r.subject, r.detail)
+            for r in records
+        ],
+    )
+
+
+@audit_cmd.command("verify")
+@home_option
+def audit_verify(home: Path | None) -> None:
+    """Check every link of the audit chain; exit 7 at the first broken one."""
+    _, store = _store(home)
+    n = store.verify_audit()
+    output.out.print(f"audit chain intact: {n} entries")
+
+
+# -- compute side -----------------------------------------------------------------------
+
+from medbridge.cli.job import job  # noqa: E402
+
+cli.add_command(job)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; every medbridge error becomes one line on stderr and its exit code."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="medbridge", standalone_mode=False)
+    except MedbridgeError as exc:
+        output.error(str(exc))
+        return exc.exit_code
+    except click.exceptions.Abort:
+        output.error("aborted")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        output.error("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

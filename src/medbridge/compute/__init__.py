@@ -1,0 +1,1 @@
+"""The compute side: the job wrapper that holds a job's credentials while it runs."""

@@ -1,0 +1,123 @@
+"""Getting a job certificate: connect with the enrolment key, pin the host key, ask the issuer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from medbridge import errors
+from medbridge.config import CIPHERS
+from medbridge.errors import HostKeyMismatch, InvalidInput, MedbridgeError, PlatformUnavailable
+from medbridge.platform.issuer import ISSUE_COMMAND
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a clear error."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidInput(f"address {value!r} must look like HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class JobCredential:
+    """What the issuer returned, plus the host key that was verified on the way."""
+
+    user: str
+    job_id: str
+    serial: int
+    key_id: str
+    valid_before: str
+    certificate: asyncssh.SSHCertificate
+    host_key: asyncssh.SSHKey
+
+
+class _PinnedHost(asyncssh.SSHClient):
+    """Accepts the server only if its host key has the pinned fingerprint."""
+
+    def __init__(self, pinned: str):
+        self.pinned = pinned
+        self.seen: asyncssh.SSHKey | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        if key.get_fingerprint("sha256") == self.pinned:
+            self.seen = key
+            return True
+        self.seen = key
+        return False
+
+
+async def request_certificate(
+    *,
+    host: str,
+    port: int,
+    user: str,
+    enrolment_key: asyncssh.SSHKey,
+    host_fingerprint: str,
+    ephemeral: asyncssh.SSHKey,
+    job_id: str,
+    lifetime: int,
+    datasets: list[str] | None,
+) -> JobCredential:
+    """Ask the platform to sign ``ephemeral`` for this job; raise the platform's refusal as ours."""
+    pin = _PinnedHost(host_fingerprint)
+    try:
+        conn, _ = await asyncssh.create_connection(
+            lambda: pin,
+            host,
+            port,
+            username=user,
+            client_keys=[enrolment_key],
+            known_hosts=([], [], []),
+            agent_path=None,
+            encryption_algs=list(CIPHERS),
+            connect_timeout=30,
+            config=None,
+        )
+    except asyncssh.HostKeyNotVerifiable as exc:
+        seen = pin.seen.get_fingerprint("sha256") if pin.seen else "unknown"
+        raise HostKeyMismatch(
+            f"platform {host}:{port} presented host key {seen}, not the pinned {host_fingerprint}; refusing to continue"
+        ) from exc
+    except asyncssh.PermissionDenied as exc:
+        raise errors.AccessDenied(f"platform {host}:{port} refused the enrolment key for user {user!r}") from exc
+    except (OSError, asyncssh.Error, TimeoutError) as exc:
+        raise PlatformUnavailable(f"cannot reach platform {host}:{port}: {exc}") from exc
+    request = {
+        "public_key": ephemeral.export_public_key().decode(),
+        "job_id": job_id,
+        "lifetime": lifetime,
+        "datasets": datasets,
+    }
+    async with conn:
+        result = await conn.run(ISSUE_COMMAND, input=json.dumps(request).encode(), encoding=None)
+    reply = _parse_reply(result.stdout)
+    if result.exit_status != 0 or "error" in reply:
+        raise _as_error(reply)
+    cert = asyncssh.import_certificate(reply["certificate"])
+    assert pin.seen is not None
+    return JobCredential(
+        reply["user"], reply["job_id"], int(reply["serial"]), reply["key_id"], reply["valid_before"], cert, pin.seen
+    )
+
+
+def _parse_reply(raw: Any) -> dict[str, Any]:
+    try:
+        reply = json.loads(raw or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlatformUnavailable(f"the platform's issuer sent an unreadable reply: {exc}") from exc
+    if not isinstance(reply, dict):
+        raise PlatformUnavailable("the platform's issuer sent an unreadable reply")
+    return reply
+
+
+def _as_error(reply: dict[str, Any]) -> MedbridgeError:
+    """Rebuild the platform's refusal as the same class of our tree."""
+    cls = getattr(errors, str(reply.get("type", "")), None)
+    message = str(reply.get("error", "the platform refused the certificate request"))
+    if isinstance(cls, type) and issubclass(cls, MedbridgeError):
+        return cls(message)
+    return errors.CertificateRefused(message)

@@ -1,0 +1,1 @@
+"""The control plane: accounts, grants, datasets, certificates and the audit log."""

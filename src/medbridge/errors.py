@@ -1,0 +1,96 @@
+"""One exception tree for medbridge; each class carries the exit code the CLI returns.
+
+    MedbridgeError                      1  anything medbridge itself refuses or fails at
+    ├── InvalidInput                    2  bad arguments, malformed files, unreadable keys
+    ├── NotInitialised                  3  the platform home has not been created
+    ├── NotFound                        4  unknown user, group, dataset or grant
+    ├── AlreadyExists                   5  duplicate names, home already initialised
+    ├── AccessDenied                    6  the platform said no
+    │   ├── AccountDisabled                the account exists but is disabled
+    │   ├── GrantMissing                   no live grant covers the dataset
+    │   └── CertificateRefused             the issuer would not sign
+    ├── IntegrityError                  7  audit chain or manifest does not verify
+    ├── PlatformUnavailable             8  the platform cannot be reached or served
+    │   ├── AddressInUse                   the listen address is taken
+    │   └── HostKeyMismatch                the platform is not the one pinned
+    └── JobFailed                       9  the job wrapper could not set up the job
+
+A payload started by ``medbridge job run`` passes its own exit code through;
+signals end it with 128+N.  Codes 1-9 come only from medbridge itself.
+"""
+
+from __future__ import annotations
+
+
+class MedbridgeError(Exception):
+    """Base of everything medbridge raises on purpose."""
+
+    exit_code = 1
+
+
+class InvalidInput(MedbridgeError):
+    """The caller gave something medbridge cannot use."""
+
+    exit_code = 2
+
+
+class NotInitialised(MedbridgeError):
+    """The platform home does not exist or is incomplete."""
+
+    exit_code = 3
+
+
+class NotFound(MedbridgeError):
+    """A named user, group, dataset or grant does not exist."""
+
+    exit_code = 4
+
+
+class AlreadyExists(MedbridgeError):
+    """A name is already taken."""
+
+    exit_code = 5
+
+
+class AccessDenied(MedbridgeError):
+    """The platform refused an action on policy grounds."""
+
+    exit_code = 6
+
+
+class AccountDisabled(AccessDenied):
+    """The account exists but has been disabled."""
+
+
+class GrantMissing(AccessDenied):
+    """No live grant gives the user the dataset."""
+
+
+class CertificateRefused(AccessDenied):
+    """The issuer refused to sign a job certificate."""
+
+
+class IntegrityError(MedbridgeError):
+    """Stored data failed verification (audit chain, manifest)."""
+
+    exit_code = 7
+
+
+class PlatformUnavailable(MedbridgeError):
+    """The platform could not be reached, or could not be served."""
+
+    exit_code = 8
+
+
+class AddressInUse(PlatformUnavailable):
+    """The listen address is already bound by another process."""
+
+
+class HostKeyMismatch(PlatformUnavailable):
+    """The platform's host key is not the pinned one: possibly an impostor."""
+
+
+class JobFailed(MedbridgeError):
+    """The job wrapper could not prepare or run the job."""
+
+    exit_code = 9

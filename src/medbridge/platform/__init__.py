@@ -1,0 +1,1 @@
+"""The platform side: keys, the job-certificate issuer and the SFTP data plane."""

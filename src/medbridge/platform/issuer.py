@@ -1,0 +1,142 @@
+"""The job-certificate issuer: an enrolment key buys a short certificate for an ephemeral key."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncssh
+
+from medbridge.config import PlatformSettings
+from medbridge.control.audit import AuditEvent
+from medbridge.control.store import Store
+from medbridge.errors import InvalidInput, MedbridgeError
+from medbridge.platform.keys import fingerprint
+from medbridge.policy.credentials import CertificateSpec
+
+#: The one command an enrolment-key session may run.
+ISSUE_COMMAND = "medbridge-issue-certificate"
+MAX_REQUEST = 64 * 1024
+
+
+def parse_request(raw: bytes) -> tuple[asyncssh.SSHKey, str, timedelta, list[str] | None]:
+    """Read ``{"public_key", "job_id", "lifetime", "datasets"}``; nothing else is accepted."""
+    try:
+        req = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"certificate request is not JSON: {exc}") from exc
+    if not isinstance(req, dict):
+        raise InvalidInput("certificate request must be a JSON object")
+    allowed = {"public_key", "job_id", "lifetime", "datasets"}
+    extra = sorted(set(req) - allowed)
+    if extra:
+        raise InvalidInput(
+            f"certificate request has unknown field(s) {', '.join(extra)}; "
+            f"the platform alone decides principals, options and extensions"
+        )
+    try:
+        key = asyncssh.import_public_key(str(req["public_key"]))
+    except (KeyError, asyncssh.KeyImportError, ValueError) as exc:
+        raise InvalidInput("certificate request needs a valid OpenSSH public_key") from exc
+    job_id, lifetime, datasets = req.get("job_id"), req.get("lifetime"), req.get("datasets")
+    if not isinstance(job_id, str):
+        raise InvalidInput("certificate request needs a job_id string")
+    if not isinstance(lifetime, int) or isinstance(lifetime, bool):
+        raise InvalidInput("certificate request needs an integer lifetime in seconds")
+    if datasets is not None and not (isinstance(datasets, list) and all(isinstance(d, str) for d in datasets)):
+        raise InvalidInput("datasets must be a list of names or null")
+    return key, job_id, timedelta(seconds=lifetime), datasets
+
+
+class Issuer:
+    """Signs job certificates with the platform's user CA, as policy decides."""
+
+    def __init__(self, store: Store, ca_key: asyncssh.SSHKey, settings: PlatformSettings):
+        self._store = store
+        self._ca = ca_key
+        self._settings = settings
+
+    @property
+    def ca_public(self) -> asyncssh.SSHKey:
+        return self._ca.convert_to_public()
+
+    def issue(
+        self, user: str, raw_request: bytes, peer: Mapping[str, Any], now: datetime | None = None
+    ) -> dict[str, Any]:
+        """Answer one request; refusals raise and are audited with their reason."""
+        now = now or datetime.now(UTC)
+        job_id: str | None = None
+        try:
+            key, job_id, lifetime, datasets = parse_request(raw_request)
+
+            def sign(spec: CertificateSpec) -> asyncssh.SSHCertificate:
+                return self._ca.generate_user_certificate(
+                    key,
+                    spec.key_id,
+                    serial=spec.serial,
+                    principals=list(spec.principals),
+                    valid_after=int(spec.valid_after.timestamp()),
+                    valid_before=int(spec.valid_before.timestamp()),
+                    source_address=list(spec.source_addresses) or None,
+                    permit_x11_forwarding=False,
+                    permit_agent_forwarding=False,
+                    permit_port_forwarding=False,
+                    permit_pty=False,
+                    permit_user_rc=False,
+                )
+
+            spec, cert = self._store.issue_certificate(
+                user=user,
+                job_id=job_id,
+                requested=lifetime,
+                datasets=datasets,
+                key_fingerprint=fingerprint(key),
+                now=now,
+                max_lifetime=timedelta(seconds=self._settings.max_certificate_lifetime),
+                source_addresses=self._settings.certificate_source_addresses,
+                sign=sign,
+            )
+        except MedbridgeError as exc:
+            self._store.audit(
+                [
+                    AuditEvent(
+                        actor=user,
+                        action="certificate.issue",
+                        outcome="refused",
+                        subject=job_id or "",
+                        detail={"reason": str(exc), **peer},
+                    )
+                ],
+                now,
+            )
+            raise
+        self._store.audit(
+            [
+                AuditEvent(
+                    actor=user,
+                    action="certificate.issue",
+                    outcome="ok",
+                    subject=spec.job_id,
+                    detail={
+                        "serial": spec.serial,
+                        "key_id": spec.key_id,
+                        "valid_before": spec.valid_before.isoformat(),
+                        "datasets": spec.datasets,
+                        **peer,
+                    },
+                )
+            ],
+            now,
+        )
+        return {
+            "certificate": cert.export_certificate().decode().strip(),
+            "serial": spec.serial,
+            "key_id": spec.key_id,
+            "user": spec.user,
+            "job_id": spec.job_id,
+            "valid_after": spec.valid_after.isoformat(),
+            "valid_before": spec.valid_before.isoformat(),
+            "datasets": spec.datasets,
+        }

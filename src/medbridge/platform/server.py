@@ -1,0 +1,437 @@
+"""The platform's SSH server: authentication, live sessions, enforcement and the audit sink."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncssh
+
+from medbridge.config import CIPHERS, Home, PlatformSettings
+from medbridge.control.audit import AuditEvent
+from medbridge.control.store import Store
+from medbridge.errors import AddressInUse, MedbridgeError, PlatformUnavailable
+from medbridge.platform.issuer import ISSUE_COMMAND, MAX_REQUEST, Issuer
+from medbridge.platform.keys import fingerprint, load_private_key
+from medbridge.platform.sftp import JobSFTPServer
+from medbridge.policy.credentials import serial_from_principals
+from medbridge.policy.paths import View
+
+log = logging.getLogger("medbridge.platform")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class LiveSession:
+    """A certificate-authenticated connection, re-checked on every enforcement tick."""
+
+    user: str
+    job: str
+    serial: int
+    key_id: str
+    peer: str
+    view: View
+    roots: dict[str, str]
+    ends_at: datetime | None
+    conn: asyncssh.SSHServerConnection = field(repr=False)
+
+    def identity(self) -> dict[str, Any]:
+        return {"job": self.job, "serial": self.serial, "peer": self.peer}
+
+
+class AuditSink:
+    """Collects audit events from the data plane and writes them in batches off the loop."""
+
+    def __init__(self, store: Store, interval: float = 0.2):
+        self._store = store
+        self._interval = interval
+        self._pending: list[AuditEvent] = []
+        self._lock = asyncio.Lock()
+
+    def record(self, event: AuditEvent) -> None:
+        if event.at is None:
+            event = AuditEvent(
+                actor=event.actor,
+                action=event.action,
+                outcome=event.outcome,
+                subject=event.subject,
+                detail=event.detail,
+                at=_now(),
+            )
+        self._pending.append(event)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            batch, self._pending = self._pending, []
+            if batch:
+                await asyncio.to_thread(self._store.audit, batch, _now())
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.flush()
+            except MedbridgeError as exc:
+                log.error("audit write failed, will retry: %s", exc)
+
+
+class _Gate(asyncssh.SSHAuthorizedKeys):
+    """Decides which keys and certificates may log in, as the server's policy says.
+
+    asyncssh asks it about every offered key; for certificates it passes the CA key
+    and the principals, from which the serial principal names the issued record.
+    asyncssh then checks the signature, validity window, principal and
+    source-address itself.
+    """
+
+    def __init__(self, conn: PlatformConnection):
+        super().__init__()
+        self._conn = conn
+
+    def validate(
+        self,
+        key: asyncssh.SSHKey,
+        client_host: str,
+        client_addr: str,
+        cert_principals: Sequence[str] | None = None,
+        ca: bool = False,
+    ) -> dict[str, object] | None:
+        if ca:
+            return self._conn.check_certificate(key, list(cert_principals or ()))
+        return self._conn.check_enrolment_key(key)
+
+
+class PlatformConnection(asyncssh.SSHServer):
+    """Per-connection policy: who logged in, with what, and what they may then do."""
+
+    def __init__(self, platform: Platform):
+        self.platform = platform
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.username = ""
+        self.peer = ""
+        self.attempts: list[dict[str, Any]] = []
+        self.session: LiveSession | None = None
+        self.enrolment: str | None = None
+        self._authenticated = False
+
+    # -- authentication ---------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    def begin_auth(self, username: str) -> bool:
+        self.username = username
+        assert self.conn is not None
+        self.conn.set_authorized_keys(_Gate(self))
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def check_certificate(self, ca_key: asyncssh.SSHKey, principals: list[str]) -> dict[str, object] | None:
+        serial = serial_from_principals(principals)
+        attempt: dict[str, Any] = {"kind": "certificate", "serial": serial}
+        self.attempts.append(attempt)
+        if ca_key != self.platform.issuer.ca_public:
+            attempt["reason"] = "signed by an unknown CA"
+            return None
+        if serial is None:
+            attempt["reason"] = "no medbridge serial principal"
+            return None
+        cert = self.platform.store.certificate(serial)
+        if cert is None:
+            attempt["reason"] = "serial not issued by this platform"
+            return None
+        attempt["key_id"] = cert.key_id
+        if cert.user != self.username:
+            attempt["reason"] = f"issued to {cert.user!r}, not {self.username!r}"
+            return None
+        checked = self.platform.store.check_sessions([serial], _now())[serial]
+        if not checked.ok:
+            attempt["reason"] = checked.reason
+            return None
+        attempt["reason"] = "accepted by policy"
+        return {"medbridge-serial": str(serial)}
+
+    def check_enrolment_key(self, key: asyncssh.SSHKey) -> dict[str, object] | None:
+        fpr = fingerprint(key)
+        attempt: dict[str, Any] = {"kind": "key", "fingerprint": fpr}
+        self.attempts.append(attempt)
+        owner = self.platform.store.user_for_key(fpr)
+        if owner is None:
+            attempt["reason"] = "key not enrolled"
+            return None
+        name, enabled = owner
+        if name != self.username:
+            attempt["reason"] = f"key enrolled for {name!r}, not {self.username!r}"
+            return None
+        if not enabled:
+            attempt["reason"] = "account disabled"
+            return None
+        attempt["reason"] = "accepted by policy"
+        return {"medbridge-enrolment": fpr}
+
+    def auth_completed(self) -> None:
+        assert self.conn is not None
+        self._authenticated = True
+        serial = self.conn.get_key_option("medbridge-serial")
+        if serial is not None:
+            self.platform.open_session(self, int(str(serial)))
+        else:
+            self.enrolment = str(self.conn.get_key_option("medbridge-enrolment"))
+            self.platform.sink.record(
+                AuditEvent(
+                    actor=self.username,
+                    action="login",
+                    outcome="ok",
+                    subject="enrolment",
+                    detail={"peer": self.peer, "fingerprint": self.enrolment},
+                )
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._authenticated:
+            self.platform.sink.record(
+                AuditEvent(
+                    actor=self.username or "?",
+                    action="login",
+                    outcome="refused",
+                    subject="",
+                    detail={"peer": self.peer, "attempts": self.attempts},
+                )
+            )
+        self.platform.close_session(self, "connection closed")
+
+    # -- what an authenticated connection may open --------------------------------------
+
+    def sftp(self, chan: asyncssh.SSHServerChannel[bytes]) -> JobSFTPServer:
+        if self.session is None:
+            self.platform.sink.record(
+                AuditEvent(
+                    actor=self.username,
+                    action="sftp.refused",
+                    outcome="refused",
+                    subject="/",
+                    detail={"reason": "an enrolment key opens no data; a job certificate is needed", "peer": self.peer},
+                )
+            )
+        return JobSFTPServer(chan, self.session, self.platform.sink.record, str(self.platform.home.results))
+
+    async def process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        """Commands: only the issuer, and only for an enrolment key."""
+        command = process.command or ""
+        if self.enrolment is None or command.strip() != ISSUE_COMMAND:
+            self.platform.sink.record(
+                AuditEvent(
+                    actor=self.username,
+                    action="command.refused",
+                    outcome="refused",
+                    subject=command[:200],
+                    detail={"peer": self.peer, "session": "certificate" if self.session else "enrolment"},
+                )
+            )
+            process.stderr.write(b"medbridge: no commands here; enrolment keys may only request job certificates\n")
+            process.exit(126)
+            return
+        try:
+            raw = await process.stdin.read(MAX_REQUEST)
+            await self.platform.sink.flush()
+            reply = await asyncio.to_thread(
+                self.platform.issuer.issue, self.username, raw, {"peer": self.peer, "fingerprint": self.enrolment}
+            )
+        except MedbridgeError as exc:
+            body = {"error": str(exc), "type": type(exc).__name__, "exit_code": exc.exit_code}
+            process.stdout.write(json.dumps(body).encode() + b"\n")
+            process.exit(exc.exit_code)
+            return
+        process.stdout.write(json.dumps(reply).encode() + b"\n")
+        process.exit(0)
+
+
+class Platform:
+    """A running platform: store, issuer, the sessions it serves and their enforcement."""
+
+    def __init__(self, home: Home, settings: PlatformSettings | None = None, store: Store | None = None):
+        self.home = home
+        self.settings = settings or home.settings()
+        self.store = store or Store(home.database_url(self.settings))
+        self.host_key = load_private_key(home.host_key)
+        self.issuer = Issuer(self.store, load_private_key(home.ca_key), self.settings)
+        self.sink = AuditSink(self.store)
+        self.sessions: dict[PlatformConnection, LiveSession] = {}
+        self._server: asyncssh.SSHAcceptor | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- sessions -----------------------------------------------------------------------
+
+    def open_session(self, owner: PlatformConnection, serial: int) -> None:
+        assert owner.conn is not None
+        cert = self.store.certificate(serial)
+        check = self.store.check_sessions([serial], _now())[serial]
+        if cert is None or not check.ok:
+            owner.conn.close()
+            return
+        results = self.home.results / cert.user / cert.job_id
+        results.mkdir(parents=True, exist_ok=True, mode=0o750)
+        session = LiveSession(
+            user=cert.user,
+            job=cert.job_id,
+            serial=serial,
+            key_id=cert.key_id,
+            peer=owner.peer,
+            view=View(cert.user, cert.job_id, check.datasets),
+            roots=self.store.dataset_roots(check.datasets),
+            ends_at=check.ends_at,
+            conn=owner.conn,
+        )
+        owner.session = session
+        self.sessions[owner] = session
+        self.sink.record(
+            AuditEvent(
+                actor=cert.user,
+                action="login",
+                outcome="ok",
+                subject="certificate",
+                detail={"key_id": cert.key_id, "datasets": sorted(check.datasets), **session.identity()},
+            )
+        )
+
+    def close_session(self, owner: PlatformConnection, reason: str) -> None:
+        session = self.sessions.pop(owner, None)
+        if session is None:
+            return
+        self.sink.record(
+            AuditEvent(
+                actor=session.user,
+                action="session.end",
+                outcome="ok",
+                subject=session.key_id,
+                detail={"reason": reason, **session.identity()},
+            )
+        )
+        session.conn.close()
+
+    async def enforce_once(self) -> None:
+        """Re-decide every live session: expiry, revocation, disabled accounts, lost grants."""
+        if not self.sessions:
+            return
+        now = _now()
+        serials = [s.serial for s in self.sessions.values()]
+        checks = await asyncio.to_thread(self.store.check_sessions, serials, now)
+        for owner, session in list(self.sessions.items()):
+            check = checks[session.serial]
+            if not check.ok:
+                self.close_session(owner, check.reason)
+                continue
+            lost = session.view.datasets - check.datasets
+            if lost:
+                self.close_session(owner, f"grant ended for dataset(s) {', '.join(sorted(lost))}")
+                continue
+            gained = check.datasets - session.view.datasets
+            if gained:
+                session.roots.update(await asyncio.to_thread(self.store.dataset_roots, gained))
+                session.view = View(session.user, session.job, check.datasets)
+            session.ends_at = check.ends_at
+
+    async def _enforce_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.enforcement_interval)
+            try:
+                await self.enforce_once()
+            except MedbridgeError as exc:
+                log.error("enforcement check failed, will retry: %s", exc)
+
+    # -- serving ------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen and return the bound address (port 0 picks a free one)."""
+
+        def factory() -> PlatformConnection:
+            return PlatformConnection(self)
+
+        def sftp_factory(chan: asyncssh.SSHServerChannel[bytes]) -> JobSFTPServer:
+            return _owner(chan).sftp(chan)
+
+        async def process_factory(process: asyncssh.SSHServerProcess[bytes]) -> None:
+            await _owner(process.channel).process(process)
+
+        try:
+            self._server = await asyncssh.create_server(
+                factory,
+                host,
+                port,
+                server_host_keys=[self.host_key],
+                encryption_algs=list(CIPHERS),
+                sftp_factory=sftp_factory,
+                process_factory=process_factory,
+                encoding=None,
+                allow_scp=False,
+                agent_forwarding=False,
+                x11_forwarding=False,
+                allow_pty=False,
+                keepalive_interval=30,
+                keepalive_count_max=10,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"cannot listen on {host}:{port}: address already in use") from exc
+            raise PlatformUnavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        self._tasks = [asyncio.create_task(self.sink.run()), asyncio.create_task(self._enforce_forever())]
+        sock = self._server.sockets[0]
+        bound = sock.getsockname()
+        self.sink.record(
+            AuditEvent(
+                actor="platform",
+                action="platform.start",
+                outcome="ok",
+                subject=f"{bound[0]}:{bound[1]}",
+                detail={"pid": os.getpid()},
+            )
+        )
+        return bound[0], bound[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for owner in list(self.sessions):
+            self.close_session(owner, "platform stopping")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sink.record(AuditEvent(actor="platform", action="platform.stop", outcome="ok"))
+        await self.sink.flush()
+
+
+def _owner(chan: asyncssh.SSHServerChannel[bytes]) -> PlatformConnection:
+    owner = chan.get_connection().get_owner()
+    assert isinstance(owner, PlatformConnection)
+    return owner
+
+
+async def serve(
+    home: Home, host: str, port: int, ready: Callable[[str, int], None] | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Run a platform until ``stop`` is set (or forever)."""
+    platform = Platform(home)
+    bound = await platform.start(host, port)
+    if ready:
+        ready(*bound)
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await platform.stop()
+        platform.store.close()

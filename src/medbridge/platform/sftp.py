@@ -1,0 +1,408 @@
+"""SFTP handlers: the job's virtual namespace over the platform's storage.
+
+Every request goes through one hook, :meth:`JobSFTPServer._resolve`: parse the
+virtual path, let pure policy decide, map it to storage, and check that the real
+path (symlinks resolved) stays under the root it was parsed under.  Refusals are
+SFTP errors and audit events; nothing below the hook decides anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+from asyncssh import SFTPAttrs, SFTPName
+
+from medbridge.control.audit import AuditEvent
+from medbridge.policy.paths import Action, Kind, PathEscape, Refusal, Target, decide, normalise, parse, within
+
+if TYPE_CHECKING:
+    from medbridge.platform.server import LiveSession
+
+_WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_APPEND | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
+_NO_WRITE_BITS = ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+
+@dataclass
+class OpenFile:
+    """A handle the client holds, with the counters its close is audited with."""
+
+    fd: int
+    path: str
+    writable: bool
+    read_only_view: bool
+    bytes_read: int = 0
+    bytes_written: int = 0
+    opened: float = field(default_factory=time.monotonic)
+
+
+def _dir_attrs(mtime: int) -> SFTPAttrs:
+    return SFTPAttrs(
+        type=asyncssh.FILEXFER_TYPE_DIRECTORY,
+        size=0,
+        uid=0,
+        gid=0,
+        permissions=stat.S_IFDIR | 0o555,
+        atime=mtime,
+        mtime=mtime,
+        nlink=2,
+    )
+
+
+class JobSFTPServer(asyncssh.SFTPServer):
+    """One SFTP session of a job certificate; ``session`` is ``None`` for anything else."""
+
+    def __init__(
+        self,
+        chan: asyncssh.SSHServerChannel[bytes],
+        session: LiveSession | None,
+        record: Callable[[AuditEvent], None],
+        results_root: str,
+    ):
+        super().__init__(chan)
+        self._session = session
+        self._record = record
+        self._results_root = results_root
+        self._started = int(time.time())
+        self._open: set[int] = set()
+        if session is None:
+            chan.close()
+
+    # -- the one hook ------------------------------------------------------------------
+
+    def _refuse(self, path: str, op: str, refusal: Refusal, reason: str) -> None:
+        s = self._session
+        self._record(
+            AuditEvent(
+                actor=s.user if s else "?",
+                action="sftp.refused",
+                outcome="refused",
+                subject=path,
+                detail={"op": op, "reason": reason, **(s.identity() if s else {})},
+            )
+        )
+        if refusal is Refusal.NOT_FOUND:
+            raise asyncssh.SFTPNoSuchFile(f"{path}: no such file")
+        raise asyncssh.SFTPPermissionDenied(f"{path}: permission denied ({reason})")
+
+    def _resolve(self, raw: bytes, action: Action, op: str) -> tuple[Target, str | None]:
+        """Decide and map one path; returns the target and its real path (None if virtual)."""
+        text = os.fsdecode(raw)
+        s = self._session
+        if s is None:
+            self._refuse(text, op, Refusal.DENIED, "only job-certificate sessions get data")
+            raise AssertionError("unreachable")
+        try:
+            vpath = normalise(text)
+        except PathEscape as exc:
+            self._refuse(text, op, Refusal.DENIED, str(exc))
+        target = parse(vpath)
+        verdict = decide(s.view, target, action)
+        if not verdict.allowed:
+            assert verdict.refusal is not None
+            self._refuse(vpath, op, verdict.refusal, verdict.reason)
+        root = self._root(s, target)
+        if root is None:
+            return target, None
+        if target.kind is Kind.RESULTS_USER:
+            return target, root
+        real = os.path.join(root, *target.rest) if target.rest else root
+        resolved = os.path.realpath(real)
+        real_root = os.path.realpath(root)
+        if not within(real_root, resolved):
+            self._refuse(vpath, op, Refusal.DENIED, "resolves outside its root (symlink)")
+        if op in ("lstat", "remove", "rename") and os.path.islink(real):
+            return target, real
+        return target, resolved
+
+    def _root(self, s: LiveSession, target: Target) -> str | None:
+        if target.kind is Kind.DATASET:
+            root = s.roots.get(target.name or "")
+            if root is None:
+                self._refuse(target.path, "resolve", Refusal.NOT_FOUND, "dataset storage missing")
+            return root
+        if target.kind is Kind.RESULTS_USER:
+            return os.path.join(self._results_root, s.user)
+        if target.kind is Kind.RESULT:
+            return os.path.join(self._results_root, s.user, target.job or "")
+        return None
+
+    def _attrs(self, target: Target, st: os.stat_result) -> SFTPAttrs:
+        attrs = SFTPAttrs.from_local(st)
+        attrs.uid = attrs.gid = 0
+        if target.kind is Kind.DATASET and attrs.permissions is not None:
+            attrs.permissions &= _NO_WRITE_BITS
+        return attrs
+
+    # -- names -------------------------------------------------------------------------
+
+    def format_user(self, uid: int | None) -> str:
+        return self._session.user if self._session else "?"
+
+    def format_group(self, gid: int | None) -> str:
+        return "medbridge"
+
+    def realpath(self, path: bytes) -> bytes:
+        if self._session is None:
+            self._refuse(os.fsdecode(path), "realpath", Refusal.DENIED, "only job-certificate sessions get data")
+        try:
+            return os.fsencode(normalise(os.fsdecode(path)))
+        except PathEscape as exc:
+            self._refuse(os.fsdecode(path), "realpath", Refusal.DENIED, str(exc))
+            raise AssertionError("unreachable") from exc
+
+    def stat(self, path: bytes) -> SFTPAttrs:
+        return self._stat(path, "stat", os.stat)
+
+    def lstat(self, path: bytes) -> SFTPAttrs:
+        return self._stat(path, "lstat", os.lstat)
+
+    def _stat(self, path: bytes, op: str, fn: Callable[[str], os.stat_result]) -> SFTPAttrs:
+        target, real = self._resolve(path, Action.READ, op)
+        if real is None:
+            return _dir_attrs(self._started)
+        try:
+            return self._attrs(target, fn(real))
+        except FileNotFoundError:
+            if target.kind is Kind.RESULTS_USER:
+                return _dir_attrs(self._started)
+            raise
+
+    async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
+        target, real = self._resolve(path, Action.LIST, "list")
+        s = self._session
+        assert s is not None
+        for dot in (b".", b".."):
+            yield SFTPName(dot, attrs=_dir_attrs(self._started))
+        if real is None:
+            names: list[str]
+            if target.kind is Kind.ROOT:
+                names = ["datasets", "results"]
+            elif target.kind is Kind.DATASETS:
+                names = sorted(n for n in s.view.datasets if n in s.roots)
+            else:
+                names = [s.user]
+            for name in names:
+                yield SFTPName(name.encode(), attrs=_dir_attrs(self._started))
+            return
+        try:
+            entries = sorted(os.scandir(real), key=lambda e: e.name)
+        except FileNotFoundError:
+            if target.kind is Kind.RESULTS_USER:
+                return
+            raise
+        for entry in entries:
+            yield SFTPName(os.fsencode(entry.name), attrs=self._attrs(target, entry.stat(follow_symlinks=False)))
+
+    def readlink(self, path: bytes) -> bytes:
+        self._resolve(path, Action.READ, "readlink")
+        raise asyncssh.SFTPNoSuchFile("symbolic links are not served")
+
+    def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        self._resolve(newpath, Action.WRITE, "symlink")
+        self._refuse(os.fsdecode(newpath), "symlink", Refusal.DENIED, "links cannot be created")
+
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        self._resolve(newpath, Action.WRITE, "link")
+        self._refuse(os.fsdecode(newpath), "link", Refusal.DENIED, "links cannot be created")
+
+    # -- files -------------------------------------------------------------------------
+
+    def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
+        writing = bool(pflags & _WRITE_FLAGS)
+        target, real = self._resolve(path, Action.WRITE if writing else Action.READ, "open")
+        vpath = normalise(os.fsdecode(path))
+        if real is None or target.kind is Kind.RESULTS_USER:
+            raise asyncssh.SFTPFailure(f"{vpath}: is a directory")
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        if writing:
+            flags |= os.O_RDWR if pflags & asyncssh.FXF_READ else os.O_WRONLY
+            for sftp_flag, os_flag in (
+                (asyncssh.FXF_APPEND, os.O_APPEND),
+                (asyncssh.FXF_CREAT, os.O_CREAT),
+                (asyncssh.FXF_TRUNC, os.O_TRUNC),
+                (asyncssh.FXF_EXCL, os.O_EXCL),
+            ):
+                if pflags & sftp_flag:
+                    flags |= os_flag
+        perms = 0o640 if attrs.permissions is None else attrs.permissions & 0o750
+        fd = os.open(real, flags, perms)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise asyncssh.SFTPFailure(f"{vpath}: is a directory")
+        handle = OpenFile(fd, vpath, writing, target.kind is Kind.DATASET)
+        self._open.add(fd)
+        s = self._session
+        assert s is not None
+        self._record(
+            AuditEvent(
+                actor=s.user,
+                action="sftp.open",
+                outcome="ok",
+                subject=vpath,
+                detail={"mode": "write" if writing else "read", **s.identity()},
+            )
+        )
+        return handle
+
+    def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        f = _handle(file_obj)
+        data = os.pread(f.fd, size, offset)
+        f.bytes_read += len(data)
+        return data
+
+    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        f = _handle(file_obj)
+        if not f.writable:
+            raise asyncssh.SFTPPermissionDenied(f"{f.path}: opened read-only")
+        n = os.pwrite(f.fd, data, offset)
+        f.bytes_written += n
+        return n
+
+    def close(self, file_obj: object) -> None:
+        f = _handle(file_obj)
+        self._open.discard(f.fd)
+        os.close(f.fd)
+        s = self._session
+        assert s is not None
+        self._record(
+            AuditEvent(
+                actor=s.user,
+                action="sftp.close",
+                outcome="ok",
+                subject=f.path,
+                detail={
+                    "bytes_read": f.bytes_read,
+                    "bytes_written": f.bytes_written,
+                    "seconds": round(time.monotonic() - f.opened, 3),
+                    **s.identity(),
+                },
+            )
+        )
+        if f.bytes_written:
+            self._record(
+                AuditEvent(
+                    actor=s.user,
+                    action="sftp.write",
+                    outcome="ok",
+                    subject=f.path,
+                    detail={"bytes": f.bytes_written, **s.identity()},
+                )
+            )
+
+    def fstat(self, file_obj: object) -> SFTPAttrs:
+        f = _handle(file_obj)
+        attrs = SFTPAttrs.from_local(os.fstat(f.fd))
+        attrs.uid = attrs.gid = 0
+        if f.read_only_view and attrs.permissions is not None:
+            attrs.permissions &= _NO_WRITE_BITS
+        return attrs
+
+    def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+        f = _handle(file_obj)
+        if not f.writable:
+            raise asyncssh.SFTPPermissionDenied(f"{f.path}: opened read-only")
+        _apply_attrs(f.fd, attrs)
+
+    def fsync(self, file_obj: object) -> None:
+        os.fsync(_handle(file_obj).fd)
+
+    def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        _, real = self._resolve(path, Action.WRITE, "setstat")
+        assert real is not None
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _apply_attrs(fd, attrs)
+        finally:
+            os.close(fd)
+
+    def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        self.setstat(path, attrs)
+
+    # -- names that change ---------------------------------------------------------------
+
+    def remove(self, path: bytes) -> None:
+        _, real = self._resolve(path, Action.WRITE, "remove")
+        assert real is not None
+        os.remove(real)
+        self._audit_change("sftp.remove", path)
+
+    def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
+        _, real = self._resolve(path, Action.WRITE, "mkdir")
+        assert real is not None
+        os.mkdir(real, 0o750)
+        self._audit_change("sftp.mkdir", path)
+
+    def rmdir(self, path: bytes) -> None:
+        _, real = self._resolve(path, Action.WRITE, "rmdir")
+        assert real is not None
+        os.rmdir(real)
+        self._audit_change("sftp.rmdir", path)
+
+    def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        self._rename(oldpath, newpath, replace=False)
+
+    def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        self._rename(oldpath, newpath, replace=True)
+
+    def _rename(self, oldpath: bytes, newpath: bytes, *, replace: bool) -> None:
+        _, old = self._resolve(oldpath, Action.WRITE, "rename")
+        _, new = self._resolve(newpath, Action.WRITE, "rename")
+        assert old is not None and new is not None
+        if not replace and os.path.lexists(new):
+            raise asyncssh.SFTPFailure(f"{os.fsdecode(newpath)}: already exists")
+        os.replace(old, new)
+        self._audit_change("sftp.rename", oldpath, to=normalise(os.fsdecode(newpath)))
+
+    def _audit_change(self, action: str, path: bytes, **extra: Any) -> None:
+        s = self._session
+        assert s is not None
+        self._record(
+            AuditEvent(
+                actor=s.user,
+                action=action,
+                outcome="ok",
+                subject=normalise(os.fsdecode(path)),
+                detail={**extra, **s.identity()},
+            )
+        )
+
+    # -- file systems ------------------------------------------------------------------
+
+    def statvfs(self, path: bytes) -> os.statvfs_result:
+        _, real = self._resolve(path, Action.READ, "statvfs")
+        return os.statvfs(real or self._results_root)
+
+    def fstatvfs(self, file_obj: object) -> os.statvfs_result:
+        return os.fstatvfs(_handle(file_obj).fd)
+
+    def exit(self) -> None:
+        for fd in list(self._open):
+            try:
+                os.close(fd)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+        self._open.clear()
+
+
+def _handle(file_obj: object) -> OpenFile:
+    if not isinstance(file_obj, OpenFile):
+        raise asyncssh.SFTPInvalidHandle("not a medbridge handle")
+    return file_obj
+
+
+def _apply_attrs(fd: int, attrs: SFTPAttrs) -> None:
+    """Apply the attributes a client may change: size, permission bits, times."""
+    if attrs.size is not None:
+        os.ftruncate(fd, attrs.size)
+    if attrs.permissions is not None:
+        os.fchmod(fd, attrs.permissions & 0o750)
+    if attrs.atime is not None and attrs.mtime is not None:
+        os.utime(fd, (attrs.atime, attrs.mtime))

@@ -1,0 +1,1 @@
+"""Pure decisions, no I/O: names, grants, credentials and path confinement."""
