@@ -404,7 +404,7 @@ cli.add_command(job)
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; every medbridge error becomes one line on stderr and its exit code."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="medbridge", standalone_mode=False)
+        rc = cli.main(args=list(argv) if argv is not None else None, prog_name="medbridge", standalone_mode=False)
     except MedbridgeError as exc:
         output.error(str(exc))
         return exc.exit_code
@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 def entry() -> None:

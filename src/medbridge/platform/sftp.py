@@ -71,8 +71,6 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self._results_root = results_root
         self._started = int(time.time())
         self._open: set[int] = set()
-        if session is None:
-            chan.close()
 
     # -- the one hook ------------------------------------------------------------------
 

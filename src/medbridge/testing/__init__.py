@@ -1,0 +1,184 @@
+"""Test helpers shipped with the package: keys, and a real platform on 127.0.0.1 port 0.
+
+The platform runs in a background thread with its own event loop, so a test can
+drive it with real SSH clients (asyncssh in-process, OpenSSH's ``sftp`` and
+``sshfs`` as subprocesses) and stop it by calling :meth:`RunningPlatform.stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import asyncssh
+
+from medbridge.compute.credentials import JobCredential, request_certificate
+from medbridge.config import CIPHERS, Home
+from medbridge.control.audit import Record
+from medbridge.control.store import Store
+from medbridge.platform.keys import KEY_ALG, fingerprint, public_line
+from medbridge.platform.server import Platform
+from medbridge.platform.storage import add_dataset, init_home
+
+
+def write_key(path: Path) -> asyncssh.SSHKey:
+    """A fresh unencrypted Ed25519 key in OpenSSH format, with ``.pub`` beside it."""
+    key = asyncssh.generate_private_key(KEY_ALG)
+    path.write_bytes(key.export_private_key())
+    path.chmod(0o600)
+    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+    return key
+
+
+class RunningPlatform:
+    """A platform home in ``root`` served on loopback from a background thread."""
+
+    def __init__(self, root: Path, **settings: Any):
+        self.root = root
+        self.home = Home(root / "home")
+        init_home(self.home, "test")
+        if settings:
+            lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
+            self.home.settings_file.write_text("\n".join(lines) + "\n")
+        self.store = Store(self.home.database_url(self.home.settings()))
+        self.keys: dict[str, Path] = {}
+        self.platform: Platform | None = None
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- content -----------------------------------------------------------------------
+
+    def add_user(self, name: str, groups: Sequence[str] = ()) -> Path:
+        key_path = self.root / f"{name}_enrolment"
+        key = write_key(key_path)
+        self.store.add_user(name, [(public_line(key), fingerprint(key))], groups, _now(), "test")
+        self.keys[name] = key_path
+        return key_path
+
+    def add_dataset(self, name: str, files: Mapping[str, bytes]) -> Path:
+        src = self.root / f"src-{name}"
+        for rel, data in files.items():
+            p = src / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        add_dataset(self.home, self.store, name, src, "test-society", "test")
+        return self.home.datasets / name
+
+    def grant(self, subject: str, dataset: str, until: datetime | None = None) -> None:
+        self.store.grant(subject, dataset, until, _now(), "test")
+
+    # -- serving -----------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        assert self.platform is not None
+        return fingerprint(self.platform.host_key)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> RunningPlatform:
+        ready: Future[tuple[str, int]] = Future()
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self.platform = Platform(self.home)
+
+        async def begin() -> None:
+            assert self.platform is not None
+            try:
+                ready.set_result(await self.platform.start(self.host, 0))
+            except BaseException as exc:  # handed to the starting thread, which re-raises it
+                ready.set_exception(exc)
+
+        def main() -> None:
+            asyncio.set_event_loop(loop)
+            loop.create_task(begin())
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=main, name="medbridge-platform", daemon=True)
+        self._thread.start()
+        self.host, self.port = ready.result(timeout=30)
+        return self
+
+    def call(self, coro: Any) -> Any:
+        """Run a coroutine on the platform's loop and wait for it."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=60)
+
+    def stop(self) -> None:
+        if self._loop is None or self.platform is None:
+            return
+        self.call(self.platform.stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._thread is not None
+        self._thread.join(timeout=30)
+        self.platform.store.close()
+        self.store.close()
+        self._loop = None
+
+    def __enter__(self) -> RunningPlatform:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- observing ---------------------------------------------------------------------
+
+    def audit(self, action: str | None = None) -> list[Record]:
+        """Audit entries (flushed first), optionally of one action."""
+        if self.platform is not None and self._loop is not None:
+            self.call(self.platform.sink.flush())
+        return self.store.audit_records(action=action)
+
+    def live_sessions(self) -> int:
+        assert self.platform is not None
+
+        async def count() -> int:
+            assert self.platform is not None
+            return len(self.platform.sessions)
+
+        return int(self.call(count()))
+
+    # -- clients -----------------------------------------------------------------------
+
+    async def credential(
+        self, user: str, job_id: str = "job-1", lifetime: int = 600, datasets: Iterable[str] | None = None
+    ) -> tuple[asyncssh.SSHKey, JobCredential]:
+        """What ``job run`` obtains: an ephemeral key and its job certificate."""
+        ephemeral = asyncssh.generate_private_key(KEY_ALG)
+        enrolment = asyncssh.read_private_key(str(self.keys[user]))
+        cred = await request_certificate(
+            host=self.host, port=self.port, user=user, enrolment_key=enrolment, host_fingerprint=self.fingerprint,
+            ephemeral=ephemeral, job_id=job_id, lifetime=lifetime,
+            datasets=list(datasets) if datasets is not None else None,
+        )
+        return ephemeral, cred
+
+    async def connect(self, user: str, client_keys: Sequence[Any]) -> asyncssh.SSHClientConnection:
+        """An asyncssh client connection presenting exactly ``client_keys``."""
+        return await asyncssh.connect(
+            self.host, self.port, username=user, client_keys=list(client_keys), known_hosts=None,
+            agent_path=None, encryption_algs=list(CIPHERS), config=None,
+        )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)

@@ -1,0 +1,95 @@
+"""``medbridge job run`` with stock OpenSSH clients inside the job: sftp and sshfs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medbridge.testing import RunningPlatform
+from tests.conftest import CHEST
+
+
+def job_run(p: RunningPlatform, script: str, *extra: str, env: dict[str, str] | None = None,
+            user: str = "alice") -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "medbridge", "job", "run", "--platform", p.address, "--key", str(p.keys[user]),
+           "--user", user, "--host-key-fingerprint", p.fingerprint, *extra, "--", "sh", "-c", script]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_openssh_sftp_reads_a_granted_file_byte_identical(platform: RunningPlatform, tmp_path: Path) -> None:
+    out = tmp_path / "copy.bin"
+    batch = tmp_path / "batch"
+    batch.write_text(f"get /datasets/chest/scan-001.bin {out}\nput {batch} /results/alice/j-sftp/batch.txt\n")
+    r = job_run(platform, f'sftp -b {batch} -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST"', "--job-id", "j-sftp")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == CHEST["scan-001.bin"]
+    assert (platform.home.results / "alice" / "j-sftp" / "batch.txt").read_text() == batch.read_text()
+
+
+def test_job_environment_and_nothing_secret_on_disk(platform: RunningPlatform) -> None:
+    script = 'echo "$MEDBRIDGE_USER $MEDBRIDGE_JOB_ID $MEDBRIDGE_PLATFORM"; echo "$SSH_AUTH_SOCK"; ' \
+             'ls -A "$(dirname "$SSH_AUTH_SOCK")"; ssh-add -l'
+    r = job_run(platform, script, env={"SLURM_JOB_ID": "4242"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"alice 4242 {platform.address}"
+    sock = Path(lines[1])
+    assert sorted(lines[2:5]) == ["agent.sock", "known_hosts", "ssh_config"]
+    assert "ED25519-CERT" in lines[5]
+    assert not sock.parent.exists(), "the job folder must be removed after the job"
+    holders = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).find(str(sock)) >= 0]
+    assert holders == [], "the job's ssh-agent must be gone after the job"
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_payload_exit_code_passes_through(platform: RunningPlatform) -> None:
+    assert job_run(platform, "exit 3").returncode == 3
+
+
+def test_no_grant_refuses_before_the_payload_starts(platform: RunningPlatform, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    r = job_run(platform, f"touch {marker}", "--dataset", "knee")
+    assert r.returncode == 6
+    assert "no live grant" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
+
+
+def test_wrong_host_key_is_refused(platform: RunningPlatform, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "medbridge", "job", "run", "--platform", platform.address, "--key",
+           str(platform.keys["alice"]), "--user", "alice", "--host-key-fingerprint",
+           "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "--", "true"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 8
+    assert "not the pinned" in r.stderr
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("sshfs") is None,
+                    reason="needs /dev/fuse and sshfs (apt-get install sshfs)")
+def test_sshfs_mount_reads_a_granted_file_byte_identical(platform: RunningPlatform, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    copy = tmp_path / "copy.bin"
+    script = (f'sshfs -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST":/ {mnt} -o ro && '
+              f'ls {mnt}/datasets > {tmp_path}/listing && cp {mnt}/datasets/chest/scan-001.bin {copy}; '
+              f'rc=$?; fusermount3 -u {mnt} || fusermount -u {mnt}; exit $rc')
+    try:
+        r = job_run(platform, script)
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    assert r.returncode == 0, r.stderr
+    assert copy.read_bytes() == CHEST["scan-001.bin"]
+    assert (tmp_path / "listing").read_text().split() == ["chest"]
+    assert not os.path.ismount(mnt)

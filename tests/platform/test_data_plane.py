@@ -1,0 +1,246 @@
+"""The SFTP data plane through asyncssh: what a job certificate opens, and every refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import UTC, datetime, timedelta
+
+import asyncssh
+import pytest
+
+from medbridge.errors import GrantMissing
+from medbridge.testing import RunningPlatform
+from tests.conftest import CHEST
+
+
+def refusals(p: RunningPlatform) -> list[dict[str, object]]:
+    return [{"subject": r.subject, **r.as_dict()["detail"]} for r in p.audit("sftp.refused")]
+
+
+async def job_sftp(p: RunningPlatform, user: str = "alice", **kw: object) -> tuple[asyncssh.SSHClientConnection,
+                                                                                   asyncssh.SFTPClient]:
+    key, cred = await p.credential(user, **kw)  # type: ignore[arg-type]
+    conn = await p.connect(user, [(key, cred.certificate)])
+    return conn, await conn.start_sftp_client()
+
+
+def test_granted_file_reads_byte_identical_and_is_audited(platform: RunningPlatform) -> None:
+    async def go() -> bytes:
+        conn, sftp = await job_sftp(platform)
+        async with conn, sftp.open("/datasets/chest/scan-001.bin", "rb") as f:
+            return await f.read()
+
+    assert asyncio.run(go()) == CHEST["scan-001.bin"]
+    closes = [r.as_dict()["detail"] for r in platform.audit("sftp.close")]
+    assert closes and closes[-1]["bytes_read"] == len(CHEST["scan-001.bin"])
+    logins = [r for r in platform.audit("login") if r.outcome == "ok" and r.subject == "certificate"]
+    assert "medbridge:user=alice:job=job-1" in logins[-1].detail
+
+
+def test_listing_hides_ungranted_datasets(platform: RunningPlatform) -> None:
+    async def go() -> tuple[list[str], type[BaseException] | None]:
+        conn, sftp = await job_sftp(platform)
+        async with conn:
+            names = sorted(await sftp.listdir("/datasets"))
+            try:
+                await sftp.stat("/datasets/knee")
+            except asyncssh.SFTPError as exc:
+                return names, type(exc)
+            return names, None
+
+    names, error = asyncio.run(go())
+    assert [n for n in names if n not in (".", "..")] == ["chest"]
+    assert error is asyncssh.SFTPNoSuchFile
+    assert any(r["subject"] == "/datasets/knee" and "not granted" in str(r["reason"]) for r in refusals(platform))
+
+
+@pytest.mark.parametrize(
+    ("op", "path"),
+    [("write", "/datasets/chest/new.bin"), ("remove", "/datasets/chest/scan-002.bin"),
+     ("mkdir", "/datasets/chest/sub"), ("overwrite", "/datasets/chest/scan-001.bin")],
+)
+def test_datasets_are_read_only(platform: RunningPlatform, op: str, path: str) -> None:
+    async def go() -> None:
+        conn, sftp = await job_sftp(platform)
+        async with conn:
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                if op == "remove":
+                    await sftp.remove(path)
+                elif op == "mkdir":
+                    await sftp.mkdir(path)
+                else:
+                    async with sftp.open(path, "wb") as f:
+                        await f.write(b"x")
+
+    asyncio.run(go())
+    assert (platform.home.datasets / "chest" / "scan-002.bin").read_bytes() == CHEST["scan-002.bin"]
+    assert any(r["subject"] == path and "read-only" in str(r["reason"]) for r in refusals(platform))
+
+
+def test_dotdot_cannot_leave_the_namespace(platform: RunningPlatform) -> None:
+    async def go() -> list[type[BaseException]]:
+        conn, sftp = await job_sftp(platform)
+        errors = []
+        async with conn:
+            for path in ("/datasets/chest/../../etc/passwd", "/../../etc/passwd", "../../../../etc/hostname"):
+                try:
+                    async with sftp.open(path, "rb") as f:
+                        await f.read()
+                except asyncssh.SFTPError as exc:
+                    errors.append(type(exc))
+        return errors
+
+    errors = asyncio.run(go())
+    assert len(errors) == 3
+    assert all(e in (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) for e in errors)
+    reasons = [str(r["reason"]) for r in refusals(platform)]
+    assert any("outside the namespace" in r for r in reasons)
+    assert any("climbs above the root" in r for r in reasons)
+
+
+def test_symlink_pointing_outside_is_refused(platform: RunningPlatform) -> None:
+    storage = platform.home.datasets / "chest"
+    os.chmod(storage, 0o750)
+    (storage / "escape").symlink_to("/etc/passwd")
+    (storage / "inside").symlink_to("scan-002.bin")
+
+    async def go() -> tuple[bytes, type[BaseException] | None]:
+        conn, sftp = await job_sftp(platform)
+        async with conn:
+            async with sftp.open("/datasets/chest/inside", "rb") as f:
+                inside = await f.read()
+            try:
+                async with sftp.open("/datasets/chest/escape", "rb") as f:
+                    await f.read()
+            except asyncssh.SFTPError as exc:
+                return inside, type(exc)
+            return inside, None
+
+    inside, error = asyncio.run(go())
+    assert inside == CHEST["scan-002.bin"]
+    assert error is asyncssh.SFTPPermissionDenied
+    assert any(r["subject"] == "/datasets/chest/escape" and "symlink" in str(r["reason"]) for r in refusals(platform))
+
+
+def test_results_are_writable_only_in_the_own_job_folder(platform: RunningPlatform) -> None:
+    platform.grant("bob", "chest")
+    (platform.home.results / "bob" / "old").mkdir(parents=True)
+    (platform.home.results / "bob" / "old" / "secret.txt").write_text("bob's")
+
+    async def go() -> None:
+        conn, sftp = await job_sftp(platform, job_id="j7")
+        async with conn:
+            async with sftp.open("/results/alice/j7/mask.bin", "wb") as f:
+                await f.write(b"mask")
+            await sftp.mkdir("/results/alice/j7/sub")
+            await sftp.rename("/results/alice/j7/mask.bin", "/results/alice/j7/sub/mask.bin")
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await sftp.listdir("/results/bob")
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                async with sftp.open("/results/bob/old/secret.txt", "rb") as f:
+                    await f.read()
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                async with sftp.open("/results/alice/other-job/x", "wb") as f:
+                    await f.write(b"x")
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await sftp.symlink("/datasets/chest/scan-001.bin", "/results/alice/j7/link")
+
+    asyncio.run(go())
+    assert (platform.home.results / "alice" / "j7" / "sub" / "mask.bin").read_bytes() == b"mask"
+    assert not (platform.home.results / "alice" / "other-job").exists()
+    subjects = {str(r["subject"]) for r in refusals(platform)}
+    assert {"/results/bob", "/results/bob/old/secret.txt", "/results/alice/other-job/x"} <= subjects
+    assert [r for r in platform.audit("sftp.write") if r.subject == "/results/alice/j7/mask.bin"]
+
+
+def test_enrolment_key_alone_opens_no_data(platform: RunningPlatform) -> None:
+    async def go() -> None:
+        key = asyncssh.read_private_key(str(platform.keys["alice"]))
+        async with await platform.connect("alice", [key]) as conn:
+            with pytest.raises((asyncssh.Error, OSError)):
+                sftp = await conn.start_sftp_client()
+                await sftp.listdir("/datasets/chest")
+            result = await conn.run("cat /etc/passwd")
+            assert result.exit_status == 126
+
+    asyncio.run(go())
+    assert [r for r in platform.audit("sftp.refused") if "enrolment key opens no data" in r.detail]
+    assert platform.audit("command.refused")
+
+
+def test_no_account_is_refused_at_login(platform: RunningPlatform, tmp_path: object) -> None:
+    async def go() -> None:
+        stranger = asyncssh.generate_private_key("ssh-ed25519")
+        with pytest.raises(asyncssh.PermissionDenied):
+            await platform.connect("mallory", [stranger])
+
+    asyncio.run(go())
+    failed = [r for r in platform.audit("login") if r.outcome == "refused" and r.actor == "mallory"]
+    assert failed and "key not enrolled" in failed[-1].detail
+
+
+def test_no_grant_no_certificate(platform: RunningPlatform) -> None:
+    async def go() -> None:
+        with pytest.raises(GrantMissing):
+            await platform.credential("bob")
+        with pytest.raises(GrantMissing):
+            await platform.credential("alice", datasets=["knee"])
+
+    asyncio.run(go())
+    refused = [r for r in platform.audit("certificate.issue") if r.outcome == "refused"]
+    assert {r.actor for r in refused} == {"alice", "bob"}
+    assert all("no live grant" in r.detail for r in refused)
+
+
+def test_certificate_from_another_ca_is_refused(platform: RunningPlatform) -> None:
+    async def go() -> None:
+        rogue_ca = asyncssh.generate_private_key("ssh-ed25519")
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        cert = rogue_ca.generate_user_certificate(key, "rogue", serial=1, principals=["alice", "medbridge-cert-1"],
+                                                  valid_before=int(datetime.now(UTC).timestamp()) + 600)
+        with pytest.raises(asyncssh.PermissionDenied):
+            await platform.connect("alice", [(key, cert)])
+
+    asyncio.run(go())
+    failed = [r for r in platform.audit("login") if r.outcome == "refused"]
+    assert failed and "signed by an unknown CA" in failed[-1].detail and '"serial":1' in failed[-1].detail
+
+
+def test_expired_certificate_is_refused_at_login(platform: RunningPlatform) -> None:
+    async def go() -> None:
+        key, cred = await platform.credential("alice", lifetime=2)
+        await asyncio.sleep(max(0.0, (datetime.fromisoformat(cred.valid_before) - datetime.now(UTC)).total_seconds())
+                            + 0.2)
+        with pytest.raises(asyncssh.PermissionDenied):
+            await platform.connect("alice", [(key, cred.certificate)])
+
+    asyncio.run(go())
+    failed = [r for r in platform.audit("login") if r.outcome == "refused"]
+    assert failed and "certificate expired" in failed[-1].detail and "medbridge:user=alice" in failed[-1].detail
+
+
+def test_certificate_of_another_user_is_refused(platform: RunningPlatform) -> None:
+    platform.grant("bob", "chest")
+
+    async def go() -> None:
+        key, cred = await platform.credential("bob")
+        with pytest.raises(asyncssh.PermissionDenied):
+            await platform.connect("alice", [(key, cred.certificate)])
+
+    asyncio.run(go())
+    failed = [r for r in platform.audit("login") if r.outcome == "refused"]
+    assert failed and "issued to 'bob'" in failed[-1].detail
+
+
+def test_lifetime_is_capped_by_grant_and_platform(platform: RunningPlatform) -> None:
+    end = datetime.now(UTC) + timedelta(minutes=5)
+    platform.grant("alice", "chest", until=end)
+
+    async def go() -> str:
+        _, cred = await platform.credential("alice", lifetime=10 * 24 * 3600)
+        return cred.valid_before
+
+    assert datetime.fromisoformat(asyncio.run(go())) <= end
+    cert = platform.store.certificates("alice")[-1]
+    assert cert.valid_before <= end
