@@ -14,10 +14,29 @@ from medbridge.testing import RunningPlatform
 from tests.conftest import CHEST
 
 
-def job_run(p: RunningPlatform, script: str, *extra: str, env: dict[str, str] | None = None,
-            user: str = "alice") -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "medbridge", "job", "run", "--platform", p.address, "--key", str(p.keys[user]),
-           "--user", user, "--host-key-fingerprint", p.fingerprint, *extra, "--", "sh", "-c", script]
+def job_run(
+    p: RunningPlatform, script: str, *extra: str, env: dict[str, str] | None = None, user: str = "alice"
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "medbridge",
+        "job",
+        "run",
+        "--platform",
+        p.address,
+        "--key",
+        str(p.keys[user]),
+        "--user",
+        user,
+        "--host-key-fingerprint",
+        p.fingerprint,
+        *extra,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
@@ -32,8 +51,10 @@ def test_openssh_sftp_reads_a_granted_file_byte_identical(platform: RunningPlatf
 
 
 def test_job_environment_and_nothing_secret_on_disk(platform: RunningPlatform) -> None:
-    script = 'echo "$MEDBRIDGE_USER $MEDBRIDGE_JOB_ID $MEDBRIDGE_PLATFORM"; echo "$SSH_AUTH_SOCK"; ' \
-             'ls -A "$(dirname "$SSH_AUTH_SOCK")"; ssh-add -l'
+    script = (
+        'echo "$MEDBRIDGE_USER $MEDBRIDGE_JOB_ID $MEDBRIDGE_PLATFORM"; echo "$SSH_AUTH_SOCK"; '
+        'ls -A "$(dirname "$SSH_AUTH_SOCK")"; ssh-add -l'
+    )
     r = job_run(platform, script, env={"SLURM_JOB_ID": "4242"})
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -66,24 +87,42 @@ def test_no_grant_refuses_before_the_payload_starts(platform: RunningPlatform, t
 
 
 def test_wrong_host_key_is_refused(platform: RunningPlatform, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "medbridge", "job", "run", "--platform", platform.address, "--key",
-           str(platform.keys["alice"]), "--user", "alice", "--host-key-fingerprint",
-           "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "--", "true"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medbridge",
+        "job",
+        "run",
+        "--platform",
+        platform.address,
+        "--key",
+        str(platform.keys["alice"]),
+        "--user",
+        "alice",
+        "--host-key-fingerprint",
+        "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "--",
+        "true",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 8
     assert "not the pinned" in r.stderr
 
 
 @pytest.mark.fuse
-@pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("sshfs") is None,
-                    reason="needs /dev/fuse and sshfs (apt-get install sshfs)")
+@pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("sshfs") is None,
+    reason="needs /dev/fuse and sshfs (apt-get install sshfs)",
+)
 def test_sshfs_mount_reads_a_granted_file_byte_identical(platform: RunningPlatform, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     copy = tmp_path / "copy.bin"
-    script = (f'sshfs -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST":/ {mnt} -o ro && '
-              f'ls {mnt}/datasets > {tmp_path}/listing && cp {mnt}/datasets/chest/scan-001.bin {copy}; '
-              f'rc=$?; fusermount3 -u {mnt} || fusermount -u {mnt}; exit $rc')
+    script = (
+        f'sshfs -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST":/ {mnt} -o ro && '
+        f"ls {mnt}/datasets > {tmp_path}/listing && cp {mnt}/datasets/chest/scan-001.bin {copy}; "
+        f"rc=$?; fusermount3 -u {mnt} || fusermount -u {mnt}; exit $rc"
+    )
     try:
         r = job_run(platform, script)
     finally:

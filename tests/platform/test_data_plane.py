@@ -18,8 +18,9 @@ def refusals(p: RunningPlatform) -> list[dict[str, object]]:
     return [{"subject": r.subject, **r.as_dict()["detail"]} for r in p.audit("sftp.refused")]
 
 
-async def job_sftp(p: RunningPlatform, user: str = "alice", **kw: object) -> tuple[asyncssh.SSHClientConnection,
-                                                                                   asyncssh.SFTPClient]:
+async def job_sftp(
+    p: RunningPlatform, user: str = "alice", **kw: object
+) -> tuple[asyncssh.SSHClientConnection, asyncssh.SFTPClient]:
     key, cred = await p.credential(user, **kw)  # type: ignore[arg-type]
     conn = await p.connect(user, [(key, cred.certificate)])
     return conn, await conn.start_sftp_client()
@@ -57,8 +58,12 @@ def test_listing_hides_ungranted_datasets(platform: RunningPlatform) -> None:
 
 @pytest.mark.parametrize(
     ("op", "path"),
-    [("write", "/datasets/chest/new.bin"), ("remove", "/datasets/chest/scan-002.bin"),
-     ("mkdir", "/datasets/chest/sub"), ("overwrite", "/datasets/chest/scan-001.bin")],
+    [
+        ("write", "/datasets/chest/new.bin"),
+        ("remove", "/datasets/chest/scan-002.bin"),
+        ("mkdir", "/datasets/chest/sub"),
+        ("overwrite", "/datasets/chest/scan-001.bin"),
+    ],
 )
 def test_datasets_are_read_only(platform: RunningPlatform, op: str, path: str) -> None:
     async def go() -> None:
@@ -197,8 +202,13 @@ def test_certificate_from_another_ca_is_refused(platform: RunningPlatform) -> No
     async def go() -> None:
         rogue_ca = asyncssh.generate_private_key("ssh-ed25519")
         key = asyncssh.generate_private_key("ssh-ed25519")
-        cert = rogue_ca.generate_user_certificate(key, "rogue", serial=1, principals=["alice", "medbridge-cert-1"],
-                                                  valid_before=int(datetime.now(UTC).timestamp()) + 600)
+        cert = rogue_ca.generate_user_certificate(
+            key,
+            "rogue",
+            serial=1,
+            principals=["alice", "medbridge-cert-1"],
+            valid_before=int(datetime.now(UTC).timestamp()) + 600,
+        )
         with pytest.raises(asyncssh.PermissionDenied):
             await platform.connect("alice", [(key, cert)])
 
@@ -210,8 +220,9 @@ def test_certificate_from_another_ca_is_refused(platform: RunningPlatform) -> No
 def test_expired_certificate_is_refused_at_login(platform: RunningPlatform) -> None:
     async def go() -> None:
         key, cred = await platform.credential("alice", lifetime=2)
-        await asyncio.sleep(max(0.0, (datetime.fromisoformat(cred.valid_before) - datetime.now(UTC)).total_seconds())
-                            + 0.2)
+        await asyncio.sleep(
+            max(0.0, (datetime.fromisoformat(cred.valid_before) - datetime.now(UTC)).total_seconds()) + 0.2
+        )
         with pytest.raises(asyncssh.PermissionDenied):
             await platform.connect("alice", [(key, cred.certificate)])
 

@@ -19,8 +19,9 @@ from medbridge.testing import RunningPlatform
 BOUND = 3.0
 
 
-async def _open_session(p: RunningPlatform, lifetime: int = 600) -> tuple[asyncssh.SSHClientConnection,
-                                                                          asyncssh.SFTPClient]:
+async def _open_session(
+    p: RunningPlatform, lifetime: int = 600
+) -> tuple[asyncssh.SSHClientConnection, asyncssh.SFTPClient]:
     key, cred = await p.credential("alice", lifetime=lifetime)
     conn = await p.connect("alice", [(key, cred.certificate)])
     sftp = await conn.start_sftp_client()
@@ -57,7 +58,9 @@ def test_revoking_the_grant_ends_the_session(platform: RunningPlatform) -> None:
 
 
 def test_disabling_the_account_ends_the_session(platform: RunningPlatform) -> None:
-    elapsed, reason = _ended_within(platform, lambda: platform.store.set_enabled("alice", False, datetime.now(UTC), "t"))
+    elapsed, reason = _ended_within(
+        platform, lambda: platform.store.set_enabled("alice", False, datetime.now(UTC), "t")
+    )
     assert elapsed < BOUND
     assert "account 'alice' disabled" in reason
 

@@ -47,11 +47,11 @@ def read_public_key_file(path: str | os.PathLike[str]) -> asyncssh.SSHKey:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise InvalidInput(f"cannot read key file {path}: {exc.strerror or exc}") from exc
+    if b"PRIVATE KEY" in data:
+        raise InvalidInput(f"{path} holds a private key; give the public key (.pub) instead")
     try:
         return asyncssh.import_public_key(data)
     except (asyncssh.KeyImportError, ValueError) as exc:
-        if b"PRIVATE KEY" in data:
-            raise InvalidInput(f"{path} holds a private key; give the public key (.pub) instead") from exc
         raise InvalidInput(f"{path} is not an OpenSSH public key: {exc}") from exc
 
 

@@ -101,8 +101,9 @@ class RunningPlatform:
 
         def main() -> None:
             asyncio.set_event_loop(loop)
-            loop.create_task(begin())
+            starting = loop.create_task(begin())
             loop.run_forever()
+            starting.cancel()
             loop.close()
 
         self._thread = threading.Thread(target=main, name="medbridge-platform", daemon=True)
@@ -158,8 +159,14 @@ class RunningPlatform:
         ephemeral = asyncssh.generate_private_key(KEY_ALG)
         enrolment = asyncssh.read_private_key(str(self.keys[user]))
         cred = await request_certificate(
-            host=self.host, port=self.port, user=user, enrolment_key=enrolment, host_fingerprint=self.fingerprint,
-            ephemeral=ephemeral, job_id=job_id, lifetime=lifetime,
+            host=self.host,
+            port=self.port,
+            user=user,
+            enrolment_key=enrolment,
+            host_fingerprint=self.fingerprint,
+            ephemeral=ephemeral,
+            job_id=job_id,
+            lifetime=lifetime,
             datasets=list(datasets) if datasets is not None else None,
         )
         return ephemeral, cred
@@ -167,8 +174,14 @@ class RunningPlatform:
     async def connect(self, user: str, client_keys: Sequence[Any]) -> asyncssh.SSHClientConnection:
         """An asyncssh client connection presenting exactly ``client_keys``."""
         return await asyncssh.connect(
-            self.host, self.port, username=user, client_keys=list(client_keys), known_hosts=None,
-            agent_path=None, encryption_algs=list(CIPHERS), config=None,
+            self.host,
+            self.port,
+            username=user,
+            client_keys=list(client_keys),
+            known_hosts=None,
+            agent_path=None,
+            encryption_algs=list(CIPHERS),
+            config=None,
         )
 
 

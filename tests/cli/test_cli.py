@@ -1,0 +1,177 @@
+"""The CLI end to end in subprocesses: exit codes, one-line errors, nothing lost on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medbridge.testing import write_key
+
+
+def mb(*args: str, home: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "MEDBRIDGE_HOME"}
+    if home is not None:
+        env["MEDBRIDGE_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "medbridge", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("medbridge: error:")
+    return lines[0]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    h = tmp_path / "home"
+    r = mb("platform", "init", "--home", str(h))
+    assert r.returncode == 0, r.stderr
+    assert "SHA256:" in r.stdout
+    write_key(tmp_path / "alice")
+    write_key(tmp_path / "bob")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.bin").write_bytes(os.urandom(1000))
+    return h
+
+
+def test_admin_flow_and_json_listings(home: Path, tmp_path: Path) -> None:
+    assert mb("group", "add", "society", home=home).returncode == 0
+    r = mb("user", "add", "alice", "--key", str(tmp_path / "alice.pub"), "--group", "society", home=home)
+    assert r.returncode == 0, r.stderr
+    assert (
+        mb("dataset", "add", "chest", "--from", str(tmp_path / "data"), "--provider", "soc", home=home).returncode == 0
+    )
+    assert mb("grant", "@society", "chest", "--until", "2999-01-01", home=home).returncode == 0
+    datasets = json.loads(mb("dataset", "list", "--json", home=home).stdout)["datasets"]
+    assert [(d["name"], d["files"], d["bytes"]) for d in datasets] == [("chest", 1, 1000)]
+    grants = json.loads(mb("grants", "--json", home=home).stdout)["grants"]
+    assert grants == [{"subject": "@society", "dataset": "chest", "until": "2999-01-02T00:00:00+00:00"}]
+    users = json.loads(mb("user", "list", "--json", home=home).stdout)["users"]
+    assert users[0]["name"] == "alice" and users[0]["groups"] == ["society"]
+    manifest = mb("dataset", "manifest", "chest", home=home).stdout
+    check = subprocess.run(["sha256sum", "-c"], input=manifest, text=True, capture_output=True, cwd=tmp_path / "data")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert mb("revoke", "@society", "chest", home=home).returncode == 0
+    actions = [e["action"] for e in json.loads(mb("audit", "--json", home=home).stdout)["entries"]]
+    assert actions == ["platform.init", "group.add", "user.add", "dataset.add", "grant", "revoke"]
+    assert mb("audit", "verify", home=home).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["grant", "nobody", "chest"], 4, "no such user"),
+        (["revoke", "alice", "chest"], 4, "no grant"),
+        (["grant", "alice", "nothing"], 4, "no such dataset"),
+        (["user", "disable", "nobody"], 4, "no such user"),
+        (["user", "add", "carol", "--key", "{tmp}/missing.pub"], 2, "cannot read key file"),
+        (["user", "add", "carol", "--key", "{tmp}/alice"], 2, "private key"),
+        (["user", "add", "alice", "--key", "{tmp}/bob.pub"], 5, "already exists"),
+        (["user", "add", "carol", "--key", "{tmp}/bob.pub", "--group", "nope"], 4, "no such group"),
+        (["user", "add", "bad/name", "--key", "{tmp}/alice.pub"], 2, "invalid user name"),
+        (["user", "add", "carol", "--key", "{tmp}/alice.pub"], 5, "already enrolled"),
+        (["dataset", "add", "x", "--from", "{tmp}/nope"], 2, "not a directory"),
+        (["dataset", "add", "chest", "--from", "{tmp}/data"], 5, "already exists"),
+        (["grant", "alice", "chest", "--until", "2001-01-01"], 2, "already past"),
+        (["grant", "alice", "chest", "--until", "soon"], 2, "YYYY-MM-DD"),
+        (["group", "add", "society"], 5, "already exists"),
+        (["platform", "init"], 5, "already a platform home"),
+    ],
+)
+def test_bad_input_is_one_line_and_changes_nothing(
+    home: Path, tmp_path: Path, args: list[str], code: int, words: str
+) -> None:
+    assert mb("group", "add", "society", home=home).returncode == 0
+    assert mb("user", "add", "alice", "--key", str(tmp_path / "alice.pub"), home=home).returncode == 0
+    assert mb("dataset", "add", "chest", "--from", str(tmp_path / "data"), home=home).returncode == 0
+    before = mb("audit", "--json", home=home).stdout
+    r = mb(*[a.replace("{tmp}", str(tmp_path)) for a in args], home=home)
+    assert r.returncode == code, r.stderr
+    assert words in one_line_error(r)
+    assert mb("audit", "--json", home=home).stdout == before
+    assert sorted(p.name for p in (home / "storage" / "datasets").iterdir()) == ["chest"]
+
+
+def test_dataset_with_symlink_is_refused_whole(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "linked"
+    src.mkdir()
+    (src / "ok.bin").write_bytes(b"fine")
+    (src / "link").symlink_to("/etc/passwd")
+    r = mb("dataset", "add", "linked", "--from", str(src), home=home)
+    assert r.returncode == 2
+    assert "symbolic links" in one_line_error(r)
+    assert list((home / "storage" / "datasets").iterdir()) == []
+    assert json.loads(mb("dataset", "list", "--json", home=home).stdout)["datasets"] == []
+
+
+def test_home_not_initialised(tmp_path: Path) -> None:
+    r = mb("dataset", "list", "--home", str(tmp_path / "nothing"))
+    assert r.returncode == 3
+    assert "not initialised" in one_line_error(r)
+
+
+def test_tampered_audit_entry_is_detected(home: Path, tmp_path: Path) -> None:
+    assert mb("user", "add", "alice", "--key", str(tmp_path / "alice.pub"), home=home).returncode == 0
+    assert mb("group", "add", "society", home=home).returncode == 0
+    assert mb("audit", "verify", home=home).returncode == 0
+    db = sqlite3.connect(home / "control.db")
+    with db:
+        db.execute("UPDATE audit SET subject = 'mallory' WHERE seq = 2")
+    db.close()
+    r = mb("audit", "verify", home=home)
+    assert r.returncode == 7
+    assert "broken at entry 2" in one_line_error(r)
+
+
+def test_deleted_audit_entry_is_detected(home: Path, tmp_path: Path) -> None:
+    assert mb("user", "add", "alice", "--key", str(tmp_path / "alice.pub"), home=home).returncode == 0
+    assert mb("group", "add", "society", home=home).returncode == 0
+    db = sqlite3.connect(home / "control.db")
+    with db:
+        db.execute("DELETE FROM audit WHERE seq = 2")
+    db.close()
+    r = mb("audit", "verify", home=home)
+    assert r.returncode == 7
+    assert "entry 2 is missing" in one_line_error(r)
+
+
+def test_serve_reports_port_in_use(home: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = mb("platform", "serve", "--listen", f"127.0.0.1:{port}", home=home)
+    assert r.returncode == 8
+    assert "address already in use" in one_line_error(r)
+
+
+def test_serve_prints_its_address_and_stops_on_sigterm(home: Path) -> None:
+    env = {**os.environ, "MEDBRIDGE_HOME": str(home)}
+    cmd = [sys.executable, "-m", "medbridge", "platform", "serve", "--listen", "127.0.0.1:0"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert "listening on 127.0.0.1:" in line and "SHA256:" in line
+            port = int(line.split("127.0.0.1:")[1].split()[0])
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                assert s.recv(64).startswith(b"SSH-2.0-")
+            proc.terminate()
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    actions = [e["action"] for e in json.loads(mb("audit", "--json", home=home).stdout)["entries"]]
+    assert actions[-3:] == ["platform.start", "login", "platform.stop"], "the bare TCP probe is audited too"
