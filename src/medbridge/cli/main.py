@@ -238,6 +238,7 @@ def dataset_add(home: Path | None, name: str, src: Path, provider: str) -> None:
         TimeRemainingColumn(),
         console=output.err,
         transient=True,
+        disable=not output.err.is_terminal,
     ) as bar:
         task = bar.add_task(f"copying {name}", total=total)
         manifest = add_dataset(h, store, name, src, provider, _actor(), progress=lambda n: bar.advance(task, n))
@@ -375,14 +376,13 @@ def audit_cmd(ctx: click.Context, home: Path | None, as_json: bool, last: int | 
     if as_json:
         output.emit_json({"entries": [r.as_dict() for r in records]})
         return
-    output.table(
-        "audit",
-        ["seq", "at", "actor", "action", "outcome", "subject", "detail"],
-        [
-            (r.seq, r.at.strftime("%Y-%m-%d %H:%M:%S"), r.actor, r.action, r.outcome, r.subject, r.detail)
-            for r in records
-        ],
-    )
+    for r in records:
+        output.out.print(
+            f"{r.seq:>6}  {r.at:%Y-%m-%d %H:%M:%S}  {r.actor:<12} {r.action:<18} {r.outcome:<8} "
+            f"{r.subject or '-'}  {r.detail}",
+            highlight=False,
+            markup=False,
+        )
 
 
 @audit_cmd.command("verify")
