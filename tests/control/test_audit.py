@@ -5,30 +5,17 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime
 
-from medbridge.control.audit import GENESIS, Record, entry_hash, first_break
+from medbridge.control.audit import GENESIS, Record, chain_hash, first_break
 
 
 def chain(n: int) -> list[Record]:
-    out, prev = [], GENESIS
+    out: list[Record] = []
+    prev = GENESIS
     at = datetime(2026, 1, 1, tzinfo=UTC)
     for seq in range(1, n + 1):
-        h = entry_hash(
-            seq=seq, at=at, actor="a", action="x", outcome="ok", subject=str(seq), detail="{}", prev_hash=prev
-        )
-        out.append(
-            Record(
-                seq=seq,
-                at=at,
-                actor="a",
-                action="x",
-                outcome="ok",
-                subject=str(seq),
-                detail="{}",
-                prev_hash=prev,
-                hash=h,
-            )
-        )
-        prev = h
+        rec = Record(seq=seq, at=at, actor="a", action="x", outcome="ok", subject=str(seq), detail="{}", prev_hash=prev)
+        out.append(dataclasses.replace(rec, hash=chain_hash(rec)))
+        prev = out[-1].hash
     return out
 
 
@@ -49,10 +36,8 @@ def test_removed_entry() -> None:
     assert first_break(c) == (3, "entry 2 is missing")
 
 
-def test_rewritten_tail_still_breaks_the_link() -> None:
+def test_rewritten_entry_with_a_fresh_hash_still_breaks_the_link() -> None:
     c = chain(5)
-    forged = entry_hash(
-        seq=3, at=c[2].at, actor="m", action="x", outcome="ok", subject="3", detail="{}", prev_hash="f" * 64
-    )
-    c[2] = dataclasses.replace(c[2], actor="m", prev_hash="f" * 64, hash=forged)
+    forged = dataclasses.replace(c[2], actor="m", prev_hash="f" * 64)
+    c[2] = dataclasses.replace(forged, hash=chain_hash(forged))
     assert first_break(c) == (3, "does not link to the entry before it")

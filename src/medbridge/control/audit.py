@@ -37,7 +37,7 @@ class Record:
     subject: str
     detail: str
     prev_hash: str
-    hash: str
+    hash: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -56,11 +56,10 @@ def encode_detail(detail: Mapping[str, Any]) -> str:
     return json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def entry_hash(
-    *, seq: int, at: datetime, actor: str, action: str, outcome: str, subject: str, detail: str, prev_hash: str
-) -> str:
+def chain_hash(r: Record) -> str:
+    """SHA-256 over the previous hash and every field of ``r`` except its own hash."""
     body = json.dumps(
-        [seq, at.isoformat(), actor, action, outcome, subject, detail, prev_hash],
+        [r.seq, r.at.isoformat(), r.actor, r.action, r.outcome, r.subject, r.detail, r.prev_hash],
         separators=(",", ":"),
     )
     return hashlib.sha256(body.encode()).hexdigest()
@@ -74,17 +73,7 @@ def first_break(records: Iterable[Record]) -> tuple[int, str] | None:
             return r.seq, f"entry {expected_seq} is missing"
         if r.prev_hash != prev_hash:
             return r.seq, "does not link to the entry before it"
-        recomputed = entry_hash(
-            seq=r.seq,
-            at=r.at,
-            actor=r.actor,
-            action=r.action,
-            outcome=r.outcome,
-            subject=r.subject,
-            detail=r.detail,
-            prev_hash=r.prev_hash,
-        )
-        if recomputed != r.hash:
+        if chain_hash(r) != r.hash:
             return r.seq, "content does not match its hash (altered)"
         prev_hash, expected_seq = r.hash, r.seq + 1
     return None

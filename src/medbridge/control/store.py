@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Engine
@@ -15,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
-from medbridge.control.audit import GENESIS, AuditEvent, Record, encode_detail, entry_hash, first_break
+from medbridge.control.audit import GENESIS, AuditEvent, Record, chain_hash, encode_detail, first_break
 from medbridge.control.models import (
     AuditEntry,
     Base,
@@ -32,6 +33,8 @@ from medbridge.errors import AlreadyExists, IntegrityError, InvalidInput, Medbri
 from medbridge.policy.credentials import CertificateSpec, certificate_spec
 from medbridge.policy.grants import GrantFact, readable
 from medbridge.policy.names import check_name
+
+_Named = TypeVar("_Named", User, Group, Dataset)
 
 
 @dataclass(frozen=True)
@@ -433,32 +436,19 @@ class Store:
         seq, prev = (last.seq, last.hash) if last else (0, GENESIS)
         for ev in events:
             seq += 1
-            at = (ev.at or now).astimezone(UTC)
-            detail = encode_detail(ev.detail)
-            h = entry_hash(
+            rec = Record(
                 seq=seq,
-                at=at,
+                at=(ev.at or now).astimezone(UTC),
                 actor=ev.actor,
                 action=ev.action,
                 outcome=ev.outcome,
                 subject=ev.subject,
-                detail=detail,
+                detail=encode_detail(ev.detail),
                 prev_hash=prev,
             )
-            s.add(
-                AuditEntry(
-                    seq=seq,
-                    at=at,
-                    actor=ev.actor,
-                    action=ev.action,
-                    outcome=ev.outcome,
-                    subject=ev.subject,
-                    detail=detail,
-                    prev_hash=prev,
-                    hash=h,
-                )
-            )
-            prev = h
+            rec = dataclasses.replace(rec, hash=chain_hash(rec))
+            s.add(AuditEntry(**dataclasses.asdict(rec)))
+            prev = rec.hash
 
     def audit_records(self, *, last: int | None = None, action: str | None = None) -> list[Record]:
         with self._tx(write=False) as s:
@@ -483,25 +473,23 @@ class Store:
     # -- helpers ----------------------------------------------------------------------
 
     @staticmethod
-    def _user(s: Session, name: str) -> User:
-        u = s.scalar(select(User).where(User.name == name))
-        if u is None:
-            raise NotFound(f"no such user {name!r}")
-        return u
+    def _named(s: Session, model: type[_Named], name: str) -> _Named:
+        row = s.scalar(select(model).where(model.name == name))
+        if row is None:
+            raise NotFound(f"no such {model.__tablename__.rstrip('s')} {name!r}")
+        return row
 
-    @staticmethod
-    def _group(s: Session, name: str) -> Group:
-        g = s.scalar(select(Group).where(Group.name == name))
-        if g is None:
-            raise NotFound(f"no such group {name!r}")
-        return g
+    @classmethod
+    def _user(cls, s: Session, name: str) -> User:
+        return cls._named(s, User, name)
 
-    @staticmethod
-    def _dataset(s: Session, name: str) -> Dataset:
-        d = s.scalar(select(Dataset).where(Dataset.name == name))
-        if d is None:
-            raise NotFound(f"no such dataset {name!r}")
-        return d
+    @classmethod
+    def _group(cls, s: Session, name: str) -> Group:
+        return cls._named(s, Group, name)
+
+    @classmethod
+    def _dataset(cls, s: Session, name: str) -> Dataset:
+        return cls._named(s, Dataset, name)
 
     @staticmethod
     def _rights(s: Session, u: User, now: datetime) -> dict[str, datetime | None]:
@@ -534,17 +522,7 @@ def _cert_info(c: Certificate) -> CertificateInfo:
 
 
 def _record(r: AuditEntry) -> Record:
-    return Record(
-        seq=r.seq,
-        at=r.at,
-        actor=r.actor,
-        action=r.action,
-        outcome=r.outcome,
-        subject=r.subject,
-        detail=r.detail,
-        prev_hash=r.prev_hash,
-        hash=r.hash,
-    )
+    return Record(**{f.name: getattr(r, f.name) for f in dataclasses.fields(Record)})
 
 
 def _sqlite_tuning(engine: Engine) -> None:
