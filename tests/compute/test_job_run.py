@@ -14,30 +14,35 @@ from medbridge.testing import RunningPlatform
 from tests.conftest import CHEST
 
 
+def job_cmd(p: RunningPlatform, script: str, *extra: str, user: str = "alice", fingerprint: str = "") -> list[str]:
+    return [
+        sys.executable, "-m", "medbridge", "job", "run", "--platform", p.address, "--key", str(p.keys[user]),
+        "--user", user, "--host-key-fingerprint", fingerprint or p.fingerprint, *extra, "--", "sh", "-c", script,
+    ]  # fmt: skip
+
+
+def job_env(tmp: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The job's environment: its own TMPDIR, never the repository as working folder."""
+    (tmp / "jobtmp").mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MEDBRIDGE_"))}
+    return {**env, "TMPDIR": str(tmp / "jobtmp"), **(extra or {})}
+
+
 def job_run(
-    p: RunningPlatform, script: str, *extra: str, env: dict[str, str] | None = None, user: str = "alice"
+    p: RunningPlatform,
+    script: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    user: str = "alice",
+    fingerprint: str = "",
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "medbridge",
-        "job",
-        "run",
-        "--platform",
-        p.address,
-        "--key",
-        str(p.keys[user]),
-        "--user",
-        user,
-        "--host-key-fingerprint",
-        p.fingerprint,
-        *extra,
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    tmp = p.root / "job"
+    tmp.mkdir(exist_ok=True)
+    (tmp / "work").mkdir(exist_ok=True)
+    return subprocess.run(
+        job_cmd(p, script, *extra, user=user, fingerprint=fingerprint), capture_output=True, text=True,
+        timeout=120, env=job_env(tmp, env), cwd=tmp / "work",
+    )  # fmt: skip
 
 
 def test_openssh_sftp_reads_a_granted_file_byte_identical(platform: RunningPlatform, tmp_path: Path) -> None:
@@ -87,24 +92,7 @@ def test_no_grant_refuses_before_the_payload_starts(platform: RunningPlatform, t
 
 
 def test_wrong_host_key_is_refused(platform: RunningPlatform, tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "medbridge",
-        "job",
-        "run",
-        "--platform",
-        platform.address,
-        "--key",
-        str(platform.keys["alice"]),
-        "--user",
-        "alice",
-        "--host-key-fingerprint",
-        "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
-        "--",
-        "true",
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    r = job_run(platform, "true", fingerprint="SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
     assert r.returncode == 8
     assert "not the pinned" in r.stderr
 

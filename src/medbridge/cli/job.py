@@ -1,14 +1,19 @@
-"""Compute-side commands: ``job run``."""
+"""Compute-side commands: ``job run`` and ``residue scan``."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
+from medbridge.cli import output
+from medbridge.compute import residue as residue_mod
 from medbridge.compute.job import JobSpec, run
+
+PATH = click.Path(path_type=Path)
 
 
 @click.group()
@@ -16,7 +21,7 @@ def job() -> None:
     """Run work on a compute node with job-scoped platform access."""
 
 
-@job.command("run", context_settings={"ignore_unknown_options": False})
+@job.command("run")
 @click.option(
     "--platform", "platform_addr", envvar="MEDBRIDGE_PLATFORM", required=True, help="HOST:PORT of the platform."
 )
@@ -34,9 +39,16 @@ def job() -> None:
     type=click.IntRange(min=1),
     default=24 * 3600,
     show_default=True,
-    help="Wanted certificate lifetime, seconds; the platform may give less.",
+    help="Wanted certificate lifetime, seconds; the platform may give less, and the job renews it.",
 )
 @click.option("--dataset", "datasets", multiple=True, help="Limit the job to these datasets (repeatable).")
+@click.option("--mount", type=PATH, default=None, help="Mount the job's view here with sshfs (MEDBRIDGE_MOUNT).")
+@click.option(
+    "--outputs", type=PATH, default=None, help="Folder whose files are uploaded to the job's results at the end."
+)
+@click.option("--scan", "scan", multiple=True, type=PATH, help="Also scan this path for residue (repeatable).")
+@click.option("--purge/--no-purge", default=None, help="Delete residue found (default: on inside Slurm, else off).")
+@click.option("--report", type=PATH, default=None, help="Write what happened as JSON here.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def job_run(
     platform_addr: str,
@@ -46,13 +58,20 @@ def job_run(
     job_id: str | None,
     lifetime: int,
     datasets: Sequence[str],
+    mount: Path | None,
+    outputs: Path | None,
+    scan: Sequence[Path],
+    purge: bool | None,
+    report: Path | None,
     command: Sequence[str],
 ) -> None:
-    """Get a job certificate into a private ssh-agent, run COMMAND, then kill the agent.
+    """Get a job certificate into a private ssh-agent, run COMMAND, then tear down.
 
-    COMMAND sees SSH_AUTH_SOCK, MEDBRIDGE_PLATFORM, MEDBRIDGE_USER, MEDBRIDGE_JOB_ID and
-    MEDBRIDGE_SSH_CONFIG (use `sftp -F "$MEDBRIDGE_SSH_CONFIG" medbridge`). Its exit
-    code is passed through.
+    COMMAND sees SSH_AUTH_SOCK, MEDBRIDGE_PLATFORM, MEDBRIDGE_USER, MEDBRIDGE_JOB_ID,
+    MEDBRIDGE_RESULTS, MEDBRIDGE_SSH_CONFIG (use `sftp -F "$MEDBRIDGE_SSH_CONFIG" medbridge`)
+    and, with --mount, MEDBRIDGE_MOUNT.  Afterwards: outputs uploaded and committed,
+    mount and agent gone, residue scanned (working folder, $TMPDIR, --scan paths).
+    Its exit code is the payload's (128+N after signal N; 9 if uploading outputs failed).
     """
     spec = JobSpec(
         platform=platform_addr,
@@ -63,7 +82,46 @@ def job_run(
         job_id=job_id,
         lifetime=lifetime,
         datasets=list(datasets) or None,
+        mount=mount,
+        outputs=outputs,
+        scan=list(scan),
+        purge=purge,
+        report=report,
     )
     code = run(spec, os.environ)
     sys.stdout.flush()
     raise click.exceptions.Exit(code)
+
+
+@click.group()
+def residue() -> None:
+    """Find medical data left on a compute node."""
+
+
+@residue.command("scan")
+@click.argument("paths", nargs=-1, required=True, type=PATH)
+@click.option("--manifest", "manifests", multiple=True, type=PATH, help="sha256sum-format manifest (repeatable).")
+@click.option("--purge", is_flag=True, help="Delete what is found.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def residue_scan(paths: Sequence[Path], manifests: Sequence[Path], purge: bool, as_json: bool) -> None:
+    """Scan PATHS for dataset copies (by SHA-256) and medical-image signatures.
+
+    Exits 0 when nothing is left behind (nothing found, or all of it purged), 10 otherwise.
+    """
+    known = residue_mod.read_manifest_files(manifests)
+    report = residue_mod.scan(paths, known)
+    if purge:
+        residue_mod.purge(report)
+    if as_json:
+        output.emit_json(report.as_dict())
+    else:
+        for f in report.findings:
+            output.out.print(f"{'purged' if f.purged else 'found '}  {f.path}  ({f.reason})", markup=False)
+        for e in report.errors:
+            output.err.print(f"unreadable: {e}", markup=False)
+        state = "clean" if not report.findings else f"{len(report.findings)} found"
+        output.out.print(f"{report.files_scanned} files scanned, {report.bytes_hashed} bytes hashed: {state}")
+    raise click.exceptions.Exit(0 if report.clean else RESIDUE_FOUND)
+
+
+RESIDUE_FOUND = 10

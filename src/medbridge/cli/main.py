@@ -396,9 +396,10 @@ def audit_verify(home: Path | None) -> None:
 
 # -- compute side -----------------------------------------------------------------------
 
-from medbridge.cli.job import job  # noqa: E402
+from medbridge.cli.job import job, residue  # noqa: E402
 
 cli.add_command(job)
+cli.add_command(residue)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -420,6 +421,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         output.error("interrupted")
         return 130
     except BrokenPipeError:
+        return 1
+    except Exception as exc:  # the CLI boundary: a bug must still not print a traceback at users
+        if os.environ.get("MEDBRIDGE_DEBUG"):
+            raise
+        output.error(f"internal error ({type(exc).__name__}: {exc}); rerun with MEDBRIDGE_DEBUG=1 for details")
         return 1
     return rc if isinstance(rc, int) else 0
 

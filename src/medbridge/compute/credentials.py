@@ -11,7 +11,7 @@ import asyncssh
 from medbridge import errors
 from medbridge.config import CIPHERS
 from medbridge.errors import HostKeyMismatch, InvalidInput, MedbridgeError, PlatformUnavailable
-from medbridge.platform.issuer import ISSUE_COMMAND
+from medbridge.platform.issuer import ISSUE_COMMAND, REPORT_COMMAND
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -50,27 +50,28 @@ class _PinnedHost(asyncssh.SSHClient):
         return False
 
 
-async def request_certificate(
-    *,
-    host: str,
-    port: int,
-    user: str,
-    enrolment_key: asyncssh.SSHKey,
-    host_fingerprint: str,
-    ephemeral: asyncssh.SSHKey,
-    job_id: str,
-    lifetime: int,
-    datasets: list[str] | None,
-) -> JobCredential:
-    """Ask the platform to sign ``ephemeral`` for this job; raise the platform's refusal as ours."""
-    pin = _PinnedHost(host_fingerprint)
+@dataclass(frozen=True)
+class Enrolment:
+    """How a job reaches the issuer: the platform, the pinned host key and the user's enrolment key."""
+
+    host: str
+    port: int
+    user: str
+    key: asyncssh.SSHKey
+    host_fingerprint: str
+
+
+async def call_platform(enrolment: Enrolment, command: str, payload: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Run one enrolment-key command; return its reply and the verified host key."""
+    e = enrolment
+    pin = _PinnedHost(e.host_fingerprint)
     try:
         conn, _ = await asyncssh.create_connection(
             lambda: pin,
-            host,
-            port,
-            username=user,
-            client_keys=[enrolment_key],
+            e.host,
+            e.port,
+            username=e.user,
+            client_keys=[e.key],
             known_hosts=([], [], []),
             agent_path=None,
             encryption_algs=list(CIPHERS),
@@ -80,28 +81,43 @@ async def request_certificate(
     except asyncssh.HostKeyNotVerifiable as exc:
         seen = pin.seen.get_fingerprint("sha256") if pin.seen else "unknown"
         raise HostKeyMismatch(
-            f"platform {host}:{port} presented host key {seen}, not the pinned {host_fingerprint}; refusing to continue"
+            f"platform {e.host}:{e.port} presented host key {seen}, not the pinned "
+            f"{e.host_fingerprint}; refusing to continue"
         ) from exc
     except asyncssh.PermissionDenied as exc:
-        raise errors.AccessDenied(f"platform {host}:{port} refused the enrolment key for user {user!r}") from exc
+        raise errors.AccessDenied(f"platform {e.host}:{e.port} refused the enrolment key for user {e.user!r}") from exc
     except (OSError, asyncssh.Error, TimeoutError) as exc:
-        raise PlatformUnavailable(f"cannot reach platform {host}:{port}: {exc}") from exc
+        raise PlatformUnavailable(f"cannot reach platform {e.host}:{e.port}: {exc}") from exc
+    try:
+        async with conn:
+            result = await conn.run(command, input=json.dumps(payload).encode(), encoding=None)
+    except (OSError, asyncssh.Error) as exc:
+        raise PlatformUnavailable(f"platform {e.host}:{e.port} dropped the request: {exc}") from exc
+    reply = _parse_reply(result.stdout)
+    if result.exit_status != 0 or "error" in reply:
+        raise _as_error(reply)
+    return reply, pin.seen
+
+
+async def request_certificate(
+    enrolment: Enrolment, ephemeral: asyncssh.SSHKey, job_id: str, lifetime: int, datasets: list[str] | None
+) -> JobCredential:
+    """Ask the platform to sign ``ephemeral`` for this job; raise the platform's refusal as ours."""
     request = {
         "public_key": ephemeral.export_public_key().decode(),
         "job_id": job_id,
         "lifetime": lifetime,
         "datasets": datasets,
     }
-    async with conn:
-        result = await conn.run(ISSUE_COMMAND, input=json.dumps(request).encode(), encoding=None)
-    reply = _parse_reply(result.stdout)
-    if result.exit_status != 0 or "error" in reply:
-        raise _as_error(reply)
+    reply, host_key = await call_platform(enrolment, ISSUE_COMMAND, request)
     cert = asyncssh.import_certificate(reply["certificate"])
-    assert pin.seen is not None
     return JobCredential(
-        reply["user"], reply["job_id"], int(reply["serial"]), reply["key_id"], reply["valid_before"], cert, pin.seen
+        reply["user"], reply["job_id"], int(reply["serial"]), reply["key_id"], reply["valid_before"], cert, host_key
     )
+
+
+async def report_residue(enrolment: Enrolment, job_id: str, report: dict[str, Any]) -> None:
+    await call_platform(enrolment, REPORT_COMMAND, {"job_id": job_id, "report": report})
 
 
 def _parse_reply(raw: Any) -> dict[str, Any]:

@@ -1,31 +1,55 @@
-"""``medbridge job run``: credentials that live only as long as the job, in an agent, never on disk."""
+"""``medbridge job run``: a job's platform access, from certificate to residue scan.
+
+set up   enrolment key → job certificate for an in-memory key → private ssh-agent
+         → dataset manifests → optional sshfs mount → renewal thread
+payload  runs with SSH_AUTH_SOCK and MEDBRIDGE_* set; SIGTERM/SIGINT/SIGHUP are
+         forwarded and turn into an orderly teardown (exit 128+N)
+teardown (always) upload outputs and commit their manifest → unmount (lazy if busy)
+         → kill the agent → remove job-private files → residue scan (+ purge)
+         → report the scan to the platform's audit log
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
+import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import asyncssh
 
-from medbridge.compute.credentials import JobCredential, parse_address, request_certificate
+from medbridge.compute import residue
+from medbridge.compute.credentials import (
+    Enrolment,
+    JobCredential,
+    parse_address,
+    report_residue,
+    request_certificate,
+)
+from medbridge.compute.mount import Mount
+from medbridge.compute.session import Endpoint, fetch_manifests, upload_outputs, wipe
 from medbridge.config import CIPHERS
-from medbridge.errors import InvalidInput, JobFailed
+from medbridge.errors import AccessDenied, InvalidInput, JobFailed, MedbridgeError
 from medbridge.platform.keys import KEY_ALG, public_line, read_private_key_file
 from medbridge.policy.names import check_name
 
 SSH_HOST_ALIAS = "medbridge"
+DEFAULT_STATE_DIR = "/var/spool/medbridge"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +64,11 @@ class JobSpec:
     job_id: str | None = None
     lifetime: int = 24 * 3600
     datasets: Sequence[str] | None = None
+    mount: Path | None = None
+    outputs: Path | None = None
+    scan: Sequence[Path] = ()
+    purge: bool | None = None
+    report: Path | None = None
 
 
 def default_job_id(environ: Mapping[str, str]) -> str:
@@ -121,103 +150,331 @@ def known_hosts_line(host: str, port: int, key: asyncssh.SSHKey) -> str:
     return f"{name} {public_line(key)}\n"
 
 
+def seconds_left(valid_before: str) -> float:
+    return (datetime.fromisoformat(valid_before) - datetime.now(UTC)).total_seconds()
+
+
 class _Signals:
-    """Forward SIGTERM/SIGINT/SIGHUP to the payload, remember the first one."""
+    """Forward SIGTERM/SIGINT/SIGHUP to the payload's process group, remember the first one.
+
+    A payload that ignores the signal gets SIGKILL after ``grace`` seconds, so the
+    teardown always runs before Slurm's own KillWait ends the wrapper too.
+    """
 
     HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = 10.0) -> None:
         self.received: int | None = None
         self.child: subprocess.Popen[bytes] | None = None
+        self.grace = grace
+        self._timer: threading.Timer | None = None
         self._old = {s: signal.signal(s, self._handle) for s in self.HANDLED}
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
         if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child.pid, signum)
+            if self._timer is None:
+                self._timer = threading.Timer(self.grace, self._kill)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _kill(self) -> None:
+        if self.child is not None and self.child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child.pid, signal.SIGKILL)
 
     def restore(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for s, old in self._old.items():
             signal.signal(s, old)
 
 
-def run(spec: JobSpec, environ: Mapping[str, str] = os.environ) -> int:
-    """Run the payload with a job certificate in a private agent; return its exit code."""
-    if not spec.command:
-        raise InvalidInput("no command given; put it after '--'")
-    if not spec.host_fingerprint.startswith("SHA256:"):
-        raise InvalidInput(
-            "pin the platform with --host-key-fingerprint SHA256:… "
-            "(printed by 'medbridge platform init' and 'platform fingerprint')"
-        )
-    host, port = parse_address(spec.platform)
-    user = check_name("user", spec.user or environ.get("MEDBRIDGE_USER") or getpass.getuser())
-    job_id = check_name("job id", spec.job_id or default_job_id(environ))
-    enrolment = read_private_key_file(spec.key_file)
-    ephemeral = asyncssh.generate_private_key(KEY_ALG)
-    signals = _Signals()
-    folder = Path(tempfile.mkdtemp(prefix="medbridge-job-"))
-    agent: Agent | None = None
-    try:
-        cred = asyncio.run(
-            request_certificate(
-                host=host,
-                port=port,
-                user=user,
-                enrolment_key=enrolment,
-                host_fingerprint=spec.host_fingerprint,
-                ephemeral=ephemeral,
-                job_id=job_id,
-                lifetime=spec.lifetime,
-                datasets=list(spec.datasets) if spec.datasets is not None else None,
+class Renewer(threading.Thread):
+    """Renews the job certificate when a third of its life is left, while grants allow."""
+
+    def __init__(self, job: Job, first: JobCredential):
+        super().__init__(name="medbridge-renewal", daemon=True)
+        self.job = job
+        self.current = first
+        self.renewals = 0
+        self.refused: str | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        life = max(3.0, seconds_left(self.current.valid_before) + 30)
+        while not self._halt.wait(max(0.5, seconds_left(self.current.valid_before) - life / 3)):
+            try:
+                cred = asyncio.run(self.job.certify())
+            except AccessDenied as exc:
+                self.refused = str(exc)
+                self.job.say(f"certificate renewal refused: {exc}; data access ends at {self.current.valid_before}")
+                return
+            except MedbridgeError as exc:
+                self.job.say(f"certificate renewal failed, will retry: {exc}")
+                self._halt.wait(min(30.0, max(1.0, seconds_left(self.current.valid_before) / 4)))
+                continue
+            self.current = cred
+            self.renewals += 1
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout=30)
+
+
+@dataclass
+class Outcome:
+    """What happened, for the summary line, ``--report`` and the platform's audit log."""
+
+    job_id: str
+    user: str
+    exit_code: int | None = None
+    signal: int | None = None
+    certificate_serial: int | None = None
+    renewals: int = 0
+    renewal_refused: str | None = None
+    uploaded_files: int = 0
+    uploaded_bytes: int = 0
+    upload_error: str | None = None
+    unmounted: bool | None = None
+    agent_stopped: bool = False
+    residue: dict[str, Any] = field(default_factory=dict)
+
+
+class Job:
+    """One run of ``medbridge job run``."""
+
+    def __init__(self, spec: JobSpec, environ: Mapping[str, str], say: Callable[[str], None]):
+        if not spec.command:
+            raise InvalidInput("no command given; put it after '--'")
+        if not spec.host_fingerprint.startswith("SHA256:"):
+            raise InvalidInput(
+                "pin the platform with --host-key-fingerprint SHA256:… "
+                "(printed by 'medbridge platform init' and 'platform fingerprint')"
             )
+        self.spec = spec
+        self.environ = environ
+        self.say = say
+        host, port = parse_address(spec.platform)
+        user = check_name("user", spec.user or environ.get("MEDBRIDGE_USER") or getpass.getuser())
+        self.job_id = check_name("job id", spec.job_id or default_job_id(environ))
+        for name in spec.datasets or ():
+            check_name("dataset", name)
+        self.enrolment = Enrolment(host, port, user, read_private_key_file(spec.key_file), spec.host_fingerprint)
+        self.ephemeral = asyncssh.generate_private_key(KEY_ALG)
+        self.in_slurm = "SLURM_JOB_ID" in environ
+        self.purge = spec.purge if spec.purge is not None else self.in_slurm
+        self.outcome = Outcome(self.job_id, user)
+        self.agent: Agent | None = None
+        self.mount: Mount | None = None
+        self.renewer: Renewer | None = None
+        self.manifests: dict[str, str] = {}
+        self.state_file: Path | None = None
+
+    async def certify(self) -> JobCredential:
+        """A certificate for the job's in-memory key, loaded into its agent."""
+        datasets = list(self.spec.datasets) if self.spec.datasets is not None else None
+        cred = await request_certificate(self.enrolment, self.ephemeral, self.job_id, self.spec.lifetime, datasets)
+        if self.agent is not None:
+            await self.agent.load(self.ephemeral, cred.certificate, int(seconds_left(cred.valid_before)))
+        return cred
+
+    def run(self) -> int:
+        signals = _Signals()
+        folder = Path(tempfile.mkdtemp(prefix="medbridge-job-"))
+        started = False
+        try:
+            cred = asyncio.run(self.certify())
+            self.outcome.certificate_serial = cred.serial
+            self.agent = Agent(folder)
+            asyncio.run(self.agent.load(self.ephemeral, cred.certificate, int(seconds_left(cred.valid_before))))
+            endpoint = self.endpoint(cred)
+            datasets = list(self.spec.datasets) if self.spec.datasets is not None else None
+            self.manifests = asyncio.run(fetch_manifests(endpoint, datasets))
+            env = self.environment(folder, cred)
+            if self.spec.mount is not None:
+                self.mount = Mount(self.spec.mount, Path(env["MEDBRIDGE_SSH_CONFIG"]), SSH_HOST_ALIAS)
+                env["MEDBRIDGE_MOUNT"] = str(self.mount.mountpoint)
+                env["MEDBRIDGE_RESULTS"] = str(self.mount.mountpoint / "results" / cred.user / self.job_id)
+            self.write_state()
+            self.renewer = Renewer(self, cred)
+            self.renewer.start()
+            if signals.received is None:
+                started = True
+                child = subprocess.Popen(list(self.spec.command), env=env, start_new_session=True)
+                signals.child = child
+                code = child.wait()
+                self.outcome.exit_code = 128 - code if code < 0 else code
+        except FileNotFoundError as exc:
+            raise JobFailed(f"cannot start {self.spec.command[0]!r}: {exc.strerror}") from exc
+        finally:
+            self.teardown(folder, scanned=started or signals.received is not None, cred_ok=self.agent is not None)
+            signals.restore()
+        self.outcome.signal = signals.received
+        return self.exit_code()
+
+    def exit_code(self) -> int:
+        o = self.outcome
+        if o.signal is not None:
+            return 128 + o.signal
+        code = o.exit_code if o.exit_code is not None else JobFailed.exit_code
+        if code == 0 and o.upload_error:
+            return JobFailed.exit_code
+        return code
+
+    def endpoint(self, cred: JobCredential) -> Endpoint:
+        assert self.agent is not None
+        e = self.enrolment
+        return Endpoint(e.host, e.port, cred.user, cred.host_key, str(self.agent.socket))
+
+    def environment(self, folder: Path, cred: JobCredential) -> dict[str, str]:
+        assert self.agent is not None
+        e = self.enrolment
+        known = folder / "known_hosts"
+        known.write_text(known_hosts_line(e.host, e.port, cred.host_key))
+        config = folder / "ssh_config"
+        config.write_text(ssh_config(e.host, e.port, cred.user, self.agent.socket, known))
+        env = dict(self.environ)
+        env.pop("SSH_AGENT_PID", None)
+        env.update(
+            {
+                "SSH_AUTH_SOCK": str(self.agent.socket),
+                "MEDBRIDGE_PLATFORM": f"{e.host}:{e.port}",
+                "MEDBRIDGE_USER": cred.user,
+                "MEDBRIDGE_JOB_ID": cred.job_id,
+                "MEDBRIDGE_SSH_CONFIG": str(config),
+                "MEDBRIDGE_SSH_HOST": SSH_HOST_ALIAS,
+                "MEDBRIDGE_RESULTS": f"/results/{cred.user}/{cred.job_id}",
+                "MEDBRIDGE_CERT_SERIAL": str(cred.serial),
+                "MEDBRIDGE_CERT_VALID_BEFORE": cred.valid_before,
+            }
         )
-        agent = Agent(folder)
-        asyncio.run(agent.load(ephemeral, cred.certificate, _seconds_left(cred)))
-        del ephemeral
-        env = _job_environment(environ, folder, host, port, cred, agent)
-        if signals.received is not None:
-            return 128 + signals.received
-        child = subprocess.Popen(list(spec.command), env=env)
-        signals.child = child
-        code = child.wait()
-        if signals.received is not None:
-            return 128 + signals.received
-        return 128 - code if code < 0 else code
-    except FileNotFoundError as exc:
-        raise JobFailed(f"cannot start {spec.command[0]!r}: {exc.strerror}") from exc
-    finally:
-        if agent is not None:
-            agent.stop()
+        return env
+
+    # -- teardown -----------------------------------------------------------------------
+
+    def scan_roots(self) -> list[Path]:
+        roots = [Path.cwd()]
+        if self.environ.get("TMPDIR"):
+            roots.append(Path(self.environ["TMPDIR"]))
+        return roots + list(self.spec.scan)
+
+    def teardown(self, folder: Path, *, scanned: bool, cred_ok: bool) -> None:
+        o = self.outcome
+        if self.renewer is not None:
+            self.renewer.stop()
+            o.renewals, o.renewal_refused = self.renewer.renewals, self.renewer.refused
+        keep: list[Path] = []
+        if self.spec.outputs is not None and cred_ok and self.renewer is not None:
+            self.upload(keep)
+        if self.mount is not None:
+            o.unmounted = self.mount.close()
+        if self.agent is not None:
+            self.agent.stop()
+            o.agent_stopped = True
         shutil.rmtree(folder, ignore_errors=True)
-        signals.restore()
+        if scanned:
+            self.scan(keep)
+        if self.state_file is not None:
+            self.state_file.unlink(missing_ok=True)
+            self.state_file.with_suffix(".manifest").unlink(missing_ok=True)
+        if self.agent is not None:
+            self.summarise()
 
+    def upload(self, keep: list[Path]) -> None:
+        o = self.outcome
+        assert self.spec.outputs is not None and self.renewer is not None
+        outputs = self.spec.outputs
+        if not outputs.is_dir():
+            o.upload_error = f"--outputs {outputs} is not a folder"
+            return
+        try:
+            done = asyncio.run(upload_outputs(self.endpoint(self.renewer.current), self.job_id, outputs))
+        except MedbridgeError as exc:
+            o.upload_error = str(exc)
+            keep.append(outputs)
+            return
+        o.uploaded_files, o.uploaded_bytes = done.files, done.bytes
+        wipe(outputs)
 
-def _seconds_left(cred: JobCredential) -> int:
-    end = datetime.fromisoformat(cred.valid_before)
-    return int((end - datetime.now(UTC)).total_seconds())
+    def scan(self, keep: list[Path]) -> None:
+        known = residue.load_manifests(self.manifests.values())
+        exclude = [p for p in (self.mount.mountpoint if self.mount else None, *keep) if p is not None]
+        report = residue.scan(self.scan_roots(), known, exclude=exclude, owner=os.getuid())
+        if self.purge:
+            residue.purge(report)
+        self.outcome.residue = report.as_dict()
+        try:
+            asyncio.run(report_residue(self.enrolment, self.job_id, report.as_dict()))
+        except MedbridgeError as exc:
+            self.say(f"could not record the residue scan on the platform: {exc}")
 
+    def summarise(self) -> None:
+        o = self.outcome
+        parts = [f"job {o.job_id}"]
+        if o.exit_code is not None:
+            parts.append(f"payload exit {o.exit_code}")
+        if o.renewals:
+            parts.append(f"certificate renewed {o.renewals}x")
+        if self.spec.outputs is not None:
+            parts.append(
+                f"outputs NOT uploaded ({o.upload_error})"
+                if o.upload_error
+                else f"{o.uploaded_files} output files ({o.uploaded_bytes} bytes) committed"
+            )
+        if o.unmounted is not None:
+            parts.append("unmounted" if o.unmounted else "MOUNT STILL PRESENT")
+        if o.residue:
+            r = o.residue
+            found = r["findings"]
+            if not found:
+                parts.append(f"residue scan clean ({r['files_scanned']} files)")
+            else:
+                purged = sum(1 for f in found if f["purged"])
+                parts.append(f"residue: {len(found)} found, {purged} purged")
+        self.say("; ".join(parts))
+        for f in o.residue.get("findings", []):
+            self.say(f"residue {'purged' if f['purged'] else 'FOUND'}: {f['path']} ({f['reason']})")
+        if self.spec.report is not None:
+            self.spec.report.write_text(json.dumps(o.__dict__, indent=2, default=str) + "\n")
 
-def _job_environment(
-    environ: Mapping[str, str], folder: Path, host: str, port: int, cred: JobCredential, agent: Agent
-) -> dict[str, str]:
-    known = folder / "known_hosts"
-    known.write_text(known_hosts_line(host, port, cred.host_key))
-    config = folder / "ssh_config"
-    config.write_text(ssh_config(host, port, cred.user, agent.socket, known))
-    env = dict(environ)
-    env.update(
-        {
-            "SSH_AUTH_SOCK": str(agent.socket),
-            "MEDBRIDGE_PLATFORM": f"{host}:{port}",
-            "MEDBRIDGE_USER": cred.user,
-            "MEDBRIDGE_JOB_ID": cred.job_id,
-            "MEDBRIDGE_SSH_CONFIG": str(config),
-            "MEDBRIDGE_SSH_HOST": SSH_HOST_ALIAS,
-            "MEDBRIDGE_CERT_SERIAL": str(cred.serial),
-            "MEDBRIDGE_CERT_VALID_BEFORE": cred.valid_before,
+    def write_state(self) -> None:
+        """Leave what the Slurm epilog needs if this wrapper dies by SIGKILL."""
+        state_dir = Path(self.environ.get("MEDBRIDGE_STATE_DIR", DEFAULT_STATE_DIR))
+        slurm_id = self.environ.get("SLURM_JOB_ID")
+        if slurm_id is None or not state_dir.is_dir() or not os.access(state_dir, os.W_OK):
+            return
+        path = state_dir / f"{check_name('job id', slurm_id)}.json"
+        manifest = path.with_suffix(".manifest")
+        fd = os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(self.manifests.values()))
+        state = {
+            "slurm_job_id": slurm_id,
+            "job_id": self.job_id,
+            "uid": os.getuid(),
+            "wrapper_pid": os.getpid(),
+            "agent_pid": self.agent.pid if self.agent else None,
+            "sshfs_pid": self.mount.pid if self.mount else None,
+            "mount": str(self.mount.mountpoint) if self.mount else None,
+            "scan": [str(p) for p in self.scan_roots()],
+            "manifest": str(manifest),
         }
-    )
-    env.pop("SSH_AGENT_PID", None)
-    return env
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f)
+        self.state_file = path
+
+
+def run(spec: JobSpec, environ: Mapping[str, str] = os.environ, say: Callable[[str], None] | None = None) -> int:
+    """Run the payload with a job certificate in a private agent; return its exit code."""
+    return Job(spec, environ, say or _say).run()
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"medbridge: {message}\n")
+    sys.stderr.flush()

@@ -395,14 +395,39 @@ class Store:
                 q = q.where(Certificate.user_id == self._user(s, user).id)
             return [_cert_info(c) for c in s.scalars(q)]
 
-    def check_sessions(self, serials: Iterable[int], now: datetime) -> dict[int, SessionCheck]:
-        """Re-decide every live session at once: the enforcement loop's one query per tick."""
+    def check_sessions(
+        self, serials: Iterable[int], now: datetime, *, follow_renewals: bool = True
+    ) -> dict[int, SessionCheck]:
+        """Re-decide every live session at once: the enforcement loop's one query per tick.
+
+        A session outlives its own certificate only through a renewal: a later
+        certificate of the same user and job for the same key, which the job's
+        agent holds.  ``follow_renewals=False`` judges the certificate alone (logins).
+        """
         out: dict[int, SessionCheck] = {}
         with self._tx(write=False) as s:
             for serial in set(serials):
                 c = s.get(Certificate, serial)
+                if follow_renewals and c is not None and now >= c.valid_before:
+                    c = self._renewal(s, c, now) or c
                 out[serial] = self._check(s, c, now)
         return out
+
+    @staticmethod
+    def _renewal(s: Session, c: Certificate, now: datetime) -> Certificate | None:
+        return s.scalar(
+            select(Certificate)
+            .where(
+                Certificate.user_id == c.user_id,
+                Certificate.job_id == c.job_id,
+                Certificate.key_fingerprint == c.key_fingerprint,
+                Certificate.revoked_at.is_(None),
+                Certificate.valid_after <= now,
+                Certificate.valid_before > now,
+            )
+            .order_by(Certificate.valid_before.desc())
+            .limit(1)
+        )
 
     def _check(self, s: Session, c: Certificate | None, now: datetime) -> SessionCheck:
         none: frozenset[str] = frozenset()

@@ -18,6 +18,9 @@ from medbridge.policy.credentials import CertificateSpec
 
 #: The one command an enrolment-key session may run.
 ISSUE_COMMAND = "medbridge-issue-certificate"
+#: The job wrapper reports its residue scan with the enrolment key (its certificate is gone by then).
+REPORT_COMMAND = "medbridge-report-residue"
+MAX_FINDINGS = 200
 MAX_REQUEST = 64 * 1024
 
 
@@ -140,3 +143,35 @@ class Issuer:
             "valid_before": spec.valid_before.isoformat(),
             "datasets": spec.datasets,
         }
+
+    def report(self, user: str, raw: bytes, peer: Mapping[str, Any], now: datetime | None = None) -> dict[str, Any]:
+        """Record a job's residue scan in the audit log, for a job this user holds a certificate for."""
+        now = now or datetime.now(UTC)
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidInput(f"residue report is not JSON: {exc}") from exc
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("job_id"), str)
+            or not isinstance(body.get("report"), dict)
+        ):
+            raise InvalidInput("residue report needs a job_id and a report object")
+        job_id, report = body["job_id"], body["report"]
+        if not any(c.job_id == job_id for c in self._store.certificates(user)):
+            raise InvalidInput(f"user {user!r} has no certificate for job {job_id!r}")
+        findings = report.get("findings") if isinstance(report.get("findings"), list) else []
+        detail = {
+            "clean": bool(report.get("clean")),
+            "files_scanned": report.get("files_scanned"),
+            "found": len(findings),
+            "purged": sum(1 for f in findings if isinstance(f, dict) and f.get("purged")),
+            "findings": findings[:MAX_FINDINGS],
+            "roots": report.get("roots"),
+            **peer,
+        }
+        outcome = "residue" if not detail["clean"] else "purged" if findings else "ok"
+        self._store.audit(
+            [AuditEvent(actor=user, action="residue.scan", outcome=outcome, subject=job_id, detail=detail)], now
+        )
+        return {"recorded": True}

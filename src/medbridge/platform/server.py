@@ -18,10 +18,11 @@ from medbridge.config import CIPHERS, Home, PlatformSettings
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
 from medbridge.errors import AddressInUse, MedbridgeError, PlatformUnavailable
-from medbridge.platform.issuer import ISSUE_COMMAND, MAX_REQUEST, Issuer
+from medbridge.platform.issuer import ISSUE_COMMAND, MAX_REQUEST, REPORT_COMMAND, Issuer
 from medbridge.platform.keys import fingerprint, load_private_key
 from medbridge.platform.sftp import JobSFTPServer
 from medbridge.policy.credentials import serial_from_principals
+from medbridge.policy.manifest import format_manifest
 from medbridge.policy.paths import View
 
 log = logging.getLogger("medbridge.platform")
@@ -158,7 +159,7 @@ class PlatformConnection(asyncssh.SSHServer):
         if cert.user != self.username:
             attempt["reason"] = f"issued to {cert.user!r}, not {self.username!r}"
             return None
-        checked = self.platform.store.check_sessions([serial], _now())[serial]
+        checked = self.platform.store.check_sessions([serial], _now(), follow_renewals=False)[serial]
         if not checked.ok:
             attempt["reason"] = checked.reason
             return None
@@ -227,12 +228,15 @@ class PlatformConnection(asyncssh.SSHServer):
                     detail={"reason": "an enrolment key opens no data; a job certificate is needed", "peer": self.peer},
                 )
             )
-        return JobSFTPServer(chan, self.session, self.platform.sink.record, str(self.platform.home.results))
+        return self.platform.sftp_class(
+            chan, self.session, self.platform.sink.record, str(self.platform.home.results), self.platform.manifest
+        )
 
     async def process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
-        """Commands: only the issuer, and only for an enrolment key."""
-        command = process.command or ""
-        if self.enrolment is None or command.strip() != ISSUE_COMMAND:
+        """Commands: only the issuer and the residue report, and only for an enrolment key."""
+        command = (process.command or "").strip()
+        handler = {ISSUE_COMMAND: self.platform.issuer.issue, REPORT_COMMAND: self.platform.issuer.report}.get(command)
+        if self.enrolment is None or handler is None:
             self.platform.sink.record(
                 AuditEvent(
                     actor=self.username,
@@ -249,7 +253,7 @@ class PlatformConnection(asyncssh.SSHServer):
             raw = await process.stdin.read(MAX_REQUEST)
             await self.platform.sink.flush()
             reply = await asyncio.to_thread(
-                self.platform.issuer.issue, self.username, raw, {"peer": self.peer, "fingerprint": self.enrolment}
+                handler, self.username, raw, {"peer": self.peer, "fingerprint": self.enrolment}
             )
         except MedbridgeError as exc:
             body = {"error": str(exc), "type": type(exc).__name__, "exit_code": exc.exit_code}
@@ -271,15 +275,25 @@ class Platform:
         self.issuer = Issuer(self.store, load_private_key(home.ca_key), self.settings)
         self.sink = AuditSink(self.store)
         self.sessions: dict[PlatformConnection, LiveSession] = {}
+        self._manifests: dict[str, bytes] = {}
+        #: The SFTP handler class; tests put small fault-injecting subclasses here.
+        self.sftp_class: type[JobSFTPServer] = JobSFTPServer
         self._server: asyncssh.SSHAcceptor | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def manifest(self, dataset: str) -> bytes:
+        """A dataset's manifest in sha256sum format (datasets never change once added)."""
+        if dataset not in self._manifests:
+            entries = self.store.manifest(dataset)
+            self._manifests[dataset] = format_manifest((m.sha256, m.path) for m in entries).encode()
+        return self._manifests[dataset]
 
     # -- sessions -----------------------------------------------------------------------
 
     def open_session(self, owner: PlatformConnection, serial: int) -> None:
         assert owner.conn is not None
         cert = self.store.certificate(serial)
-        check = self.store.check_sessions([serial], _now())[serial]
+        check = self.store.check_sessions([serial], _now(), follow_renewals=False)[serial]
         if cert is None or not check.ok:
             owner.conn.close()
             return

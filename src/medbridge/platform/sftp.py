@@ -8,7 +8,10 @@ SFTP errors and audit events; nothing below the hook decides anything.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import errno
+import hashlib
 import os
 import stat
 import time
@@ -20,6 +23,8 @@ import asyncssh
 from asyncssh import SFTPAttrs, SFTPName
 
 from medbridge.control.audit import AuditEvent
+from medbridge.errors import InvalidInput
+from medbridge.policy.manifest import DATASET_MANIFEST, RESULTS_MANIFEST, parse_manifest
 from medbridge.policy.paths import Action, Kind, PathEscape, Refusal, Target, decide, normalise, parse, within
 
 if TYPE_CHECKING:
@@ -37,6 +42,7 @@ class OpenFile:
     path: str
     writable: bool
     read_only_view: bool
+    data: bytes | None = None
     bytes_read: int = 0
     bytes_written: int = 0
     opened: float = field(default_factory=time.monotonic)
@@ -64,11 +70,13 @@ class JobSFTPServer(asyncssh.SFTPServer):
         session: LiveSession | None,
         record: Callable[[AuditEvent], None],
         results_root: str,
+        manifest: Callable[[str], bytes],
     ):
         super().__init__(chan)
         self._session = session
         self._record = record
         self._results_root = results_root
+        self._manifest = manifest
         self._started = int(time.time())
         self._open: set[int] = set()
 
@@ -163,6 +171,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def _stat(self, path: bytes, op: str, fn: Callable[[str], os.stat_result]) -> SFTPAttrs:
         target, real = self._resolve(path, Action.READ, op)
+        if _is_manifest(target):
+            return self._manifest_attrs(target)
         if real is None:
             return _dir_attrs(self._started)
         try:
@@ -197,6 +207,22 @@ class JobSFTPServer(asyncssh.SFTPServer):
             raise
         for entry in entries:
             yield SFTPName(os.fsencode(entry.name), attrs=self._attrs(target, entry.stat(follow_symlinks=False)))
+        if target.kind is Kind.DATASET and not target.rest:
+            manifest = dataclasses.replace(target, rest=(DATASET_MANIFEST,))
+            yield SFTPName(DATASET_MANIFEST.encode(), attrs=self._manifest_attrs(manifest))
+
+    def _manifest_attrs(self, target: Target) -> SFTPAttrs:
+        size = len(self._manifest(target.name or ""))
+        return SFTPAttrs(
+            type=asyncssh.FILEXFER_TYPE_REGULAR,
+            size=size,
+            uid=0,
+            gid=0,
+            permissions=stat.S_IFREG | 0o444,
+            atime=self._started,
+            mtime=self._started,
+            nlink=1,
+        )
 
     def readlink(self, path: bytes) -> bytes:
         self._resolve(path, Action.READ, "readlink")
@@ -216,6 +242,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
         writing = bool(pflags & _WRITE_FLAGS)
         target, real = self._resolve(path, Action.WRITE if writing else Action.READ, "open")
         vpath = normalise(os.fsdecode(path))
+        if _is_manifest(target):
+            return self._opened(OpenFile(-1, vpath, False, True, data=self._manifest(target.name or "")))
         if real is None or target.kind is Kind.RESULTS_USER:
             raise asyncssh.SFTPFailure(f"{vpath}: is a directory")
         flags = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -234,24 +262,27 @@ class JobSFTPServer(asyncssh.SFTPServer):
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             os.close(fd)
             raise asyncssh.SFTPFailure(f"{vpath}: is a directory")
-        handle = OpenFile(fd, vpath, writing, target.kind is Kind.DATASET)
         self._open.add(fd)
+        return self._opened(OpenFile(fd, vpath, writing, target.kind is Kind.DATASET))
+
+    def _opened(self, handle: OpenFile) -> OpenFile:
         s = self._session
         assert s is not None
+        mode = "write" if handle.writable else "read"
         self._record(
             AuditEvent(
                 actor=s.user,
                 action="sftp.open",
                 outcome="ok",
-                subject=vpath,
-                detail={"mode": "write" if writing else "read", **s.identity()},
+                subject=handle.path,
+                detail={"mode": mode, **s.identity()},
             )
         )
         return handle
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         f = _handle(file_obj)
-        data = os.pread(f.fd, size, offset)
+        data = f.data[offset : offset + size] if f.data is not None else os.pread(f.fd, size, offset)
         f.bytes_read += len(data)
         return data
 
@@ -265,8 +296,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def close(self, file_obj: object) -> None:
         f = _handle(file_obj)
-        self._open.discard(f.fd)
-        os.close(f.fd)
+        if f.data is None:
+            self._open.discard(f.fd)
+            os.close(f.fd)
         s = self._session
         assert s is not None
         self._record(
@@ -296,6 +328,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def fstat(self, file_obj: object) -> SFTPAttrs:
         f = _handle(file_obj)
+        if f.data is not None:
+            return self._manifest_attrs(parse(f.path))
         attrs = SFTPAttrs.from_local(os.fstat(f.fd))
         attrs.uid = attrs.gid = 0
         if f.read_only_view and attrs.permissions is not None:
@@ -309,7 +343,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
         _apply_attrs(f.fd, attrs)
 
     def fsync(self, file_obj: object) -> None:
-        os.fsync(_handle(file_obj).fd)
+        f = _handle(file_obj)
+        if f.data is None:
+            os.fsync(f.fd)
 
     def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         _, real = self._resolve(path, Action.WRITE, "setstat")
@@ -343,20 +379,53 @@ class JobSFTPServer(asyncssh.SFTPServer):
         os.rmdir(real)
         self._audit_change("sftp.rmdir", path)
 
-    def rename(self, oldpath: bytes, newpath: bytes) -> None:
-        self._rename(oldpath, newpath, replace=False)
+    async def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._rename(oldpath, newpath, replace=False)
 
-    def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        self._rename(oldpath, newpath, replace=True)
+    async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._rename(oldpath, newpath, replace=True)
 
-    def _rename(self, oldpath: bytes, newpath: bytes, *, replace: bool) -> None:
+    async def _rename(self, oldpath: bytes, newpath: bytes, *, replace: bool) -> None:
         _, old = self._resolve(oldpath, Action.WRITE, "rename")
-        _, new = self._resolve(newpath, Action.WRITE, "rename")
+        target, new = self._resolve(newpath, Action.WRITE, "rename")
         assert old is not None and new is not None
         if not replace and os.path.lexists(new):
             raise asyncssh.SFTPFailure(f"{os.fsdecode(newpath)}: already exists")
+        if target.kind is Kind.RESULT and target.rest == (RESULTS_MANIFEST,):
+            await self._commit(target, old)
         os.replace(old, new)
         self._audit_change("sftp.rename", oldpath, to=normalise(os.fsdecode(newpath)))
+
+    async def _commit(self, target: Target, manifest_file: str) -> None:
+        """Outputs are complete only when a manifest naming them verifies here, on the platform."""
+        s = self._session
+        assert s is not None
+        job_root = os.path.join(self._results_root, s.user, target.job or "")
+        try:
+            verdict = await asyncio.to_thread(verify_results, job_root, manifest_file)
+        except InvalidInput as exc:
+            verdict = str(exc)
+        if isinstance(verdict, str):
+            self._record(
+                AuditEvent(
+                    actor=s.user,
+                    action="results.commit",
+                    outcome="refused",
+                    subject=target.path,
+                    detail={"reason": verdict, **s.identity()},
+                )
+            )
+            raise asyncssh.SFTPFailure(f"results manifest refused: {verdict}")
+        files, size = verdict
+        self._record(
+            AuditEvent(
+                actor=s.user,
+                action="results.commit",
+                outcome="ok",
+                subject=target.path,
+                detail={"files": files, "bytes": size, **s.identity()},
+            )
+        )
 
     def _audit_change(self, action: str, path: bytes, **extra: Any) -> None:
         s = self._session
@@ -378,7 +447,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
         return os.statvfs(real or self._results_root)
 
     def fstatvfs(self, file_obj: object) -> os.statvfs_result:
-        return os.fstatvfs(_handle(file_obj).fd)
+        f = _handle(file_obj)
+        return os.statvfs(self._results_root) if f.data is not None else os.fstatvfs(f.fd)
 
     def exit(self) -> None:
         for fd in list(self._open):
@@ -388,6 +458,32 @@ class JobSFTPServer(asyncssh.SFTPServer):
                 if exc.errno != errno.EBADF:
                     raise
         self._open.clear()
+
+
+def _is_manifest(target: Target) -> bool:
+    return target.kind is Kind.DATASET and target.rest == (DATASET_MANIFEST,)
+
+
+def verify_results(job_root: str, manifest_file: str) -> tuple[int, int] | str:
+    """Check every file a results manifest names; ``(files, bytes)`` or why not."""
+    with open(manifest_file, encoding="utf-8") as f:
+        entries = parse_manifest(f.read(1 << 24))
+    if not entries:
+        return "the manifest names no files"
+    real_root = os.path.realpath(job_root)
+    total = 0
+    for sha, rel in entries:
+        path = os.path.realpath(os.path.join(job_root, rel))
+        if not within(real_root, path) or not os.path.isfile(path):
+            return f"{rel} is missing"
+        digest = hashlib.sha256()
+        with open(path, "rb") as data:
+            while chunk := data.read(1 << 20):
+                digest.update(chunk)
+                total += len(chunk)
+        if digest.hexdigest() != sha:
+            return f"{rel} does not match its SHA-256"
+    return len(entries), total
 
 
 def _handle(file_obj: object) -> OpenFile:

@@ -15,6 +15,7 @@ from medbridge.control.audit import AuditEvent
 from medbridge.control.store import ManifestEntry, Store
 from medbridge.errors import AlreadyExists, InvalidInput
 from medbridge.platform.keys import create_private_key, fingerprint
+from medbridge.policy.manifest import DATASET_MANIFEST
 from medbridge.policy.names import check_name
 
 DEFAULT_SETTINGS = """\
@@ -70,6 +71,8 @@ def scan_source(src: Path) -> list[Path]:
                 raise InvalidInput(f"{p}: symbolic links are not accepted in a dataset")
             if not stat.S_ISREG(mode):
                 raise InvalidInput(f"{p}: not a regular file")
+            if p.parent == src and name == DATASET_MANIFEST:
+                raise InvalidInput(f"{p}: the name {DATASET_MANIFEST} is reserved for the dataset's manifest")
             files.append(p)
     return sorted(files)
 

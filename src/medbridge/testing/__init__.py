@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncssh
 
-from medbridge.compute.credentials import JobCredential, request_certificate
+from medbridge.compute.credentials import Enrolment, JobCredential, request_certificate
 from medbridge.config import CIPHERS, Home
 from medbridge.control.audit import Record
 from medbridge.control.store import Store
@@ -157,19 +157,14 @@ class RunningPlatform:
     ) -> tuple[asyncssh.SSHKey, JobCredential]:
         """What ``job run`` obtains: an ephemeral key and its job certificate."""
         ephemeral = asyncssh.generate_private_key(KEY_ALG)
-        enrolment = asyncssh.read_private_key(str(self.keys[user]))
         cred = await request_certificate(
-            host=self.host,
-            port=self.port,
-            user=user,
-            enrolment_key=enrolment,
-            host_fingerprint=self.fingerprint,
-            ephemeral=ephemeral,
-            job_id=job_id,
-            lifetime=lifetime,
-            datasets=list(datasets) if datasets is not None else None,
+            self.enrolment(user), ephemeral, job_id, lifetime, list(datasets) if datasets is not None else None
         )
         return ephemeral, cred
+
+    def enrolment(self, user: str) -> Enrolment:
+        key = asyncssh.read_private_key(str(self.keys[user]))
+        return Enrolment(self.host, self.port, user, key, self.fingerprint)
 
     async def connect(self, user: str, client_keys: Sequence[Any]) -> asyncssh.SSHClientConnection:
         """An asyncssh client connection presenting exactly ``client_keys``."""

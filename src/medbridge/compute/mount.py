@@ -1,0 +1,104 @@
+"""The job's sshfs mount: started as our child (so we hold its PID), always unmounted."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from medbridge.errors import JobFailed
+
+#: Chosen for long jobs over a WAN: reconnect after a cut, tolerate ~5 minutes of
+#: silence (15 s x 20) before giving up, several connections for parallel reads.
+SSHFS_OPTIONS = (
+    "reconnect",
+    "ServerAliveInterval=15",
+    "ServerAliveCountMax=20",
+    "max_conns=4",
+    "dir_cache=yes",
+    "noatime",
+)
+
+
+def fusermount() -> str:
+    for name in ("fusermount3", "fusermount"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise JobFailed("fusermount3 is missing (apt-get install fuse3)")
+
+
+def unmount(path: Path, *, lazy_if_busy: bool = True) -> bool:
+    """Unmount a FUSE mount; lazily if it is busy.  True if it is no longer mounted."""
+    if not os.path.ismount(path):
+        return True
+    tool = fusermount()
+    if subprocess.run([tool, "-u", "-q", str(path)], capture_output=True).returncode == 0:
+        return True
+    if lazy_if_busy:
+        subprocess.run([tool, "-u", "-z", "-q", str(path)], capture_output=True)
+    return not os.path.ismount(path)
+
+
+class Mount:
+    """``sshfs -f`` of the job's view at ``mountpoint``."""
+
+    def __init__(self, mountpoint: Path, ssh_config: Path, host_alias: str, *, timeout: float = 30):
+        if shutil.which("sshfs") is None:
+            raise JobFailed("sshfs is missing (apt-get install sshfs)")
+        if not os.path.exists("/dev/fuse"):
+            raise JobFailed("/dev/fuse is missing: this node cannot mount (use the native loader or sftp)")
+        self.mountpoint = mountpoint.absolute()
+        self.created = not self.mountpoint.exists()
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        if os.path.ismount(self.mountpoint) or any(self.mountpoint.iterdir()):
+            raise JobFailed(f"--mount {self.mountpoint}: must be an empty folder that is not a mount point")
+        cmd = [
+            "sshfs",
+            "-f",
+            "-F",
+            str(ssh_config),
+            f"{host_alias}:/",
+            str(self.mountpoint),
+            "-o",
+            ",".join(SSHFS_OPTIONS),
+        ]
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(self.mountpoint):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                err = self._stop_process()
+                raise JobFailed(f"sshfs could not mount the platform at {self.mountpoint}: {err or 'timed out'}")
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _stop_process(self) -> str:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        assert self._proc.stderr is not None
+        err = self._proc.stderr.read().decode(errors="replace").strip()
+        self._proc.stderr.close()
+        return err.splitlines()[-1] if err else ""
+
+    def close(self) -> bool:
+        """Unmount (lazily if busy), stop sshfs by PID, remove a mount point we created."""
+        gone = unmount(self.mountpoint)
+        self._stop_process()
+        gone = gone and unmount(self.mountpoint)
+        if gone and self.created:
+            with contextlib.suppress(OSError):
+                self.mountpoint.rmdir()
+        return gone

@@ -1,0 +1,133 @@
+"""The job's own data session (certificate from its agent): manifests in, outputs out."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from medbridge.config import CIPHERS
+from medbridge.errors import JobFailed, PlatformUnavailable
+from medbridge.policy.manifest import DATASET_MANIFEST, PARTIAL_SUFFIX, RESULTS_MANIFEST, format_manifest
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the platform is and how the job reaches it."""
+
+    host: str
+    port: int
+    user: str
+    host_key: asyncssh.SSHKey
+    agent: str
+
+
+async def connect(ep: Endpoint) -> asyncssh.SSHClientConnection:
+    """Log in with exactly the certificates in the job's agent, pinning the platform."""
+    try:
+        agent = await asyncssh.connect_agent(ep.agent)
+        try:
+            identities = await agent.get_keys()
+        finally:
+            agent.close()
+            await agent.wait_closed()
+        return await asyncssh.connect(
+            ep.host,
+            ep.port,
+            username=ep.user,
+            known_hosts=([ep.host_key], [], []),
+            agent_path=None,
+            client_keys=identities,
+            encryption_algs=list(CIPHERS),
+            config=None,
+            connect_timeout=30,
+        )
+    except (OSError, asyncssh.Error) as exc:
+        raise PlatformUnavailable(f"cannot open the job's data session: {exc}") from exc
+
+
+async def fetch_manifests(ep: Endpoint, datasets: list[str] | None) -> dict[str, str]:
+    """The manifests of the datasets the job uses (all it can see when none were named)."""
+    out: dict[str, str] = {}
+    async with await connect(ep) as conn:
+        sftp = await conn.start_sftp_client()
+        names = (
+            datasets if datasets is not None else [n for n in await sftp.listdir("/datasets") if n not in (".", "..")]
+        )
+        for name in names:
+            async with sftp.open(f"/datasets/{name}/{DATASET_MANIFEST}", "rb", encoding=None) as f:
+                data: bytes = await f.read()
+            out[name] = data.decode()
+        sftp.exit()
+    return out
+
+
+@dataclass(frozen=True)
+class Upload:
+    files: int
+    bytes: int
+    manifest: str
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def upload_outputs(ep: Endpoint, job_id: str, outputs: Path) -> Upload:
+    """Upload every file under ``outputs`` to the job's results, then commit a manifest.
+
+    Each file goes to a ``.medbridge-part`` name and is renamed into place when whole;
+    the platform verifies the manifest against what it holds before accepting it.  An
+    interrupted upload leaves no manifest, so it never looks complete; running it
+    again finishes it.
+    """
+    files = sorted(p for p in outputs.rglob("*") if p.is_file() and not p.is_symlink())
+    root = f"/results/{ep.user}/{job_id}"
+    if not files:
+        return Upload(0, 0, "")
+    entries = []
+    total = 0
+    try:
+        async with await connect(ep) as conn, conn.start_sftp_client() as sftp:
+            for path in files:
+                rel = path.relative_to(outputs).as_posix()
+                remote = posixpath.join(root, rel)
+                parent = posixpath.dirname(remote)
+                if parent != root:
+                    await sftp.makedirs(parent, exist_ok=True)
+                await sftp.put(str(path), remote + PARTIAL_SUFFIX)
+                await sftp.posix_rename(remote + PARTIAL_SUFFIX, remote)
+                entries.append((_digest(path), rel))
+                total += path.stat().st_size
+            manifest = format_manifest(entries)
+            staged = posixpath.join(root, RESULTS_MANIFEST + PARTIAL_SUFFIX)
+            async with sftp.open(staged, "wb") as f:
+                await f.write(manifest.encode())
+            await sftp.posix_rename(staged, posixpath.join(root, RESULTS_MANIFEST))
+    except (OSError, asyncssh.Error) as exc:
+        raise JobFailed(
+            f"uploading outputs to {root} failed: {exc}; run the job again with --job-id {job_id} "
+            f"--outputs {outputs} to finish it"
+        ) from exc
+    return Upload(len(entries), total, manifest)
+
+
+def wipe(outputs: Path) -> None:
+    """Remove uploaded outputs from the node (they now live on the platform)."""
+    for dirpath, dirnames, filenames in os.walk(outputs, topdown=False):
+        for name in filenames:
+            os.remove(os.path.join(dirpath, name))
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                os.remove(full)
+            else:
+                os.rmdir(full)

@@ -1,0 +1,256 @@
+"""The whole job: mount, compute, write back, and leave nothing behind — also when it fails."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from medbridge.platform.sftp import JobSFTPServer, OpenFile
+from medbridge.testing import RunningPlatform
+from tests.compute.test_job_run import job_cmd, job_env, job_run
+from tests.compute.test_residue import dicom
+from tests.conftest import CHEST
+
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("sshfs") is None,
+    reason="needs /dev/fuse and sshfs (apt-get install sshfs)",
+)
+
+
+def report(p: RunningPlatform) -> dict[str, object]:
+    return json.loads((p.root / "job" / "report.json").read_text())  # type: ignore[no-any-return]
+
+
+def results(p: RunningPlatform, job: str) -> Path:
+    return p.home.results / "alice" / job
+
+
+@needs_fuse
+def test_mount_compute_write_back_and_teardown(platform: RunningPlatform) -> None:
+    mnt = platform.root / "job" / "mnt"
+    script = (
+        'test "$MEDBRIDGE_MOUNT" = ' + str(mnt) + " && "
+        'sha256sum "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" | cut -d" " -f1 > "$MEDBRIDGE_RESULTS/sum.txt" && '
+        'ls -A "$MEDBRIDGE_MOUNT/datasets/chest" > listing.txt && echo "$SSH_AUTH_SOCK" > sock.txt'
+    )
+    platform.root.joinpath("job").mkdir(exist_ok=True)
+    r = job_run(
+        platform, script, "--job-id", "m1", "--mount", str(mnt), "--report", str(platform.root / "job" / "report.json")
+    )
+    assert r.returncode == 0, r.stderr
+    digest = hashlib.sha256(CHEST["scan-001.bin"]).hexdigest()
+    assert (results(platform, "m1") / "sum.txt").read_text().strip() == digest
+    work = platform.root / "job" / "work"
+    assert (work / "listing.txt").read_text().split() == [".manifest", "labels", "scan-001.bin", "scan-002.bin"]
+    assert not os.path.ismount(mnt) and not mnt.exists()
+    assert not Path((work / "sock.txt").read_text().strip()).exists()
+    rep = report(platform)
+    assert rep["unmounted"] is True and rep["agent_stopped"] is True
+    assert rep["residue"]["clean"] is True  # type: ignore[index]
+    scans = platform.audit("residue.scan")
+    assert scans and scans[-1].subject == "m1" and scans[-1].outcome == "ok"
+
+
+def test_outputs_are_uploaded_committed_and_wiped(platform: RunningPlatform) -> None:
+    outputs = platform.root / "job" / "outputs"
+    script = f'mkdir -p {outputs}/masks && printf lung > {outputs}/masks/m1.bin && printf "x" > {outputs}/log.txt'
+    platform.root.joinpath("job").mkdir(exist_ok=True)
+    r = job_run(platform, script, "--job-id", "o1", "--outputs", str(outputs))
+    assert r.returncode == 0, r.stderr
+    res = results(platform, "o1")
+    assert (res / "masks" / "m1.bin").read_bytes() == b"lung"
+    manifest = (res / "MANIFEST.sha256").read_text()
+    check = subprocess.run(["sha256sum", "-c"], input=manifest, text=True, capture_output=True, cwd=res)
+    assert check.returncode == 0, check.stdout
+    assert not [p for p in res.rglob("*") if p.name.endswith(".medbridge-part")]
+    assert list(outputs.iterdir()) == []
+    commits = platform.audit("results.commit")
+    assert commits and commits[-1].outcome == "ok" and '"files":2' in commits[-1].detail
+
+
+class DropAfterFirstFile(JobSFTPServer):
+    """Fault: the connection drops while the second output file is being written."""
+
+    writes = 0
+
+    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        assert isinstance(file_obj, OpenFile)
+        if "b.bin" in file_obj.path:
+            DropAfterFirstFile.writes += 1
+            self.connection.abort()
+            raise asyncssh.SFTPConnectionLost("dropped by the test")
+        return super().write(file_obj, offset, data)
+
+
+def test_interrupted_upload_never_looks_complete_and_a_retry_finishes_it(platform: RunningPlatform) -> None:
+    outputs = platform.root / "job" / "outputs"
+    make = f"mkdir -p {outputs} && printf aaa > {outputs}/a.bin && head -c 100000 /dev/zero > {outputs}/b.bin"
+    platform.root.joinpath("job").mkdir(exist_ok=True)
+    assert platform.platform is not None
+    platform.platform.sftp_class = DropAfterFirstFile
+    r = job_run(platform, make, "--job-id", "u1", "--outputs", str(outputs))
+    assert DropAfterFirstFile.writes == 1
+    assert r.returncode == 9, r.stderr
+    assert "outputs NOT uploaded" in r.stderr and "--job-id u1" in r.stderr
+    res = results(platform, "u1")
+    assert not (res / "MANIFEST.sha256").exists()
+    assert not (res / "b.bin").exists()
+    assert sorted(p.name for p in outputs.iterdir()) == ["a.bin", "b.bin"], "outputs are kept for the retry"
+
+    platform.platform.sftp_class = JobSFTPServer
+    r = job_run(platform, "true", "--job-id", "u1", "--outputs", str(outputs))
+    assert r.returncode == 0, r.stderr
+    assert (res / "b.bin").read_bytes() == b"\0" * 100000
+    assert "b.bin" in (res / "MANIFEST.sha256").read_text()
+
+
+def test_platform_refuses_a_manifest_that_does_not_match(platform: RunningPlatform) -> None:
+    async def go() -> None:
+        key, cred = await platform.credential("alice", job_id="t1")
+        async with await platform.connect("alice", [(key, cred.certificate)]) as conn:
+            sftp = await conn.start_sftp_client()
+            async with sftp.open("/results/alice/t1/out.bin", "wb") as f:
+                await f.write(b"real")
+            wrong = hashlib.sha256(b"fake").hexdigest()
+            async with sftp.open("/results/alice/t1/m.part", "wb") as f:
+                await f.write(f"{wrong}  out.bin\n".encode())
+            with pytest.raises(asyncssh.SFTPFailure, match="does not match"):
+                await sftp.posix_rename("/results/alice/t1/m.part", "/results/alice/t1/MANIFEST.sha256")
+
+    asyncio.run(go())
+    assert not (results(platform, "t1") / "MANIFEST.sha256").exists()
+    refused = [r for r in platform.audit("results.commit") if r.outcome == "refused"]
+    assert refused and "out.bin does not match" in refused[-1].detail
+
+
+def _teardown_after(platform: RunningPlatform, script: str, *extra: str, sig: int | None = None) -> tuple[int, dict]:
+    """Run a job, optionally signal the wrapper once the payload runs; return its exit code and report."""
+    tmp = platform.root / "job"
+    (tmp / "work").mkdir(parents=True, exist_ok=True)
+    marker = tmp / "started"
+    cmd = job_cmd(platform, f"touch {marker} harmless.txt; {script}", "--report", str(tmp / "report.json"), *extra)
+    with subprocess.Popen(cmd, env=job_env(tmp), cwd=tmp / "work", stderr=subprocess.PIPE, text=True) as proc:
+        if sig is not None:
+            deadline = time.monotonic() + 30
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(sig)
+        proc.communicate(timeout=120)
+    return proc.returncode, json.loads((tmp / "report.json").read_text())
+
+
+@pytest.fixture
+def clean_sockets() -> Iterator[None]:
+    before = {p for p in Path("/tmp").glob("medbridge-job-*")}
+    yield
+    assert {p for p in Path("/tmp").glob("medbridge-job-*")} <= before, "job folders must be removed"
+
+
+@needs_fuse
+@pytest.mark.parametrize(
+    ("script", "sig", "expected"),
+    [
+        ("sleep 60", signal.SIGTERM, 128 + 15),
+        ("sleep 60", signal.SIGINT, 128 + 2),
+        ("kill -SEGV $$", None, 128 + 11),
+        ("exit 4", None, 4),
+    ],
+    ids=["sigterm", "sigint", "crash", "failure"],
+)
+def test_teardown_always_runs(
+    platform: RunningPlatform, clean_sockets: None, script: str, sig: int | None, expected: int
+) -> None:
+    mnt = platform.root / "job" / "mnt"
+    code, rep = _teardown_after(platform, script, "--mount", str(mnt), "--purge", sig=sig)
+    assert code == expected
+    assert rep["unmounted"] is True and not os.path.ismount(mnt)
+    assert rep["agent_stopped"] is True
+    assert rep["residue"]["clean"] is True and rep["residue"]["files_scanned"] >= 1
+    assert platform.audit("residue.scan")
+
+
+def test_copied_dataset_files_are_found_purged_and_reported(platform: RunningPlatform) -> None:
+    tmpdir = platform.root / "job" / "jobtmp"
+    script = (
+        'sftp -q -b - -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST" <<EOF\n'
+        "get /datasets/chest/scan-001.bin copy-in-workdir.bin\n"
+        f"get /datasets/chest/scan-002.bin {tmpdir}/copy-in-tmp.bin\n"
+        "EOF\n"
+        "mkdir -p cache && cp copy-in-workdir.bin cache/renamed.tmp && "
+        f"printf '%s' '{dicom().hex()}' | xxd -r -p > slice.dcm 2>/dev/null || python3 -c "
+        f"\"open('slice.dcm','wb').write(bytes.fromhex('{dicom().hex()}'))\""
+    )
+    code, rep = _teardown_after(platform, script, "--purge")
+    assert code == 0
+    found = {Path(f["path"]).name: (f["reason"], f["purged"]) for f in rep["residue"]["findings"]}
+    assert found == {
+        "copy-in-workdir.bin": ("copy of dataset file scan-001.bin", True),
+        "renamed.tmp": ("copy of dataset file scan-001.bin", True),
+        "copy-in-tmp.bin": ("copy of dataset file scan-002.bin", True),
+        "slice.dcm": ("DICOM preamble", True),
+    }
+    work = platform.root / "job" / "work"
+    assert not (work / "copy-in-workdir.bin").exists() and not (tmpdir / "copy-in-tmp.bin").exists()
+    scans = platform.audit("residue.scan")
+    assert scans[-1].outcome == "purged" and '"found":4' in scans[-1].detail and '"purged":4' in scans[-1].detail
+
+
+@pytest.fixture
+def short_platform(tmp_path: Path) -> Iterator[RunningPlatform]:
+    """Certificates live 4 s at most, so a 10 s job must renew twice or more."""
+    p = RunningPlatform(tmp_path, enforcement_interval=0.25, max_certificate_lifetime=4)
+    p.add_user("alice")
+    p.add_dataset("chest", CHEST)
+    p.grant("alice", "chest")
+    with p:
+        yield p
+
+
+@needs_fuse
+def test_long_job_renews_its_certificate_and_keeps_its_mount(short_platform: RunningPlatform) -> None:
+    mnt = short_platform.root / "job" / "mnt"
+    script = (
+        'for i in 1 2 3 4 5; do cat "$MEDBRIDGE_MOUNT/datasets/chest/scan-002.bin" > /dev/null || exit 7; sleep 2; done'
+    )
+    code, rep = _teardown_after(short_platform, script, "--mount", str(mnt))
+    assert code == 0
+    assert rep["renewals"] >= 2
+    issued = [c for c in short_platform.store.certificates("alice") if c.job_id == rep["job_id"]]
+    assert len(issued) == 1 + rep["renewals"]
+    ended = [r for r in short_platform.audit("session.end") if "expired" in r.detail]
+    assert ended == [], "a renewed job's sessions must not be cut at the first certificate's end"
+
+
+def test_refused_renewal_ends_data_access_and_says_why(short_platform: RunningPlatform) -> None:
+    p = short_platform
+    tmp = p.root / "job"
+    (tmp / "work").mkdir(parents=True, exist_ok=True)
+    script = (
+        'sleep 1; sftp -q -b - -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST" <<EOF\nls /datasets\nEOF\n'
+        'sleep 6; sftp -q -b - -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST" <<EOF\nls /datasets\nEOF\n'
+    )
+    with subprocess.Popen(
+        job_cmd(p, script, "--report", str(tmp / "report.json")),
+        env=job_env(tmp),
+        cwd=tmp / "work",
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        time.sleep(1.5)
+        p.store.revoke("alice", "chest", datetime.now(UTC), "test")
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, "the second listing must fail once the certificate lapsed"
+    assert "certificate renewal refused" in err and "no live grant" in err
+    assert json.loads((tmp / "report.json").read_text())["renewal_refused"]
