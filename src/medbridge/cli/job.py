@@ -125,3 +125,83 @@ def residue_scan(paths: Sequence[Path], manifests: Sequence[Path], purge: bool, 
 
 
 RESIDUE_FOUND = 10
+
+
+@job.command("submit", context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--platform", "platform_addr", envvar="MEDBRIDGE_PLATFORM", required=True, help="HOST:PORT of the platform."
+)
+@click.option("--key", "key_file", required=True, type=click.Path(), help="Your enrolment private key (absolute path).")
+@click.option(
+    "--host-key-fingerprint",
+    envvar="MEDBRIDGE_HOST_KEY_FINGERPRINT",
+    required=True,
+    help="The platform's host key (SHA256:…).",
+)
+@click.option("--user", "user_name", default=None, help="Platform account (default: $MEDBRIDGE_USER, then login).")
+@click.option("--dataset", "datasets", multiple=True, help="Limit the job to these datasets (repeatable).")
+@click.option("--mount", default=None, help="Mount point inside the job; '{job}' becomes the job id.")
+@click.option("--outputs", default=None, help="Outputs folder inside the job; '{job}' becomes the job id.")
+@click.option("--lifetime", type=click.IntRange(min=1), default=None, help="Wanted certificate lifetime, seconds.")
+@click.option(
+    "--partition",
+    envvar="MEDBRIDGE_PARTITION",
+    default="bridge",
+    show_default=True,
+    help="The dedicated partition that may reach the platform.",
+)
+@click.option("--sbatch", "sbatch_args", multiple=True, help="An option passed to sbatch as is (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Print the batch script instead of submitting it.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def job_submit(
+    platform_addr: str, key_file: str, host_key_fingerprint: str, user_name: str | None, datasets: Sequence[str],
+    mount: str | None, outputs: str | None, lifetime: int | None, partition: str, sbatch_args: Sequence[str],
+    dry_run: bool, as_json: bool, command: Sequence[str],
+) -> None:  # fmt: skip
+    """Submit COMMAND as a Slurm batch job wrapped in `job run` on the dedicated partition."""
+    from medbridge.compute.slurm import Submission, batch_script, submit
+
+    args = ["--platform", platform_addr, "--key", str(Path(key_file).absolute()),
+            "--host-key-fingerprint", host_key_fingerprint]  # fmt: skip
+    for flag, value in (("--user", user_name), ("--mount", mount), ("--outputs", outputs)):
+        if value:
+            args += [flag, value]
+    if lifetime:
+        args += ["--lifetime", str(lifetime)]
+    for d in datasets:
+        args += ["--dataset", d]
+    sub = Submission(command=command, job_run_args=args, partition=partition, sbatch_args=sbatch_args)
+    if dry_run:
+        click.echo(batch_script(sub), nl=False)
+        return
+    job_id, script = submit(sub, os.environ)
+    if as_json:
+        output.emit_json({"job_id": job_id, "partition": partition, "script": script})
+    else:
+        output.out.print(f"submitted job {job_id} to partition {partition}")
+
+
+@click.group()
+def slurm() -> None:
+    """Node-side Slurm integration for administrators."""
+
+
+@slurm.command("epilog")
+@click.option(
+    "--state-dir",
+    type=PATH,
+    default=Path("/var/spool/medbridge"),
+    show_default=True,
+    help="Where job run leaves state for the epilog (MEDBRIDGE_STATE_DIR in jobs).",
+)
+@click.option("--container-base", type=PATH, default=None, help="job_container/tmpfs BasePath, to scan the job's /tmp.")
+@click.option("--strict", is_flag=True, help="Exit non-zero when residue remains (Slurm drains a node on that).")
+def slurm_epilog(state_dir: Path, container_base: Path | None, strict: bool) -> None:
+    """Kill the job's leftovers, unmount, scan for residue and purge; print a JSON report."""
+    from medbridge.compute.slurm import epilog
+
+    report = epilog(os.environ, state_dir, container_base)
+    output.emit_json(report.__dict__)
+    left = report.still_mounted or (report.residue and not report.residue.get("clean", True))
+    raise click.exceptions.Exit(RESIDUE_FOUND if strict and left else 0)

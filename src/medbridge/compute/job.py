@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import json
 import os
@@ -256,12 +257,16 @@ class Job:
                 "pin the platform with --host-key-fingerprint SHA256:… "
                 "(printed by 'medbridge platform init' and 'platform fingerprint')"
             )
-        self.spec = spec
         self.environ = environ
         self.say = say
         host, port = parse_address(spec.platform)
         user = check_name("user", spec.user or environ.get("MEDBRIDGE_USER") or getpass.getuser())
         self.job_id = check_name("job id", spec.job_id or default_job_id(environ))
+        self.spec = spec = dataclasses.replace(
+            spec,
+            mount=_per_job(spec.mount, self.job_id),
+            outputs=_per_job(spec.outputs, self.job_id),
+        )
         for name in spec.datasets or ():
             check_name("dataset", name)
         self.enrolment = Enrolment(host, port, user, read_private_key_file(spec.key_file), spec.host_fingerprint)
@@ -473,6 +478,11 @@ class Job:
 def run(spec: JobSpec, environ: Mapping[str, str] = os.environ, say: Callable[[str], None] | None = None) -> int:
     """Run the payload with a job certificate in a private agent; return its exit code."""
     return Job(spec, environ, say or _say).run()
+
+
+def _per_job(path: Path | None, job_id: str) -> Path | None:
+    """``{job}`` in a path becomes the job id, so one batch script serves many jobs."""
+    return None if path is None else Path(str(path).replace("{job}", job_id))
 
 
 def _say(message: str) -> None:

@@ -1,0 +1,244 @@
+"""Slurm: the batch script ``job submit`` writes, and the epilog that cleans up after any job end.
+
+The epilog runs as root on the node after every job, whatever ended it (completion,
+``scancel``, a time limit, SIGKILL).  ``job run`` tears down by itself when it can;
+the epilog is the safety net for when it could not: it kills the job's leftover
+processes, lazily unmounts its sshfs mount, and scans for residue with the dataset
+manifests ``job run`` left in the state folder.  Nothing a user wrote is trusted
+beyond their own files: PIDs, mounts and files are acted on only if the job's uid
+owns them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medbridge.compute import residue
+from medbridge.compute.mount import unmount
+from medbridge.errors import InvalidInput, JobFailed
+from medbridge.policy.names import check_name
+
+DEFAULT_PARTITION = "bridge"
+#: Shared system temporary folders: only the job's private copy (job_container/tmpfs) is scanned.
+SHARED_TEMP = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Submission:
+    """What ``job submit`` turns into a batch script."""
+
+    command: Sequence[str]
+    job_run_args: Sequence[str]
+    partition: str = DEFAULT_PARTITION
+    sbatch_args: Sequence[str] = ()
+    job_name: str = "medbridge"
+
+
+def batch_script(sub: Submission, python: str = sys.executable) -> str:
+    """The batch script: a per-job working folder, then ``job run`` wrapping the command."""
+    check_name("partition", sub.partition)
+    run = [python, "-m", "medbridge", "job", "run", *sub.job_run_args, "--scan", "/tmp", "--scan", "/dev/shm",
+           "--purge", "--", *sub.command]  # fmt: skip
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            f"#SBATCH --partition={sub.partition}",
+            f"#SBATCH --job-name={shlex.quote(sub.job_name)}",
+            "# Written by 'medbridge job submit': job run holds the job's platform access and always tears down.",
+            'workdir="${MEDBRIDGE_WORKDIR:-$SLURM_SUBMIT_DIR}/medbridge-job-$SLURM_JOB_ID"',
+            'mkdir -p "$workdir" && cd "$workdir" || exit 9',
+            f"exec {shlex.join(run)}",
+            "",
+        ]
+    )
+
+
+def submit(sub: Submission, environ: Mapping[str, str]) -> tuple[str, str]:
+    """Submit the batch script on sbatch's standard input; return the job id and the script."""
+    script = batch_script(sub)
+    try:
+        r = subprocess.run(
+            ["sbatch", "--parsable", *sub.sbatch_args],
+            input=script,
+            text=True,
+            capture_output=True,
+            env=dict(environ),
+            timeout=120,
+        )
+    except FileNotFoundError as exc:
+        raise JobFailed("sbatch is not installed here (this is not a Slurm submit host)") from exc
+    if r.returncode != 0:
+        msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"sbatch exited {r.returncode}"
+        raise JobFailed(f"Slurm refused the job: {msg.removeprefix('sbatch: error: ')}")
+    return r.stdout.strip().split(";")[0], script
+
+
+# -- the epilog ---------------------------------------------------------------------------
+
+
+@dataclass
+class EpilogReport:
+    slurm_job_id: str
+    uid: int
+    killed: list[dict[str, Any]] = field(default_factory=list)
+    unmounted: list[str] = field(default_factory=list)
+    still_mounted: list[str] = field(default_factory=list)
+    residue: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _proc_uid(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def _proc_env(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    env = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def _ancestors() -> set[int]:
+    pids, pid = {os.getpid()}, os.getpid()
+    while pid > 1:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            break
+        pid = int(fields[1])
+        pids.add(pid)
+    return pids
+
+
+def leftover_processes(slurm_job_id: str, uid: int) -> list[int]:
+    """Processes of this job's uid that still carry its SLURM_JOB_ID, except the epilog itself."""
+    mine = _ancestors()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid in mine or _proc_uid(pid) != uid:
+            continue
+        if _proc_env(pid).get("SLURM_JOB_ID") == slurm_job_id:
+            found.append(pid)
+    return sorted(found)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def kill_all(pids: Sequence[int], grace: float = 3.0) -> list[dict[str, Any]]:
+    out = [{"pid": p, "comm": _comm(p)} for p in pids]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_proc_uid(p) is not None for p in pids):
+        time.sleep(0.05)
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    return out
+
+
+def sshfs_mounts(uid: int) -> list[tuple[str, bool]]:
+    """The uid's sshfs mounts of the platform: ``(mount point, alive)``."""
+    out = []
+    for line in Path("/proc/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 4 or parts[2] != "fuse.sshfs" or not parts[0].startswith("medbridge:"):
+            continue
+        if f"user_id={uid}" not in parts[3].split(","):
+            continue
+        point = parts[1].encode().decode("unicode_escape")
+        try:
+            os.stat(point)
+            alive = True
+        except OSError:
+            alive = False
+        out.append((point, alive))
+    return out
+
+
+def _owned_state(path: Path, uid: int) -> dict[str, Any] | None:
+    """Read a state file only if it is a regular file the job's uid owns."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+            return None
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError:
+            return None
+    return data if isinstance(data, dict) else None
+
+
+def epilog(environ: Mapping[str, str], state_dir: Path, container_base: Path | None = None) -> EpilogReport:
+    """Clean up after one job, as the Slurm epilog, from its environment."""
+    job = environ.get("SLURM_JOB_ID", "")
+    uid_text = environ.get("SLURM_JOB_UID", "")
+    if not job.isdigit() or not uid_text.isdigit():
+        raise InvalidInput("the epilog needs SLURM_JOB_ID and SLURM_JOB_UID (run it from Slurm's Epilog=)")
+    uid = int(uid_text)
+    report = EpilogReport(job, uid)
+    state_path = state_dir / f"{job}.json"
+    state = _owned_state(state_path, uid) or {}
+    if state_path.exists() and not state:
+        report.notes.append(f"ignored {state_path}: not a regular file owned by uid {uid}")
+
+    report.killed = kill_all(leftover_processes(job, uid))
+
+    recorded = state.get("mount")
+    for point, alive in sshfs_mounts(uid):
+        if point == recorded or not alive:
+            (report.unmounted if unmount(Path(point)) else report.still_mounted).append(point)
+
+    roots = [r for r in state.get("scan", []) if isinstance(r, str) and r not in SHARED_TEMP]
+    roots = [r for r in roots if os.path.isdir(r) and os.lstat(r).st_uid == uid]
+    if container_base is not None and (container_base / job).is_dir():
+        roots.append(str(container_base / job))
+    manifest = state.get("manifest")
+    known: dict[str, str] = {}
+    if isinstance(manifest, str) and Path(manifest).parent == state_dir:
+        with contextlib.suppress(InvalidInput):
+            known = residue.read_manifest_files([manifest]) if Path(manifest).exists() else {}
+    exclude = [p for p, _ in sshfs_mounts(uid)]
+    if roots:
+        scanned = residue.scan(roots, known, exclude=exclude, owner=uid)
+        residue.purge(scanned)
+        report.residue = scanned.as_dict()
+    for leftover in (state_path, state_dir / f"{job}.manifest"):
+        with contextlib.suppress(FileNotFoundError):
+            if leftover.is_symlink() or leftover.stat().st_uid == uid:
+                leftover.unlink()
+    return report

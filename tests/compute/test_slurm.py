@@ -1,0 +1,230 @@
+"""A real Slurm (munge + slurmctld + slurmd, started here and stopped by PID) runs medbridge jobs.
+
+Jobs run as root: on this kind of machine /dev/fuse is root-only and the checkout's
+Python lives under /root, so a non-root job could neither mount nor start medbridge.
+Non-root users are used where Slurm's own decision is the point (AllowGroups).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from medbridge.compute.slurm import Submission, batch_script
+from medbridge.testing import RunningPlatform
+from medbridge.testing.slurm import JOB_USER, OUTSIDER, SlurmCluster, available
+from tests.conftest import CHEST
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=f"no Slurm here: {available()}")
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[Path]:
+    """Outside /tmp: with job_container/tmpfs a job cannot see the host's /tmp."""
+    path = Path(tempfile.mkdtemp(prefix="medbridge-slurm-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(base: Path) -> Iterator[SlurmCluster]:
+    state = base / "state"
+    state.mkdir()
+    state.chmod(0o1733)
+    epilog = base / "epilog.sh"
+    epilog.write_text(
+        "#!/bin/sh\n"
+        f"{sys.executable} -m medbridge slurm epilog --state-dir {state} "
+        f"--container-base {base / 'cluster' / 'containers'}"
+        f" > {base}/epilog-$SLURM_JOB_ID.json 2>> {base}/epilog.err\n"
+        "exit 0\n"
+    )
+    epilog.chmod(0o755)
+    with SlurmCluster(base / "cluster", str(epilog), state) as c:
+        yield c
+
+
+@pytest.fixture
+def platform(base: Path) -> Iterator[RunningPlatform]:
+    root = Path(tempfile.mkdtemp(prefix="platform-", dir=base))
+    p = RunningPlatform(root, enforcement_interval=0.25)
+    p.add_user("alice")
+    p.add_dataset("chest", CHEST)
+    p.grant("alice", "chest")
+    with p:
+        yield p
+
+
+def submit(cluster: SlurmCluster, p: RunningPlatform, base: Path, command: str, *extra: str) -> str:
+    cmd = [sys.executable, "-m", "medbridge", "job", "submit", "--platform", p.address, "--key", str(p.keys["alice"]),
+           "--user", "alice", "--host-key-fingerprint", p.fingerprint, "--json",
+           f"--sbatch=--output={base}/slurm-%j.out", *extra,
+           "--", "sh", "-c", command]  # fmt: skip
+    env = {**cluster.env, "MEDBRIDGE_STATE_DIR": str(base / "state")}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=p.root)
+    assert r.returncode == 0, r.stderr
+    return str(json.loads(r.stdout)["job_id"])
+
+
+def epilog_report(base: Path, job: str) -> dict[str, object]:
+    path = base / f"epilog-{job}.json"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (path.exists() and path.read_text().strip()):
+        time.sleep(0.2)
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def workdir(p: RunningPlatform, job: str) -> Path:
+    return p.root / f"medbridge-job-{job}"
+
+
+def test_batch_script_is_stable() -> None:
+    sub = Submission(
+        command=["python", "train.py", "--epochs", "9"],
+        job_run_args=["--platform", "p:22"],
+        partition="bridge",
+        sbatch_args=["--time=10"],
+    )
+    script = batch_script(sub, python="/opt/mb/bin/python")
+    assert script == (
+        "#!/bin/bash\n"
+        "#SBATCH --partition=bridge\n"
+        "#SBATCH --job-name=medbridge\n"
+        "# Written by 'medbridge job submit': job run holds the job's platform access and always tears down.\n"
+        'workdir="${MEDBRIDGE_WORKDIR:-$SLURM_SUBMIT_DIR}/medbridge-job-$SLURM_JOB_ID"\n'
+        'mkdir -p "$workdir" && cd "$workdir" || exit 9\n'
+        "exec /opt/mb/bin/python -m medbridge job run --platform p:22 --scan /tmp --scan /dev/shm --purge "
+        "-- python train.py --epochs 9\n"
+    )
+
+
+def test_job_reads_computes_and_writes_back(cluster: SlurmCluster, platform: RunningPlatform, base: Path) -> None:
+    command = 'sha256sum "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" | cut -c1-64 > "$OUT/sum.txt"'
+    job = submit(
+        cluster,
+        platform,
+        base,
+        f"OUT=out-$SLURM_JOB_ID; mkdir -p $OUT; {command}",
+        "--mount",
+        str(platform.root / "mnt-{job}"),
+        "--outputs",
+        "out-{job}",
+    )
+    state = cluster.wait_done(job)
+    assert state["JobState"] == "COMPLETED", (base / f"slurm-{job}.out").read_text()
+    res = platform.home.results / "alice" / job
+    assert (res / "sum.txt").read_text().strip() == hashlib.sha256(CHEST["scan-001.bin"]).hexdigest()
+    assert "sum.txt" in (res / "MANIFEST.sha256").read_text()
+    assert not os.path.ismount(platform.root / f"mnt-{job}")
+    scans = [r for r in platform.audit("residue.scan") if r.subject == job]
+    assert scans and scans[-1].outcome == "ok"
+    report = epilog_report(base, job)
+    assert report["killed"] == [] and report["unmounted"] == []
+
+
+def test_four_jobs_at_once(cluster: SlurmCluster, platform: RunningPlatform, base: Path) -> None:
+    command = (
+        'start=$(date +%s.%N); cat "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" > /dev/null; sleep 3; '
+        'echo "$start $(date +%s.%N)" > "$MEDBRIDGE_RESULTS/span.txt"'
+    )
+    jobs = [submit(cluster, platform, base, command, "--mount", str(platform.root / "mnt-{job}")) for _ in range(4)]
+    spans = []
+    for job in jobs:
+        assert cluster.wait_done(job)["JobState"] == "COMPLETED", (base / f"slurm-{job}.out").read_text()
+        start, end = map(float, (platform.home.results / "alice" / job / "span.txt").read_text().split())
+        spans.append((start, end))
+    latest_start = max(s for s, _ in spans)
+    earliest_end = min(e for _, e in spans)
+    assert latest_start < earliest_end, f"the four jobs did not run at the same time: {spans}"
+    logins = {r.detail for r in platform.audit("login") if r.subject == "certificate"}
+    assert all(any(f'"job":"{job}"' in d for d in logins) for job in jobs)
+
+
+def test_user_outside_the_partition_group_is_refused(cluster: SlurmCluster, base: Path) -> None:
+    refused = cluster.as_user(OUTSIDER, "sbatch", "--parsable", "--partition=bridge", "--wrap=true", cwd="/")
+    assert refused.returncode != 0
+    assert "not permitted to use this partition" in refused.stderr
+    admitted = cluster.as_user(
+        JOB_USER, "sbatch", "--parsable", "--partition=bridge", "--wrap=true", "--output=/dev/null", cwd="/"
+    )
+    assert admitted.returncode == 0, admitted.stderr
+    assert cluster.wait_done(admitted.stdout.strip())["JobState"] == "COMPLETED"
+
+
+def test_copies_left_by_a_job_are_found_and_purged(
+    cluster: SlurmCluster, platform: RunningPlatform, base: Path
+) -> None:
+    command = (
+        'cp "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" ./stolen.bin && '
+        'cp "$MEDBRIDGE_MOUNT/datasets/chest/scan-002.bin" /tmp/stolen-tmp.bin && ls /tmp > tmp-listing.txt'
+    )
+    job = submit(cluster, platform, base, command, "--mount", str(platform.root / "mnt-{job}"))
+    assert cluster.wait_done(job)["JobState"] == "COMPLETED", (base / f"slurm-{job}.out").read_text()
+    listing = workdir(platform, job) / "tmp-listing.txt"
+    assert listing.exists(), (base / f"slurm-{job}.out").read_text()
+    assert "stolen-tmp.bin" in listing.read_text()
+    assert not (workdir(platform, job) / "stolen.bin").exists()
+    scan = [r for r in platform.audit("residue.scan") if r.subject == job][-1]
+    detail = json.loads(scan.detail)
+    found = {Path(f["path"]).name: f["purged"] for f in detail["findings"]}
+    assert found == {"stolen.bin": True, "stolen-tmp.bin": True}
+    assert scan.outcome == "purged"
+
+
+def _killed_job(cluster: SlurmCluster, platform: RunningPlatform, base: Path, *extra: str) -> str:
+    command = 'cp "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" ./stolen.bin && touch running && sleep 600'
+    job = submit(cluster, platform, base, command, "--mount", str(platform.root / "mnt-{job}"), *extra)
+    deadline = time.monotonic() + 60
+    while not (workdir(platform, job) / "running").exists():
+        assert time.monotonic() < deadline, (base / f"slurm-{job}.out").read_text()
+        time.sleep(0.2)
+    return job
+
+
+def test_sigkilled_wrapper_is_cleaned_up_by_the_epilog(
+    cluster: SlurmCluster, platform: RunningPlatform, base: Path
+) -> None:
+    """The wrapper dies by SIGKILL (as by the OOM killer): no teardown of its own; the epilog does it."""
+    job = _killed_job(cluster, platform, base)
+    state = json.loads((base / "state" / f"{job}.json").read_text())
+    helpers = [state["agent_pid"], state["sshfs_pid"]]
+    os.kill(state["wrapper_pid"], 9)
+    assert cluster.wait_done(job)["JobState"] in {"FAILED", "CANCELLED", "COMPLETED"}
+    report = epilog_report(base, job)
+    residue = report["residue"]
+    assert isinstance(residue, dict) and "findings" in residue, report
+    assert [Path(f["path"]).name for f in residue["findings"] if f["purged"]] == ["stolen.bin"]
+    assert not (workdir(platform, job) / "stolen.bin").exists()
+    assert all(_gone(pid) for pid in helpers), f"agent and sshfs must be gone: {report['killed']}"
+    assert not os.path.ismount(platform.root / f"mnt-{job}")
+    assert not (base / "state" / f"{job}.json").exists()
+    assert not [r for r in platform.audit("residue.scan") if r.subject == job], "the wrapper had no chance to report"
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_timed_out_job_is_torn_down(cluster: SlurmCluster, platform: RunningPlatform, base: Path) -> None:
+    job = _killed_job(cluster, platform, base, "--sbatch=--time=1")
+    state = cluster.wait_done(job, timeout=240)
+    assert state["JobState"] == "TIMEOUT"
+    assert not (workdir(platform, job) / "stolen.bin").exists()
+    assert not os.path.ismount(platform.root / f"mnt-{job}")
+    scans = [r for r in platform.audit("residue.scan") if r.subject == job]
+    report = epilog_report(base, job)
+    purged_by_job = bool(scans) and '"purged":1' in scans[-1].detail
+    residue = report.get("residue") or {}
+    purged_by_epilog = any(f["purged"] for f in residue.get("findings", []))  # type: ignore[union-attr]
+    assert purged_by_job or purged_by_epilog
