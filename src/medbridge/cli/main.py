@@ -396,11 +396,13 @@ def audit_verify(home: Path | None) -> None:
 
 # -- compute side -----------------------------------------------------------------------
 
+from medbridge.cli.demo import demo  # noqa: E402
 from medbridge.cli.job import job, residue, slurm  # noqa: E402
 
 cli.add_command(job)
 cli.add_command(residue)
 cli.add_command(slurm)
+cli.add_command(demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

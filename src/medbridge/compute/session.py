@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,22 @@ class Endpoint:
     user: str
     host_key: asyncssh.SSHKey
     agent: str
+
+
+def endpoint_from_job(environ: Mapping[str, str]) -> Endpoint:
+    """The job's data session from what ``job run`` put in the environment; nothing else to configure."""
+    try:
+        host, _, port = environ["MEDBRIDGE_PLATFORM"].rpartition(":")
+        known = Path(environ["MEDBRIDGE_SSH_CONFIG"]).with_name("known_hosts").read_text().split()
+        return Endpoint(
+            host,
+            int(port),
+            environ["MEDBRIDGE_USER"],
+            asyncssh.import_public_key(" ".join(known[1:3])),
+            environ["SSH_AUTH_SOCK"],
+        )
+    except (KeyError, ValueError, OSError, IndexError, asyncssh.KeyImportError) as exc:
+        raise JobFailed(f"not inside 'medbridge job run' (job environment incomplete: {exc})") from exc
 
 
 async def connect(ep: Endpoint) -> asyncssh.SSHClientConnection:

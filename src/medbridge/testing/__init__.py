@@ -7,10 +7,7 @@ drive it with real SSH clients (asyncssh in-process, OpenSSH's ``sftp`` and
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +19,7 @@ from medbridge.compute.credentials import Enrolment, JobCredential, request_cert
 from medbridge.config import CIPHERS, Home
 from medbridge.control.audit import Record
 from medbridge.control.store import Store
+from medbridge.platform.background import BackgroundPlatform
 from medbridge.platform.keys import KEY_ALG, fingerprint, public_line
 from medbridge.platform.server import Platform
 from medbridge.platform.storage import add_dataset, init_home
@@ -48,11 +46,7 @@ class RunningPlatform:
             self.home.settings_file.write_text("\n".join(lines) + "\n")
         self.store = Store(self.home.database_url(self.home.settings()))
         self.keys: dict[str, Path] = {}
-        self.platform: Platform | None = None
-        self.host = "127.0.0.1"
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self.background = BackgroundPlatform(self.home)
 
     # -- content -----------------------------------------------------------------------
 
@@ -79,53 +73,34 @@ class RunningPlatform:
 
     @property
     def fingerprint(self) -> str:
-        assert self.platform is not None
-        return fingerprint(self.platform.host_key)
+        return self.background.fingerprint
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.background.address
+
+    @property
+    def host(self) -> str:
+        return self.background.host
+
+    @property
+    def port(self) -> int:
+        return self.background.port
+
+    @property
+    def platform(self) -> Platform | None:
+        return self.background.platform
 
     def start(self) -> RunningPlatform:
-        ready: Future[tuple[str, int]] = Future()
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self.platform = Platform(self.home)
-
-        async def begin() -> None:
-            assert self.platform is not None
-            try:
-                ready.set_result(await self.platform.start(self.host, 0))
-            except BaseException as exc:  # handed to the starting thread, which re-raises it
-                ready.set_exception(exc)
-
-        def main() -> None:
-            asyncio.set_event_loop(loop)
-            starting = loop.create_task(begin())
-            loop.run_forever()
-            starting.cancel()
-            loop.close()
-
-        self._thread = threading.Thread(target=main, name="medbridge-platform", daemon=True)
-        self._thread.start()
-        self.host, self.port = ready.result(timeout=30)
+        self.background.start()
         return self
 
     def call(self, coro: Any) -> Any:
-        """Run a coroutine on the platform's loop and wait for it."""
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=60)
+        return self.background.call(coro)
 
     def stop(self) -> None:
-        if self._loop is None or self.platform is None:
-            return
-        self.call(self.platform.stop())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        assert self._thread is not None
-        self._thread.join(timeout=30)
-        self.platform.store.close()
+        self.background.stop()
         self.store.close()
-        self._loop = None
 
     def __enter__(self) -> RunningPlatform:
         return self.start()
@@ -137,7 +112,7 @@ class RunningPlatform:
 
     def audit(self, action: str | None = None) -> list[Record]:
         """Audit entries (flushed first), optionally of one action."""
-        if self.platform is not None and self._loop is not None:
+        if self.platform is not None and self.background.running:
             self.call(self.platform.sink.flush())
         return self.store.audit_records(action=action)
 
