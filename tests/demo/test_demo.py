@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from medbridge.demo import nifti, phantom
 from medbridge.demo.segment import components, lungs
+from medbridge.ingest import nifti, phantom
 
 
 def test_phantom_has_hounsfield_tissues() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from medbridge.demo import nifti
+from medbridge.ingest import nifti
 
 LUNG_MAX_HU = -400
 
