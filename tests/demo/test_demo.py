@@ -11,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 
+from medbridge.demo import phantom
 from medbridge.demo.segment import components, lungs
-from medbridge.ingest import nifti, phantom
+from medbridge.ingest import nifti
 
 
 def test_phantom_has_hounsfield_tissues() -> None:

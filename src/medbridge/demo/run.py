@@ -15,8 +15,9 @@ from typing import Any
 
 from medbridge.config import Home
 from medbridge.control.store import Store
+from medbridge.demo import phantom
 from medbridge.errors import JobFailed
-from medbridge.ingest import nifti, phantom
+from medbridge.ingest import nifti
 from medbridge.platform.background import BackgroundPlatform
 from medbridge.platform.keys import fingerprint, public_line
 from medbridge.platform.storage import add_dataset, init_home
