@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ class PlatformSettings:
     database_url: str = ""
     #: CIDRs written into every certificate's ``source-address`` (empty: unbound).
     certificate_source_addresses: tuple[str, ...] = field(default=())
+    #: Gateways whose PROXY v2 header is believed (CIDRs); a header from anyone else is refused.
+    trusted_proxies: tuple[str, ...] = field(default=())
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, origin: str = "settings") -> PlatformSettings:
@@ -51,6 +54,12 @@ class PlatformSettings:
             else:
                 values[key] = type(default)(raw)
         settings = cls(**values)
+        for key in ("certificate_source_addresses", "trusted_proxies"):
+            for cidr in getattr(settings, key):
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError as exc:
+                    raise InvalidInput(f"{origin}: {key}: {exc}") from exc
         if settings.max_certificate_lifetime <= 0 or settings.enforcement_interval <= 0:
             raise InvalidInput(f"{origin}: lifetimes and intervals must be positive")
         return settings

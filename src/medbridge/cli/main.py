@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import ipaddress
 import os
 import signal
 import sys
@@ -95,7 +96,13 @@ def platform_fingerprint(home: Path | None) -> None:
 @platform.command("serve")
 @home_option
 @click.option("--listen", default="127.0.0.1:2222", show_default=True, help="HOST:PORT to listen on (port 0: any).")
-def platform_serve(home: Path | None, listen: str) -> None:
+@click.option(
+    "--trusted-proxy",
+    "trusted",
+    multiple=True,
+    help="CIDR of a gateway whose PROXY v2 header is believed (repeatable; adds to platform.toml).",
+)
+def platform_serve(home: Path | None, listen: str, trusted: Sequence[str]) -> None:
     """Serve the SFTP data plane and the certificate issuer until SIGTERM/SIGINT."""
     from medbridge.platform.server import serve
 
@@ -103,6 +110,11 @@ def platform_serve(home: Path | None, listen: str) -> None:
     h.require()
     host, port = parse_address(listen)
     key = load_private_key(h.host_key)
+    for cidr in trusted:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as exc:
+            raise InvalidInput(f"--trusted-proxy {cidr!r}: {exc}") from exc
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -116,7 +128,7 @@ def platform_serve(home: Path | None, listen: str) -> None:
             )
             sys.stdout.flush()
 
-        await serve(h, host, port, ready=ready, stop=stop)
+        await serve(h, host, port, ready=ready, stop=stop, trusted_proxies=trusted)
 
     asyncio.run(main())
 

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from medbridge.control.store import Store
 from medbridge.errors import AddressInUse, MedbridgeError, PlatformUnavailable
 from medbridge.platform.issuer import ISSUE_COMMAND, MAX_REQUEST, REPORT_COMMAND, Issuer
 from medbridge.platform.keys import fingerprint, load_private_key
+from medbridge.platform.listener import accept_forever, parse_networks
 from medbridge.platform.sftp import JobSFTPServer
 from medbridge.policy.credentials import serial_from_principals
 from medbridge.policy.manifest import format_manifest
@@ -46,8 +48,10 @@ class LiveSession:
     ends_at: datetime | None
     conn: asyncssh.SSHServerConnection = field(repr=False)
 
+    via: str | None = None
+
     def identity(self) -> dict[str, Any]:
-        return {"job": self.job, "serial": self.serial, "peer": self.peer}
+        return {"job": self.job, "serial": self.serial, "peer": self.peer, **({"via": self.via} if self.via else {})}
 
 
 class AuditSink:
@@ -115,11 +119,13 @@ class _Gate(asyncssh.SSHAuthorizedKeys):
 class PlatformConnection(asyncssh.SSHServer):
     """Per-connection policy: who logged in, with what, and what they may then do."""
 
-    def __init__(self, platform: Platform):
+    def __init__(self, platform: Platform, via: tuple[str, int] | None = None):
         self.platform = platform
         self.conn: asyncssh.SSHServerConnection | None = None
         self.username = ""
         self.peer = ""
+        #: The trusted gateway the connection came through (its PROXY header named ``peer``).
+        self.via = f"{via[0]}:{via[1]}" if via else None
         self.attempts: list[dict[str, Any]] = []
         self.session: LiveSession | None = None
         self.enrolment: str | None = None
@@ -131,6 +137,10 @@ class PlatformConnection(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    def where(self) -> dict[str, str]:
+        """The client's address, and the gateway it came through if any."""
+        return {"peer": self.peer, **({"via": self.via} if self.via else {})}
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -198,7 +208,7 @@ class PlatformConnection(asyncssh.SSHServer):
                     action="login",
                     outcome="ok",
                     subject="enrolment",
-                    detail={"peer": self.peer, "fingerprint": self.enrolment},
+                    detail={**self.where(), "fingerprint": self.enrolment},
                 )
             )
 
@@ -210,7 +220,7 @@ class PlatformConnection(asyncssh.SSHServer):
                     action="login",
                     outcome="refused",
                     subject="",
-                    detail={"peer": self.peer, "attempts": self.attempts},
+                    detail={**self.where(), "attempts": self.attempts},
                 )
             )
         self.platform.close_session(self, "connection closed")
@@ -243,7 +253,7 @@ class PlatformConnection(asyncssh.SSHServer):
                     action="command.refused",
                     outcome="refused",
                     subject=command[:200],
-                    detail={"peer": self.peer, "session": "certificate" if self.session else "enrolment"},
+                    detail={**self.where(), "session": "certificate" if self.session else "enrolment"},
                 )
             )
             process.stderr.write(b"medbridge: no commands here; enrolment keys may only request job certificates\n")
@@ -253,7 +263,7 @@ class PlatformConnection(asyncssh.SSHServer):
             raw = await process.stdin.read(MAX_REQUEST)
             await self.platform.sink.flush()
             reply = await asyncio.to_thread(
-                handler, self.username, raw, {"peer": self.peer, "fingerprint": self.enrolment}
+                handler, self.username, raw, {**self.where(), "fingerprint": self.enrolment}
             )
         except MedbridgeError as exc:
             body = {"error": str(exc), "type": type(exc).__name__, "exit_code": exc.exit_code}
@@ -278,7 +288,7 @@ class Platform:
         self._manifests: dict[str, bytes] = {}
         #: The SFTP handler class; tests put small fault-injecting subclasses here.
         self.sftp_class: type[JobSFTPServer] = JobSFTPServer
-        self._server: asyncssh.SSHAcceptor | None = None
+        self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def manifest(self, dataset: str) -> bytes:
@@ -309,6 +319,7 @@ class Platform:
             roots=self.store.dataset_roots(check.datasets),
             ends_at=check.ends_at,
             conn=owner.conn,
+            via=owner.via,
         )
         owner.session = session
         self.sessions[owner] = session
@@ -369,11 +380,9 @@ class Platform:
 
     # -- serving ------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def start(self, host: str, port: int, trusted_proxies: Sequence[str] = ()) -> tuple[str, int]:
         """Listen and return the bound address (port 0 picks a free one)."""
-
-        def factory() -> PlatformConnection:
-            return PlatformConnection(self)
+        proxies = parse_networks([*self.settings.trusted_proxies, *trusted_proxies])
 
         def sftp_factory(chan: asyncssh.SSHServerChannel[bytes]) -> JobSFTPServer:
             return _owner(chan).sftp(chan)
@@ -381,46 +390,74 @@ class Platform:
         async def process_factory(process: asyncssh.SSHServerProcess[bytes]) -> None:
             await _owner(process.channel).process(process)
 
-        try:
-            self._server = await asyncssh.create_server(
-                factory,
-                host,
-                port,
-                server_host_keys=[self.host_key],
-                encryption_algs=list(CIPHERS),
-                sftp_factory=sftp_factory,
-                process_factory=process_factory,
-                encoding=None,
-                allow_scp=False,
-                agent_forwarding=False,
-                x11_forwarding=False,
-                allow_pty=False,
-                keepalive_interval=30,
-                keepalive_count_max=10,
-                reuse_address=True,
+        options = asyncssh.SSHServerConnectionOptions(
+            server_host_keys=[self.host_key],
+            encryption_algs=list(CIPHERS),
+            sftp_factory=sftp_factory,
+            process_factory=process_factory,
+            encoding=None,
+            allow_scp=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_pty=False,
+            keepalive_interval=30,
+            keepalive_count_max=10,
+            login_timeout=60,
+        )
+
+        async def serve_one(sock: socket.socket, client: tuple[str, int], via: tuple[str, int] | None) -> None:
+            def factory() -> PlatformConnection:
+                return PlatformConnection(self, via=via)
+
+            try:
+                await asyncssh.run_server(sock, options=options, server_factory=factory)
+            except (asyncssh.Error, OSError, TimeoutError) as exc:
+                log.debug("SSH connection from %s:%s ended before login: %s", *client, exc)
+
+        def refuse(peer: tuple[str, int], reason: str) -> None:
+            self.sink.record(
+                AuditEvent(
+                    actor="?",
+                    action="proxy.refused",
+                    outcome="refused",
+                    subject=f"{peer[0]}:{peer[1]}",
+                    detail={"reason": reason},
+                )
             )
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((host, port))
         except OSError as exc:
+            listener.close()
             if exc.errno == errno.EADDRINUSE:
                 raise AddressInUse(f"cannot listen on {host}:{port}: address already in use") from exc
             raise PlatformUnavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-        self._tasks = [asyncio.create_task(self.sink.run()), asyncio.create_task(self._enforce_forever())]
-        sock = self._server.sockets[0]
-        bound = sock.getsockname()
+        listener.listen(512)
+        listener.setblocking(False)
+        self._listener = listener
+        self._tasks = [
+            asyncio.create_task(self.sink.run()),
+            asyncio.create_task(self._enforce_forever()),
+            asyncio.create_task(accept_forever(listener, proxies, serve_one, refuse)),
+        ]
+        bound = listener.getsockname()
         self.sink.record(
             AuditEvent(
                 actor="platform",
                 action="platform.start",
                 outcome="ok",
                 subject=f"{bound[0]}:{bound[1]}",
-                detail={"pid": os.getpid()},
+                detail={"pid": os.getpid(), "trusted_proxies": [str(n) for n in proxies]},
             )
         )
         return bound[0], bound[1]
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._listener is not None:
+            self._listener.close()
         for owner in list(self.sessions):
             self.close_session(owner, "platform stopping")
         for task in self._tasks:
@@ -437,11 +474,16 @@ def _owner(chan: asyncssh.SSHServerChannel[bytes]) -> PlatformConnection:
 
 
 async def serve(
-    home: Home, host: str, port: int, ready: Callable[[str, int], None] | None = None, stop: asyncio.Event | None = None
+    home: Home,
+    host: str,
+    port: int,
+    ready: Callable[[str, int], None] | None = None,
+    stop: asyncio.Event | None = None,
+    trusted_proxies: Sequence[str] = (),
 ) -> None:
     """Run a platform until ``stop`` is set (or forever)."""
     platform = Platform(home)
-    bound = await platform.start(host, port)
+    bound = await platform.start(host, port, trusted_proxies)
     if ready:
         ready(*bound)
     try:

@@ -28,6 +28,8 @@ enforcement_interval = 1.0
 database_url = ""
 # CIDRs written into every certificate's source-address option; empty leaves it unbound.
 certificate_source_addresses = []
+# Gateways (CIDRs) whose PROXY v2 header carrying the client's address is believed.
+trusted_proxies = []
 """
 
 CHUNK = 1 << 20

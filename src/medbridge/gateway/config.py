@@ -1,0 +1,167 @@
+"""The gateway's configuration: routes (listen port → backends), allowlists, PROXY v2, metrics.
+
+    [[route]]
+    name = "production"
+    listen = "0.0.0.0:2201"
+    backends = ["10.0.0.5:2222"]
+    allow = ["10.1.0.0/24"]
+    proxy_protocol = true
+    idle_timeout = 3600
+
+    [metrics]
+    listen = "127.0.0.1:9101"
+
+Parsing is pure: text in, a frozen :class:`GatewayConfig` out, or one clear error naming the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from medbridge.errors import InvalidInput
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteConfig:
+    name: str
+    listen: Address
+    backends: tuple[Address, ...]
+    allow: tuple[Network, ...]
+    proxy_protocol: bool = False
+    idle_timeout: float = 3600.0
+    connect_timeout: float = 5.0
+    require_ssh: bool = True
+
+    def admits(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.allow)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    routes: tuple[RouteConfig, ...]
+    metrics: Address | None
+
+
+_ROUTE_KEYS = {"name", "listen", "backends", "allow", "proxy_protocol", "idle_timeout", "connect_timeout",
+               "require_ssh"}  # fmt: skip
+_METRICS_KEYS = {"listen"}
+
+
+def parse_address(value: object, where: str) -> Address:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{where}: must be a string HOST:PORT")
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"{where}: {value!r} is not HOST:PORT")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise InvalidInput(f"{where}: {host!r} is not an IP address") from exc
+    return Address(host, int(port))
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise InvalidInput(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(allowed))}")
+
+
+def _number(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise InvalidInput(f"{where}.{key}: must be a positive number of seconds")
+    return float(value)
+
+
+def _route(table: object, index: int) -> RouteConfig:
+    where = f"route[{index}]"
+    if not isinstance(table, dict):
+        raise InvalidInput(f"{where}: must be a table")
+    _check_keys(table, _ROUTE_KEYS, where)
+    for required in ("listen", "backends", "allow"):
+        if required not in table:
+            raise InvalidInput(f"{where}: missing key {required!r}")
+    listen = parse_address(table["listen"], f"{where}.listen")
+    backends = table["backends"]
+    if not isinstance(backends, list) or not backends:
+        raise InvalidInput(f"{where}.backends: must be a non-empty list of HOST:PORT")
+    allow = table["allow"]
+    if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+        raise InvalidInput(f"{where}.allow: must be a list of CIDRs")
+    try:
+        networks = tuple(ipaddress.ip_network(a, strict=False) for a in allow)
+    except ValueError as exc:
+        raise InvalidInput(f"{where}.allow: {exc}") from exc
+    for flag in ("proxy_protocol", "require_ssh"):
+        if flag in table and not isinstance(table[flag], bool):
+            raise InvalidInput(f"{where}.{flag}: must be true or false")
+    name = table.get("name", str(listen))
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"{where}.name: must be a non-empty string")
+    return RouteConfig(
+        name=name,
+        listen=listen,
+        backends=tuple(parse_address(b, f"{where}.backends[{i}]") for i, b in enumerate(backends)),
+        allow=networks,
+        proxy_protocol=bool(table.get("proxy_protocol", False)),
+        idle_timeout=_number(table, "idle_timeout", 3600.0, where),
+        connect_timeout=_number(table, "connect_timeout", 5.0, where),
+        require_ssh=bool(table.get("require_ssh", True)),
+    )
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    if a.port != b.port:
+        return False
+    wild = {"0.0.0.0", "::"}
+    return a.host == b.host or a.host in wild or b.host in wild
+
+
+def parse(text: str, origin: str = "gateway config") -> GatewayConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"{origin}: {exc}") from exc
+    _check_keys(data, {"route", "metrics"}, origin)
+    routes_raw = data.get("route")
+    if not isinstance(routes_raw, list) or not routes_raw:
+        raise InvalidInput(f"{origin}: needs at least one [[route]]")
+    routes = tuple(_route(t, i) for i, t in enumerate(routes_raw))
+    for i, r in enumerate(routes):
+        for other in routes[i + 1 :]:
+            if _overlap(r.listen, other.listen):
+                raise InvalidInput(
+                    f"{origin}: routes {r.name!r} and {other.name!r} both listen on port {r.listen.port}"
+                )
+        if len({x.name for x in routes}) != len(routes):
+            raise InvalidInput(f"{origin}: route names must be unique")
+    metrics = None
+    if "metrics" in data:
+        m = data["metrics"]
+        if not isinstance(m, dict):
+            raise InvalidInput(f"{origin}: [metrics] must be a table")
+        _check_keys(m, _METRICS_KEYS, "metrics")
+        metrics = parse_address(m.get("listen"), "metrics.listen")
+        if any(_overlap(metrics, r.listen) for r in routes):
+            raise InvalidInput(f"{origin}: metrics.listen overlaps a route's port")
+    return GatewayConfig(routes, metrics)
