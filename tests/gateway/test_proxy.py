@@ -31,8 +31,11 @@ def test_local_has_no_addresses() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"SSH-2.0-OpenSSH_9.2\r\n\0\0\0\0", b"\r\n\r\n\x00\r\nQUIT\n\x11\x11\x00\x0c",
-     b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff"],
+    [
+        b"SSH-2.0-OpenSSH_9.2\r\n\0\0\0\0",
+        b"\r\n\r\n\x00\r\nQUIT\n\x11\x11\x00\x0c",
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff",
+    ],
     ids=["ssh-banner", "version-1", "too-long"],
 )
 def test_garbage_is_refused(raw: bytes) -> None:

@@ -409,12 +409,14 @@ def audit_verify(home: Path | None) -> None:
 # -- compute side -----------------------------------------------------------------------
 
 from medbridge.cli.demo import demo  # noqa: E402
+from medbridge.cli.gateway import gateway  # noqa: E402
 from medbridge.cli.job import job, residue, slurm  # noqa: E402
 
 cli.add_command(job)
 cli.add_command(residue)
 cli.add_command(slurm)
 cli.add_command(demo)
+cli.add_command(gateway)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

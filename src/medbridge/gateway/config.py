@@ -71,7 +71,7 @@ def parse_address(value: object, where: str) -> Address:
         raise InvalidInput(f"{where}: must be a string HOST:PORT")
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise InvalidInput(f"{where}: {value!r} is not HOST:PORT")
     try:
         ipaddress.ip_address(host)
@@ -131,7 +131,7 @@ def _route(table: object, index: int) -> RouteConfig:
 
 
 def _overlap(a: Address, b: Address) -> bool:
-    if a.port != b.port:
+    if a.port != b.port or a.port == 0:
         return False
     wild = {"0.0.0.0", "::"}
     return a.host == b.host or a.host in wild or b.host in wild

@@ -181,12 +181,17 @@ def _looks_like_ssh(client: socket.socket) -> bool:
     return False
 
 
+def _key(route: RouteConfig) -> tuple[Address, str]:
+    """Listeners are kept by address across reloads; port 0 (any free port) is distinct per route."""
+    return route.listen, route.name if route.listen.port == 0 else ""
+
+
 class Gateway:
     """All listeners of a configuration; :meth:`apply` swaps configurations without dropping links."""
 
     def __init__(self) -> None:
         self.metrics = Metrics()
-        self.listeners: dict[Address, Listener] = {}
+        self.listeners: dict[tuple[Address, str], Listener] = {}
         self._links: set[Link] = set()
         self._lock = threading.Lock()
         self._metrics_server: tuple[object, threading.Thread] | None = None
@@ -207,7 +212,7 @@ class Gateway:
 
     def apply(self, config: GatewayConfig) -> None:
         """Start new routes, update changed ones in place, stop removed ones; live links carry on."""
-        wanted = {r.listen: r for r in config.routes}
+        wanted = {_key(r): r for r in config.routes}
         started: list[Listener] = []
         try:
             for address, route in wanted.items():
@@ -224,7 +229,7 @@ class Gateway:
             if address in self.listeners:
                 self.listeners[address].update(route)
         for listener in started:
-            self.listeners[listener.route.listen] = listener
+            self.listeners[_key(listener.route)] = listener
             listener.start()
         if config.metrics is not None and self._metrics_server is None:
             httpd, thread = start_http_server(config.metrics.port, config.metrics.host, self.metrics.registry)

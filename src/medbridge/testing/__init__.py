@@ -128,18 +128,24 @@ class RunningPlatform:
     # -- clients -----------------------------------------------------------------------
 
     async def credential(
-        self, user: str, job_id: str = "job-1", lifetime: int = 600, datasets: Iterable[str] | None = None
+        self,
+        user: str,
+        job_id: str = "job-1",
+        lifetime: int = 600,
+        datasets: Iterable[str] | None = None,
+        port: int | None = None,
     ) -> tuple[asyncssh.SSHKey, JobCredential]:
         """What ``job run`` obtains: an ephemeral key and its job certificate."""
         ephemeral = asyncssh.generate_private_key(KEY_ALG)
         cred = await request_certificate(
-            self.enrolment(user), ephemeral, job_id, lifetime, list(datasets) if datasets is not None else None
+            self.enrolment(user, port), ephemeral, job_id, lifetime, list(datasets) if datasets is not None else None
         )
         return ephemeral, cred
 
-    def enrolment(self, user: str) -> Enrolment:
+    def enrolment(self, user: str, port: int | None = None) -> Enrolment:
+        """Reach the issuer directly, or through a gateway listening on ``port``."""
         key = asyncssh.read_private_key(str(self.keys[user]))
-        return Enrolment(self.host, self.port, user, key, self.fingerprint)
+        return Enrolment(self.host, port or self.port, user, key, self.fingerprint)
 
     async def connect(self, user: str, client_keys: Sequence[Any]) -> asyncssh.SSHClientConnection:
         """An asyncssh client connection presenting exactly ``client_keys``."""

@@ -1,0 +1,289 @@
+"""The gateway on loopback: routing, allowlists, PROXY v2 to the platform, faults, counters, reload.
+
+Loopback is 127.0.0.0/8, so a client can come from 127.0.0.5 (a "compute node") while the
+gateway reaches the platform from 127.0.0.1: enough to tell the addresses apart without
+namespaces (tests/gateway/test_three_sites.py does it across real network namespaces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from medbridge.gateway import proxy
+from medbridge.gateway.config import parse
+from medbridge.gateway.server import Gateway
+from medbridge.testing import RunningPlatform
+from tests.conftest import CHEST
+
+NODE, OTHER_NODE = "127.0.0.5", "127.0.0.6"
+
+
+def config(*routes: tuple[str, list[str], str, bool], metrics: bool = False) -> str:
+    text = ""
+    for name, backends, allow, proxied in routes:
+        quoted = ", ".join(f'"{b}"' for b in backends)
+        cidrs = ", ".join(f'"{a}"' for a in allow.split(","))
+        text += (
+            f'[[route]]\nname = "{name}"\nlisten = "127.0.0.1:0"\nbackends = [{quoted}]\n'
+            f"allow = [{cidrs}]\nproxy_protocol = {str(proxied).lower()}\nconnect_timeout = 2\n"
+        )
+    if metrics:
+        text += '[metrics]\nlisten = "127.0.0.1:0"\n'
+    return text
+
+
+@pytest.fixture
+def bound_platform(tmp_path: Path) -> Iterator[RunningPlatform]:
+    """Trusts PROXY from 127.0.0.1 (the gateway) and binds certificates to the compute node."""
+    p = RunningPlatform(
+        tmp_path,
+        enforcement_interval=0.25,
+        trusted_proxies=["127.0.0.1/32"],
+        certificate_source_addresses=[f"{NODE}/32"],
+    )
+    p.add_user("alice")
+    p.add_dataset("chest", CHEST)
+    p.grant("alice", "chest")
+    with p:
+        yield p
+
+
+@pytest.fixture
+def gateway() -> Iterator[Gateway]:
+    gw = Gateway()
+    yield gw
+    gw.stop()
+
+
+async def read_via(p: RunningPlatform, port: int, source: str) -> bytes:
+    """Everything through the gateway, as from a compute node: certificate, then data from ``source``."""
+    key, cred = await p.credential("alice", port=port)
+    async with asyncssh.connect(
+        "127.0.0.1",
+        port,
+        username="alice",
+        client_keys=[(key, cred.certificate)],
+        known_hosts=None,
+        local_addr=(source, 0),
+        config=None,
+    ) as conn:
+        sftp = await conn.start_sftp_client()
+        async with sftp.open("/datasets/chest/scan-002.bin", "rb") as f:
+            return await f.read()
+
+
+def test_job_reads_through_the_gateway_and_the_audit_shows_the_node(
+    bound_platform: RunningPlatform, gateway: Gateway
+) -> None:
+    gateway.apply(parse(config(("prod", [bound_platform.address], "127.0.0.0/29", True))))
+    port = gateway.port("prod")
+    assert asyncio.run(read_via(bound_platform, port, NODE)) == CHEST["scan-002.bin"]
+    login = [r for r in bound_platform.audit("login") if r.subject == "certificate"][-1]
+    assert f'"peer":"{NODE}:' in login.detail and '"via":"127.0.0.1:' in login.detail
+    m = gateway.metrics
+    assert m.value("medbridge_gateway_connections_total", route="prod", outcome="accepted") >= 1
+    assert m.value("medbridge_gateway_bytes_total", route="prod", direction="down") > len(CHEST["scan-002.bin"])
+
+
+def test_certificate_bound_to_compute_nodes_fails_from_another_address(
+    bound_platform: RunningPlatform, gateway: Gateway
+) -> None:
+    gateway.apply(parse(config(("prod", [bound_platform.address], "127.0.0.0/29", True))))
+    with pytest.raises(asyncssh.PermissionDenied):
+        asyncio.run(read_via(bound_platform, gateway.port("prod"), OTHER_NODE))
+    cert = bound_platform.store.certificates("alice")[-1]
+    assert cert.key_id.startswith("medbridge:user=alice")
+    refused = [r for r in bound_platform.audit("login") if r.outcome == "refused"][-1]
+    assert f'"peer":"{OTHER_NODE}:' in refused.detail
+
+
+def test_node_outside_the_allow_list_is_refused_and_counted(bound_platform: RunningPlatform, gateway: Gateway) -> None:
+    gateway.apply(parse(config(("prod", [bound_platform.address], f"127.0.0.1/32,{NODE}/32", True))))
+    with pytest.raises((asyncssh.Error, OSError)):
+        asyncio.run(read_via(bound_platform, gateway.port("prod"), OTHER_NODE))
+    assert gateway.metrics.value("medbridge_gateway_connections_total", route="prod", outcome="refused_source") == 1
+
+
+def test_two_routes_reach_two_backends(tmp_path: Path, gateway: Gateway) -> None:
+    prod = RunningPlatform(tmp_path / "prod")
+    exp = RunningPlatform(tmp_path / "exp")
+    for p, data in ((prod, b"production"), (exp, b"experimental")):
+        p.add_user("alice")
+        p.add_dataset("which", {"server.txt": data})
+        p.grant("alice", "which")
+    with prod, exp:
+        gateway.apply(
+            parse(config(("prod", [prod.address], "127.0.0.0/8", False), ("exp", [exp.address], "127.0.0.0/8", False)))
+        )
+
+        async def fetch(p: RunningPlatform, route: str) -> bytes:
+            key, cred = await p.credential("alice")
+            async with asyncssh.connect(
+                "127.0.0.1",
+                gateway.port(route),
+                username="alice",
+                config=None,
+                client_keys=[(key, cred.certificate)],
+                known_hosts=None,
+            ) as conn:
+                sftp = await conn.start_sftp_client()
+                async with sftp.open("/datasets/which/server.txt", "rb") as f:
+                    return await f.read()
+
+        assert asyncio.run(fetch(prod, "prod")) == b"production"
+        assert asyncio.run(fetch(exp, "exp")) == b"experimental"
+
+
+def closed_by_peer(c: socket.socket) -> bool:
+    """The gateway closed on us: an orderly EOF, or a reset because our bytes were never read."""
+    try:
+        return c.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_backend_down_is_a_prompt_refusal(gateway: Gateway) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    gateway.apply(parse(config(("prod", [f"127.0.0.1:{dead}"], "127.0.0.0/8", False))))
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", gateway.port("prod")), timeout=10) as c:
+        c.sendall(b"SSH-2.0-test\r\n")
+        assert closed_by_peer(c)
+    assert time.monotonic() - start < 3
+    assert (
+        gateway.metrics.value("medbridge_gateway_connections_total", route="prod", outcome="backend_unavailable") == 1
+    )
+
+
+def test_second_backend_takes_over_when_the_first_is_down(bound_platform: RunningPlatform, gateway: Gateway) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    gateway.apply(parse(config(("prod", [f"127.0.0.1:{dead}", bound_platform.address], "127.0.0.0/8", True))))
+    for _ in range(3):
+        assert asyncio.run(read_via(bound_platform, gateway.port("prod"), NODE)) == CHEST["scan-002.bin"]
+
+
+def test_garbage_instead_of_ssh_is_dropped_and_counted(bound_platform: RunningPlatform, gateway: Gateway) -> None:
+    gateway.apply(parse(config(("prod", [bound_platform.address], "127.0.0.0/8", True))))
+    with socket.create_connection(("127.0.0.1", gateway.port("prod")), timeout=10) as c:
+        c.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert closed_by_peer(c)
+    assert gateway.metrics.value("medbridge_gateway_connections_total", route="prod", outcome="protocol_error") == 1
+
+
+def test_proxy_header_from_an_untrusted_peer_is_refused_and_audited(bound_platform: RunningPlatform) -> None:
+    with socket.create_connection(("127.0.0.1", bound_platform.port), timeout=10, source_address=(NODE, 0)) as c:
+        c.sendall(proxy.encode(("10.9.9.9", 1234), ("127.0.0.1", 22)))
+        c.settimeout(10)
+        assert closed_by_peer(c), "refused before any SSH banner"
+    refused = bound_platform.audit("proxy.refused")
+    assert refused and refused[-1].subject.startswith(f"{NODE}:") and "untrusted" in refused[-1].detail
+
+
+def test_half_close_delivers_everything(gateway: Gateway) -> None:
+    """The client shuts down its sending side; the backend's whole answer still arrives."""
+    server = socket.create_server(("127.0.0.1", 0))
+    answer = os.urandom(3_000_000)
+
+    def backend() -> None:
+        conn, _ = server.accept()
+        got = b""
+        while chunk := conn.recv(65536):
+            got += chunk
+        conn.sendall(answer + got)
+        conn.close()
+
+    t = threading.Thread(target=backend)
+    t.start()
+    cfg = config(("raw", [f"127.0.0.1:{server.getsockname()[1]}"], "127.0.0.0/8", False))
+    gateway.apply(parse(cfg.replace("connect_timeout = 2", "connect_timeout = 2\nrequire_ssh = false")))
+    with socket.create_connection(("127.0.0.1", gateway.port("raw")), timeout=10) as c:
+        c.sendall(b"question")
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := c.recv(1 << 16):
+            got += chunk
+    t.join(timeout=10)
+    server.close()
+    assert got == answer + b"question"
+
+
+def test_metrics_endpoint_speaks_prometheus(bound_platform: RunningPlatform, gateway: Gateway) -> None:
+    gateway.apply(parse(config(("prod", [bound_platform.address], "127.0.0.0/8", True), metrics=True)))
+    asyncio.run(read_via(bound_platform, gateway.port("prod"), NODE))
+    assert gateway.metrics_address is not None
+    host, port = gateway.metrics_address
+    body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    assert 'medbridge_gateway_connections_total{outcome="accepted",route="prod"} 2.0' in body, "issuer + data"
+    assert 'medbridge_gateway_bytes_total{direction="down",route="prod"}' in body
+    assert 'medbridge_gateway_active_connections{route="prod"} 0.0' in body
+
+
+def test_sighup_reloads_routes_without_dropping_live_connections(
+    bound_platform: RunningPlatform, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "gateway.toml"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        first = s.getsockname()[1]
+    route = (
+        f'[[route]]\nname = "prod"\nlisten = "127.0.0.1:{first}"\nbackends = ["{bound_platform.address}"]\n'
+        'allow = ["127.0.0.0/8"]\nproxy_protocol = true\n'
+    )
+    cfg.write_text(route)
+    cmd = [sys.executable, "-m", "medbridge", "gateway", "serve", "--config", str(cfg)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as gw:
+        try:
+            assert gw.stdout is not None
+            assert "route prod listening on 127.0.0.1" in gw.stdout.readline()
+
+            async def story() -> tuple[bytes, bytes]:
+                key, cred = await bound_platform.credential("alice", port=first)
+                async with asyncssh.connect(
+                    "127.0.0.1",
+                    first,
+                    username="alice",
+                    known_hosts=None,
+                    config=None,
+                    client_keys=[(key, cred.certificate)],
+                    local_addr=(NODE, 0),
+                ) as conn:
+                    sftp = await conn.start_sftp_client()
+                    with socket.socket() as s:
+                        s.bind(("127.0.0.1", 0))
+                        second = s.getsockname()[1]
+                    cfg.write_text(route.replace(str(first), str(second)).replace('"prod"', '"prod2"'))
+                    gw.send_signal(signal.SIGHUP)
+                    await asyncio.sleep(1.0)
+                    async with sftp.open("/datasets/chest/scan-002.bin", "rb") as f:
+                        live = await f.read()
+                fresh = await read_via(bound_platform, second, NODE)
+                return live, fresh
+
+            live, fresh = asyncio.run(story())
+            assert live == fresh == CHEST["scan-002.bin"]
+            cfg.write_text("[[route]]\nbroken")
+            gw.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            assert gw.poll() is None, "a bad reload must not stop the gateway"
+        finally:
+            gw.terminate()
+            _, err = gw.communicate(timeout=20)
+    assert gw.returncode == 0, err
+    assert "reload refused" in err
