@@ -408,6 +408,7 @@ def audit_verify(home: Path | None) -> None:
 
 # -- compute side -----------------------------------------------------------------------
 
+from medbridge.cli.bench import bench  # noqa: E402
 from medbridge.cli.demo import demo  # noqa: E402
 from medbridge.cli.gateway import gateway  # noqa: E402
 from medbridge.cli.job import job, residue, slurm  # noqa: E402
@@ -417,6 +418,7 @@ cli.add_command(residue)
 cli.add_command(slurm)
 cli.add_command(demo)
 cli.add_command(gateway)
+cli.add_command(bench)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

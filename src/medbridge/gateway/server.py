@@ -112,6 +112,7 @@ class Listener:
     def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
         route, m = self.route, self.gateway.metrics
         client.settimeout(None)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not route.admits(peer[0]):
             m.connections.labels(route.name, "refused_source").inc()
             log.warning("route %s: refused %s:%s (not in allow list)", route.name, *peer[:2])

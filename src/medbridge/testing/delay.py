@@ -1,0 +1,122 @@
+"""A link-emulation relay: TCP in, TCP out, every byte held back by a fixed one-way delay.
+
+``tc netem`` is not available on these machines, so delay is added in user space.
+Each direction has a reader that stamps chunks with their release time and a writer
+that sleeps until then (``time.sleep`` is accurate to ~0.1 ms here, unlike asyncio's
+millisecond-rounded timers), so a relay with one-way delay d adds 2d to a round trip.
+Optionally caps bandwidth per direction.
+
+Run it in a namespace with ``python -m medbridge.testing.delay --listen H:P --target H:P --delay-ms 2.5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import socket
+import sys
+import threading
+import time
+
+
+class DelayRelay:
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int], delay: float, rate: float | None = None):
+        self.target = target
+        self.delay = delay
+        self.rate = rate
+        self.server = socket.create_server(listen, reuse_port=False)
+        self.address = self.server.getsockname()[:2]
+        self._stop = threading.Event()
+
+    def serve_forever(self) -> None:
+        self.server.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                client, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            for s in (client, upstream):
+                s.settimeout(None)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for src, dst in ((client, upstream), (upstream, client)):
+                self._direction(src, dst)
+
+    def _direction(self, src: socket.socket, dst: socket.socket) -> None:
+        queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        ready = threading.Condition()
+
+        def reader() -> None:
+            while True:
+                try:
+                    data = src.recv(1 << 16)
+                except OSError:
+                    data = b""
+                with ready:
+                    queue.append((time.monotonic() + self.delay, data))
+                    ready.notify()
+                if not data:
+                    return
+
+        def writer() -> None:
+            sent_until = time.monotonic()
+            while True:
+                with ready:
+                    while not queue:
+                        ready.wait()
+                    due, data = queue.popleft()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                if not data:
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                    return
+                if self.rate:
+                    sent_until = max(sent_until, time.monotonic()) + len(data) / self.rate
+                    pause = sent_until - time.monotonic()
+                    if pause > 0:
+                        time.sleep(pause)
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        src.shutdown(socket.SHUT_RDWR)
+                    return
+
+        threading.Thread(target=reader, daemon=True).start()
+        threading.Thread(target=writer, daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay per direction")
+    parser.add_argument("--rate-mbit", type=float, default=None, help="bandwidth cap per direction")
+    args = parser.parse_args(argv)
+    lh, _, lp = args.listen.rpartition(":")
+    th, _, tp = args.target.rpartition(":")
+    rate = args.rate_mbit * 1e6 / 8 if args.rate_mbit else None
+    relay = DelayRelay((lh, int(lp)), (th, int(tp)), args.delay_ms / 1000.0, rate)
+    print(
+        f"delay relay {relay.address[0]}:{relay.address[1]} -> {args.target} +{args.delay_ms} ms each way", flush=True
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        relay.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

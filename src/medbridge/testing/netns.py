@@ -1,0 +1,140 @@
+"""Three sites on one machine: ``hpc`` — ``gw`` — ``platform``, as Linux network namespaces.
+
+    hpc (compute nodes)          gw (gateway)                    platform
+    10.N.1.2, 10.N.1.3  ──veth── 10.N.1.1 │ 10.N.2.1  ──veth──  10.N.2.2
+
+The gateway namespace does not forward packets: the only way from ``hpc`` to
+``platform`` is a process in ``gw`` (the medbridge gateway).  Links can be cut and
+restored (iptables DROP inside ``gw``), rate-limited (``tc tbf``); delay comes from
+:mod:`medbridge.testing.delay` because ``tc netem`` is missing here.  Everything is
+removed by :meth:`Sites.stop`: processes by PID, then the namespaces (and with them
+their veths and iptables rules).  Needs root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from types import TracebackType
+
+
+def available() -> str | None:
+    """Why the three sites cannot be built here, or None."""
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    for tool in ("ip", "iptables"):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing (iproute2, iptables)"
+    probe = f"mbprobe{secrets.token_hex(3)}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"cannot create network namespaces: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+class Sites:
+    """The three namespaces, their addresses, and the processes started in them."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(2)
+        self.net = 100 + int(tag, 16) % 150
+        self.ns = {site: f"mb{tag}-{site}" for site in ("hpc", "gw", "platform")}
+        self.node = f"10.{self.net}.1.2"
+        self.other_node = f"10.{self.net}.1.3"
+        self.gw_hpc_side = f"10.{self.net}.1.1"
+        self.gw_platform_side = f"10.{self.net}.2.1"
+        self.platform = f"10.{self.net}.2.2"
+        self._veth = {"hpc": f"mb{tag}h", "gw-hpc": f"mb{tag}gh", "gw-platform": f"mb{tag}gp", "platform": f"mb{tag}p"}
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._made: list[str] = []
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def exec(self, site: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.ns[site], *args], capture_output=True, text=True)
+
+    def start(self) -> Sites:
+        try:
+            for name in self.ns.values():
+                self._ip("netns", "add", name)
+                self._made.append(name)
+            v = self._veth
+            self._ip("link", "add", v["hpc"], "netns", self.ns["hpc"], "type", "veth", "peer", "name", v["gw-hpc"],
+                     "netns", self.ns["gw"])  # fmt: skip
+            self._ip("link", "add", v["gw-platform"], "netns", self.ns["gw"], "type", "veth", "peer", "name",
+                     v["platform"], "netns", self.ns["platform"])  # fmt: skip
+            plan = [("hpc", v["hpc"], [f"{self.node}/24", f"{self.other_node}/24"]),
+                    ("gw", v["gw-hpc"], [f"{self.gw_hpc_side}/24"]),
+                    ("gw", v["gw-platform"], [f"{self.gw_platform_side}/24"]),
+                    ("platform", v["platform"], [f"{self.platform}/24"])]  # fmt: skip
+            for site, dev, addrs in plan:
+                for a in addrs:
+                    self._ip("-n", self.ns[site], "addr", "add", a, "dev", dev)
+                self._ip("-n", self.ns[site], "link", "set", dev, "up")
+            for site in self.ns:
+                self._ip("-n", self.ns[site], "link", "set", "lo", "up")
+            self.exec("gw", "sysctl", "-qw", "net.ipv4.ip_forward=0")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def popen(self, site: str, args: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
+        """Start a process inside a site; :meth:`stop` ends it by PID."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[site], *args], **kw)  # type: ignore[call-overload]
+        self._procs.append(proc)
+        return proc  # type: ignore[no-any-return]
+
+    # -- link faults ------------------------------------------------------------------
+
+    def _gw_dev(self, link: str) -> str:
+        return self._veth["gw-hpc" if link == "hpc" else "gw-platform"]
+
+    def cut(self, link: str = "hpc") -> None:
+        """Drop every packet on the gw side of the ``hpc`` or ``platform`` link (TCP stays up, silent)."""
+        dev = self._gw_dev(link)
+        for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            self.exec("gw", "iptables", "-I", chain, flag, dev, "-j", "DROP").check_returncode()
+
+    def restore(self, link: str = "hpc") -> None:
+        dev = self._gw_dev(link)
+        for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            self.exec("gw", "iptables", "-D", chain, flag, dev, "-j", "DROP").check_returncode()
+
+    def limit(self, link: str, rate_mbit: float) -> None:
+        """Cap the gw→``link`` direction with tc tbf."""
+        self.exec("gw", "tc", "qdisc", "replace", "dev", self._gw_dev(link), "root", "tbf", "rate",
+                  f"{rate_mbit}mbit", "burst", "64kb", "latency", "200ms").check_returncode()  # fmt: skip
+
+    # -- teardown ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+        self._procs.clear()
+        for name in reversed(self._made):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._ip("netns", "del", name)
+        self._made.clear()
+
+    def __enter__(self) -> Sites:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
