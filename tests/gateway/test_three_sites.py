@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,21 +101,23 @@ def world() -> Iterator[World]:
         yield World(sites, prod, exp.home, fps[0], fps[1], root)
     finally:
         sites.stop()
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
 
 
-def job(w: World, script: str, *extra: str, port: int = PROD, fingerprint: str | None = None,
+def job_cmd(w: World, *payload: str, port: int = PROD, fingerprint: str | None = None,
+            key: Path | None = None) -> list[str]:  # fmt: skip
+    """``medbridge job run`` at the hpc site, through the gateway, running ``payload``."""
+    (w.root / "work").mkdir(exist_ok=True)
+    return ["ip", "netns", "exec", w.sites.ns["hpc"], sys.executable, "-m", "medbridge", "job", "run",
+            "--platform", f"{w.sites.gw_hpc_side}:{port}", "--key", str(key or w.prod.keys["alice"]),
+            "--user", "alice", "--host-key-fingerprint", fingerprint or w.fingerprint, "--", *payload]  # fmt: skip
+
+
+def job(w: World, script: str, port: int = PROD, fingerprint: str | None = None,
         key: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    """``medbridge job run`` at the hpc site, through the gateway."""
-    work = w.root / "work"
-    work.mkdir(exist_ok=True)
-    cmd = ["ip", "netns", "exec", w.sites.ns["hpc"], sys.executable, "-m", "medbridge", "job", "run",
-           "--platform", f"{w.sites.gw_hpc_side}:{port}", "--key", str(key or w.prod.keys["alice"]), "--user",
-           "alice", "--host-key-fingerprint", fingerprint or w.fingerprint, *extra, "--", "sh", "-c", script]  # fmt: skip
+    cmd = job_cmd(w, "sh", "-c", script, port=port, fingerprint=fingerprint, key=key)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDBRIDGE_")}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=work, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=w.root / "work", env=env)
 
 
 def audit(home: Home, action: str) -> list[dict[str, object]]:
@@ -215,10 +218,7 @@ def test_a_cut_link_stalls_then_recovers_the_same_session(world: World) -> None:
     )
     (world.root / "cut.py").write_text(script)
     work = world.root / "work"
-    work.mkdir(exist_ok=True)
-    cmd = ["ip", "netns", "exec", world.sites.ns["hpc"], sys.executable, "-m", "medbridge", "job", "run",
-           "--platform", f"{world.sites.gw_hpc_side}:{PROD}", "--key", str(world.prod.keys["alice"]), "--user",
-           "alice", "--host-key-fingerprint", world.fingerprint, "--", sys.executable, str(world.root / "cut.py")]  # fmt: skip
+    cmd = job_cmd(world, sys.executable, str(world.root / "cut.py"))
     with subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         deadline = time.monotonic() + 60
         while not (log.exists() and log.read_text().startswith("connected")):
