@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -254,3 +255,66 @@ def test_refused_renewal_ends_data_access_and_says_why(short_platform: RunningPl
     assert proc.returncode != 0, "the second listing must fail once the certificate lapsed"
     assert "certificate renewal refused" in err and "no live grant" in err
     assert json.loads((tmp / "report.json").read_text())["renewal_refused"]
+
+
+def test_committed_results_are_frozen_and_the_manifest_cannot_be_forged(platform: RunningPlatform) -> None:
+    async def go() -> None:
+        key, cred = await platform.credential("alice", job_id="f1")
+        async with await platform.connect("alice", [(key, cred.certificate)]) as conn:
+            sftp = await conn.start_sftp_client()
+            with pytest.raises(asyncssh.SFTPPermissionDenied, match="only by committing"):
+                async with sftp.open("/results/alice/f1/MANIFEST.sha256", "wb") as f:
+                    await f.write(b"0" * 64 + b"  ghost.bin\n")
+            async with sftp.open("/results/alice/f1/out.bin", "wb") as f:
+                await f.write(b"real")
+            digest = hashlib.sha256(b"real").hexdigest()
+            async with sftp.open("/results/alice/f1/twice.part", "wb") as f:
+                await f.write(f"{digest}  out.bin\n{digest}  out.bin\n".encode())
+            with pytest.raises(asyncssh.SFTPFailure, match="names a file twice"):
+                await sftp.posix_rename("/results/alice/f1/twice.part", "/results/alice/f1/MANIFEST.sha256")
+            async with sftp.open("/results/alice/f1/m.part", "wb") as f:
+                await f.write(f"{digest}  out.bin\n".encode())
+            await sftp.posix_rename("/results/alice/f1/m.part", "/results/alice/f1/MANIFEST.sha256")
+            with pytest.raises(asyncssh.SFTPPermissionDenied, match="committed"):
+                async with sftp.open("/results/alice/f1/out.bin", "wb") as f:
+                    await f.write(b"fake")
+            with pytest.raises(asyncssh.SFTPPermissionDenied, match="committed"):
+                await sftp.remove("/results/alice/f1/out.bin")
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await sftp.remove("/results/alice/f1/MANIFEST.sha256")
+
+    asyncio.run(go())
+    assert (results(platform, "f1") / "out.bin").read_bytes() == b"real"
+    commits = [r for r in platform.audit("results.commit") if r.outcome == "ok"]
+    assert commits and "manifest_sha256" in commits[-1].detail
+
+
+def test_a_session_that_escapes_the_job_is_ended_when_the_job_ends(platform: RunningPlatform) -> None:
+    """A payload leaves a process holding an SFTP session; ending the job revokes its certificates."""
+    log = platform.root / "escaped.log"
+    holder = platform.root / "holder.py"
+    holder.write_text(
+        "import asyncio, os, pathlib\n"
+        "from medbridge.compute.session import connect, endpoint_from_job\n"
+        "async def main():\n"
+        "    async with await connect(endpoint_from_job(os.environ)) as conn:\n"
+        "        sftp = await conn.start_sftp_client()\n"
+        f"        pathlib.Path('{log}').write_text('holding\\n')\n"
+        "        for _ in range(600):\n"
+        "            try:\n"
+        "                await sftp.stat('/datasets/chest')\n"
+        "            except Exception as exc:\n"
+        f"                pathlib.Path('{log}').write_text('cut off\\n'); return\n"
+        "            await asyncio.sleep(0.1)\n"
+        "asyncio.run(main())\n"
+    )
+    script = f"setsid {sys.executable} {holder} </dev/null >/dev/null 2>&1 & while [ ! -s {log} ]; do sleep 0.1; done"
+    r = job_run(platform, script, "--job-id", "esc")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 10
+    while log.read_text() != "cut off\n" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert log.read_text() == "cut off\n", "the escaped session must not outlive the job"
+    ends = [e for e in platform.audit("session.end") if '"job":"esc"' in e.detail]
+    assert any("certificate revoked" in e.detail for e in ends)
+    assert [e for e in platform.audit("job.end") if e.subject == "esc"]

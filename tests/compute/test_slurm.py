@@ -213,7 +213,12 @@ def test_sigkilled_wrapper_is_cleaned_up_by_the_epilog(
 
 
 def _gone(pid: int) -> bool:
-    return not Path(f"/proc/{pid}").exists()
+    """Exited: no such process, or a zombie waiting for a parent that is not ours to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state == "Z"
 
 
 def test_timed_out_job_is_torn_down(cluster: SlurmCluster, platform: RunningPlatform, base: Path) -> None:

@@ -102,14 +102,17 @@ def residue() -> None:
 @click.argument("paths", nargs=-1, required=True, type=PATH)
 @click.option("--manifest", "manifests", multiple=True, type=PATH, help="sha256sum-format manifest (repeatable).")
 @click.option("--purge", is_flag=True, help="Delete what is found.")
+@click.option("--exclude", "excludes", multiple=True, type=PATH, help="A path not to enter (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def residue_scan(paths: Sequence[Path], manifests: Sequence[Path], purge: bool, as_json: bool) -> None:
+def residue_scan(
+    paths: Sequence[Path], manifests: Sequence[Path], purge: bool, excludes: Sequence[Path], as_json: bool
+) -> None:
     """Scan PATHS for dataset copies (by SHA-256) and medical-image signatures.
 
     Exits 0 when nothing is left behind (nothing found, or all of it purged), 10 otherwise.
     """
     known = residue_mod.read_manifest_files(manifests)
-    report = residue_mod.scan(paths, known)
+    report = residue_mod.scan(paths, known, exclude=excludes)
     if purge:
         residue_mod.purge(report)
     if as_json:

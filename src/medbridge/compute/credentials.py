@@ -116,8 +116,9 @@ async def request_certificate(
     )
 
 
-async def report_residue(enrolment: Enrolment, job_id: str, report: dict[str, Any]) -> None:
-    await call_platform(enrolment, REPORT_COMMAND, {"job_id": job_id, "report": report})
+async def end_job(enrolment: Enrolment, job_id: str, residue: dict[str, Any]) -> None:
+    """Tell the platform the job is over (revoking its certificates), with its residue scan if any."""
+    await call_platform(enrolment, REPORT_COMMAND, {"job_id": job_id, "report": residue, "ended": True})
 
 
 def _parse_reply(raw: Any) -> dict[str, Any]:

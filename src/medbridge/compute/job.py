@@ -38,8 +38,8 @@ from medbridge.compute import residue
 from medbridge.compute.credentials import (
     Enrolment,
     JobCredential,
+    end_job,
     parse_address,
-    report_residue,
     request_certificate,
 )
 from medbridge.compute.mount import Mount
@@ -305,7 +305,10 @@ class Job:
                 self.mount = Mount(self.spec.mount, Path(env["MEDBRIDGE_SSH_CONFIG"]), SSH_HOST_ALIAS)
                 env["MEDBRIDGE_MOUNT"] = str(self.mount.mountpoint)
                 env["MEDBRIDGE_RESULTS"] = str(self.mount.mountpoint / "results" / cred.user / self.job_id)
-            self.write_state()
+            try:
+                self.write_state()
+            except OSError as exc:
+                self.say(f"could not leave state for the Slurm epilog ({exc}); its safety net is weaker for this job")
             self.renewer = Renewer(self, cred)
             self.renewer.start()
             if signals.received is None:
@@ -384,6 +387,11 @@ class Job:
         shutil.rmtree(folder, ignore_errors=True)
         if scanned:
             self.scan(keep)
+        if cred_ok:
+            try:
+                asyncio.run(end_job(self.enrolment, self.job_id, self.outcome.residue))
+            except MedbridgeError as exc:
+                self.say(f"could not tell the platform the job ended: {exc}")
         if self.state_file is not None:
             self.state_file.unlink(missing_ok=True)
             self.state_file.with_suffix(".manifest").unlink(missing_ok=True)
@@ -413,10 +421,6 @@ class Job:
         if self.purge:
             residue.purge(report)
         self.outcome.residue = report.as_dict()
-        try:
-            asyncio.run(report_residue(self.enrolment, self.job_id, report.as_dict()))
-        except MedbridgeError as exc:
-            self.say(f"could not record the residue scan on the platform: {exc}")
 
     def summarise(self) -> None:
         o = self.outcome

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
+import select
 import shlex
 import signal
 import stat
@@ -131,18 +133,28 @@ def _ancestors() -> set[int]:
     return pids
 
 
-def leftover_processes(slurm_job_id: str, uid: int) -> list[int]:
-    """Processes of this job's uid that still carry its SLURM_JOB_ID, except the epilog itself."""
+def leftover_processes(slurm_job_id: str, uid: int) -> list[tuple[int, int]]:
+    """``(pid, pidfd)`` of processes of this job's uid that still carry its SLURM_JOB_ID.
+
+    The pidfd is opened before the process is checked, so the signal later reaches
+    that very process even if its PID is reused meanwhile.
+    """
     mine = _ancestors()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        if pid in mine or _proc_uid(pid) != uid:
+        if pid in mine:
             continue
-        if _proc_env(pid).get("SLURM_JOB_ID") == slurm_job_id:
-            found.append(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        if _proc_uid(pid) == uid and _proc_env(pid).get("SLURM_JOB_ID") == slurm_job_id:
+            found.append((pid, pidfd))
+        else:
+            os.close(pidfd)
     return sorted(found)
 
 
@@ -153,17 +165,25 @@ def _comm(pid: int) -> str:
         return "?"
 
 
-def kill_all(pids: Sequence[int], grace: float = 3.0) -> list[dict[str, Any]]:
-    out = [{"pid": p, "comm": _comm(p)} for p in pids]
-    for p in pids:
+def kill_all(procs: Sequence[tuple[int, int]], grace: float = 3.0) -> list[dict[str, Any]]:
+    """SIGTERM, then SIGKILL after ``grace`` to those still alive; by pidfd, never by a bare PID."""
+    out = [{"pid": pid, "comm": _comm(pid)} for pid, _ in procs]
+    for _, fd in procs:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGTERM)
+            signal.pidfd_send_signal(fd, signal.SIGTERM)
+    poller = select.poll()
+    for _, fd in procs:
+        poller.register(fd, select.POLLIN)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_proc_uid(p) is not None for p in pids):
-        time.sleep(0.05)
-    for p in pids:
+    alive = {fd for _, fd in procs}
+    while alive and time.monotonic() < deadline:
+        for fd, _ in poller.poll(100):
+            alive.discard(fd)
+    for fd in alive:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    for _, fd in procs:
+        os.close(fd)
     return out
 
 
@@ -184,6 +204,53 @@ def sshfs_mounts(uid: int) -> list[tuple[str, bool]]:
             alive = False
         out.append((point, alive))
     return out
+
+
+def _owned_regular(path: Path, uid: int) -> os.stat_result | None:
+    """Stat a file without following links or blocking on a FIFO; only a regular file of ``uid`` counts."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st if stat.S_ISREG(st.st_mode) and st.st_uid == uid else None
+
+
+def _as_user(uid: int) -> dict[str, Any]:
+    """subprocess arguments that drop to ``uid`` (and its primary group) unless it is root already."""
+    if uid == os.geteuid():
+        return {}
+    return {"user": uid, "group": pwd.getpwuid(uid).pw_gid, "extra_groups": []}
+
+
+def _unmount_as(uid: int, point: str) -> bool:
+    """Lazily unmount as the mount's owner, so fusermount itself checks the mount is theirs."""
+    if uid == os.geteuid():
+        return unmount(Path(point))
+    subprocess.run(["fusermount3", "-u", "-z", "-q", point], capture_output=True, timeout=30, **_as_user(uid))
+    return not os.path.ismount(point)
+
+
+def _scan_as(uid: int, roots: Sequence[str], manifest: Path | None, exclude: Sequence[str]) -> dict[str, Any]:
+    """Scan and purge as the job's user: root never deletes by a path a user could have re-pointed."""
+    if uid == os.geteuid():
+        known = residue.read_manifest_files([manifest]) if manifest else {}
+        report = residue.scan(roots, known, exclude=exclude, owner=uid)
+        return residue.purge(report).as_dict()
+    cmd = [sys.executable, "-m", "medbridge", "residue", "scan", *roots, "--purge", "--json"]
+    for path in exclude:
+        cmd += ["--exclude", path]
+    if manifest:
+        cmd += ["--manifest", str(manifest)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, **_as_user(uid))
+    try:
+        result: dict[str, Any] = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        return {"clean": False, "findings": [], "errors": [f"scan as uid {uid} failed: {r.stderr.strip()[-300:]}"]}
+    return result
 
 
 def _owned_state(path: Path, uid: int) -> dict[str, Any] | None:
@@ -221,22 +288,19 @@ def epilog(environ: Mapping[str, str], state_dir: Path, container_base: Path | N
     recorded = state.get("mount")
     for point, alive in sshfs_mounts(uid):
         if point == recorded or not alive:
-            (report.unmounted if unmount(Path(point)) else report.still_mounted).append(point)
+            (report.unmounted if _unmount_as(uid, point) else report.still_mounted).append(point)
 
     roots = [r for r in state.get("scan", []) if isinstance(r, str) and r not in SHARED_TEMP]
     roots = [r for r in roots if os.path.isdir(r) and os.lstat(r).st_uid == uid]
     if container_base is not None and (container_base / job).is_dir():
         roots.append(str(container_base / job))
     manifest = state.get("manifest")
-    known: dict[str, str] = {}
-    if isinstance(manifest, str) and Path(manifest).parent == state_dir:
-        with contextlib.suppress(InvalidInput):
-            known = residue.read_manifest_files([manifest]) if Path(manifest).exists() else {}
-    exclude = [p for p, _ in sshfs_mounts(uid)]
+    manifest_path = Path(manifest) if isinstance(manifest, str) and Path(manifest).parent == state_dir else None
+    if manifest_path is not None and _owned_regular(manifest_path, uid) is None:
+        report.notes.append(f"ignored {manifest_path}: not a regular file owned by uid {uid}")
+        manifest_path = None
     if roots:
-        scanned = residue.scan(roots, known, exclude=exclude, owner=uid)
-        residue.purge(scanned)
-        report.residue = scanned.as_dict()
+        report.residue = _scan_as(uid, roots, manifest_path, [p for p, _ in sshfs_mounts(uid)])
     for leftover in (state_path, state_dir / f"{job}.manifest"):
         with contextlib.suppress(FileNotFoundError):
             if leftover.is_symlink() or leftover.stat().st_uid == uid:

@@ -383,6 +383,19 @@ class Store:
             )
             return spec, signed
 
+    def end_job(self, user: str, job_id: str, now: datetime, actor: str) -> int:
+        """Revoke every certificate of a finished job: its live sessions end at the next check."""
+        with self._tx() as s:
+            u = self._user(s, user)
+            live = list(s.scalars(select(Certificate).where(
+                Certificate.user_id == u.id, Certificate.job_id == job_id, Certificate.revoked_at.is_(None)
+            )))  # fmt: skip
+            for c in live:
+                c.revoked_at = now
+            self._append(s, [AuditEvent(actor=actor, action="job.end", outcome="ok", subject=job_id,
+                                        detail={"revoked_serials": [c.serial for c in live]})], now)  # fmt: skip
+            return len(live)
+
     def certificate(self, serial: int) -> CertificateInfo | None:
         with self._tx(write=False) as s:
             c = s.get(Certificate, serial)

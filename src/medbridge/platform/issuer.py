@@ -21,6 +21,8 @@ ISSUE_COMMAND = "medbridge-issue-certificate"
 #: The job wrapper reports its residue scan with the enrolment key (its certificate is gone by then).
 REPORT_COMMAND = "medbridge-report-residue"
 MAX_FINDINGS = 200
+#: Requests beyond this are clamped before any arithmetic (the platform maximum applies anyway).
+MAX_REQUESTED_LIFETIME = 10 * 366 * 24 * 3600
 MAX_REQUEST = 64 * 1024
 
 
@@ -48,6 +50,7 @@ def parse_request(raw: bytes) -> tuple[asyncssh.SSHKey, str, timedelta, list[str
         raise InvalidInput("certificate request needs a job_id string")
     if not isinstance(lifetime, int) or isinstance(lifetime, bool):
         raise InvalidInput("certificate request needs an integer lifetime in seconds")
+    lifetime = min(lifetime, MAX_REQUESTED_LIFETIME)
     if datasets is not None and not (isinstance(datasets, list) and all(isinstance(d, str) for d in datasets)):
         raise InvalidInput("datasets must be a list of names or null")
     return key, job_id, timedelta(seconds=lifetime), datasets
@@ -145,33 +148,38 @@ class Issuer:
         }
 
     def report(self, user: str, raw: bytes, peer: Mapping[str, Any], now: datetime | None = None) -> dict[str, Any]:
-        """Record a job's residue scan in the audit log, for a job this user holds a certificate for."""
+        """A job's last word: its residue scan (if it ran one), and that it ended.
+
+        Ending a job revokes all its certificates, so no session opened during the job
+        (an escaped process, a forgotten mount) outlives it.
+        """
         now = now or datetime.now(UTC)
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidInput(f"residue report is not JSON: {exc}") from exc
+            raise InvalidInput(f"job report is not JSON: {exc}") from exc
         if (
             not isinstance(body, dict)
             or not isinstance(body.get("job_id"), str)
             or not isinstance(body.get("report"), dict)
         ):
-            raise InvalidInput("residue report needs a job_id and a report object")
+            raise InvalidInput("job report needs a job_id and a report object")
         job_id, report = body["job_id"], body["report"]
         if not any(c.job_id == job_id for c in self._store.certificates(user)):
             raise InvalidInput(f"user {user!r} has no certificate for job {job_id!r}")
-        findings = report.get("findings") if isinstance(report.get("findings"), list) else []
-        detail = {
-            "clean": bool(report.get("clean")),
-            "files_scanned": report.get("files_scanned"),
-            "found": len(findings),
-            "purged": sum(1 for f in findings if isinstance(f, dict) and f.get("purged")),
-            "findings": findings[:MAX_FINDINGS],
-            "roots": report.get("roots"),
-            **peer,
-        }
-        outcome = "residue" if not detail["clean"] else "purged" if findings else "ok"
-        self._store.audit(
-            [AuditEvent(actor=user, action="residue.scan", outcome=outcome, subject=job_id, detail=detail)], now
-        )
-        return {"recorded": True}
+        if report:
+            findings = report.get("findings") if isinstance(report.get("findings"), list) else []
+            detail = {
+                "clean": bool(report.get("clean")),
+                "files_scanned": report.get("files_scanned"),
+                "found": len(findings),
+                "purged": sum(1 for f in findings if isinstance(f, dict) and f.get("purged")),
+                "findings": findings[:MAX_FINDINGS],
+                "roots": report.get("roots"),
+                **peer,
+            }
+            outcome = "residue" if not detail["clean"] else "purged" if findings else "ok"
+            event = AuditEvent(actor=user, action="residue.scan", outcome=outcome, subject=job_id, detail=detail)
+            self._store.audit([event], now)
+        revoked = self._store.end_job(user, job_id, now, user) if body.get("ended") else 0
+        return {"recorded": True, "revoked": revoked}

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,8 +23,8 @@ from medbridge.errors import AddressInUse, MedbridgeError, PlatformUnavailable
 from medbridge.platform.issuer import ISSUE_COMMAND, MAX_REQUEST, REPORT_COMMAND, Issuer
 from medbridge.platform.keys import fingerprint, load_private_key
 from medbridge.platform.listener import accept_forever, parse_networks
-from medbridge.platform.sftp import JobSFTPServer
-from medbridge.policy.credentials import serial_from_principals
+from medbridge.platform.sftp import JobSFTPServer, Results
+from medbridge.policy.credentials import serial_from_principals, serial_principal
 from medbridge.policy.manifest import format_manifest
 from medbridge.policy.paths import View
 
@@ -62,6 +63,7 @@ class AuditSink:
         self._interval = interval
         self._pending: list[AuditEvent] = []
         self._lock = asyncio.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="medbridge-audit")
 
     def record(self, event: AuditEvent) -> None:
         if event.at is None:
@@ -79,15 +81,23 @@ class AuditSink:
         async with self._lock:
             batch, self._pending = self._pending, []
             if batch:
-                await asyncio.to_thread(self._store.audit, batch, _now())
+                loop = asyncio.get_running_loop()
+                try:
+                    await loop.run_in_executor(self._writer, self._store.audit, batch, _now())
+                except BaseException:
+                    self._pending[:0] = batch  # nothing is lost: the next flush writes it
+                    raise
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             try:
                 await self.flush()
-            except MedbridgeError as exc:
-                log.error("audit write failed, will retry: %s", exc)
+            except Exception:  # a failed write is retried with the next batch; the sink must not die
+                log.exception("audit write failed, will retry")
 
 
 class _Gate(asyncssh.SSHAuthorizedKeys):
@@ -169,6 +179,9 @@ class PlatformConnection(asyncssh.SSHServer):
         if cert.user != self.username:
             attempt["reason"] = f"issued to {cert.user!r}, not {self.username!r}"
             return None
+        if sorted(principals) != sorted([cert.user, serial_principal(serial)]):
+            attempt["reason"] = "principals are not the ones this platform signed"
+            return None
         checked = self.platform.store.check_sessions([serial], _now(), follow_renewals=False)[serial]
         if not checked.ok:
             attempt["reason"] = checked.reason
@@ -239,7 +252,7 @@ class PlatformConnection(asyncssh.SSHServer):
                 )
             )
         return self.platform.sftp_class(
-            chan, self.session, self.platform.sink.record, str(self.platform.home.results), self.platform.manifest
+            chan, self.session, self.platform.sink.record, self.platform.results, self.platform.manifest
         )
 
     async def process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
@@ -283,9 +296,12 @@ class Platform:
         self.store = store or Store(home.database_url(self.settings))
         self.host_key = load_private_key(home.host_key)
         self.issuer = Issuer(self.store, load_private_key(home.ca_key), self.settings)
+        #: Enforcement has a thread of its own, so slow work elsewhere can never delay it.
+        self._enforcer = ThreadPoolExecutor(1, thread_name_prefix="medbridge-enforce")
         self.sink = AuditSink(self.store)
         self.sessions: dict[PlatformConnection, LiveSession] = {}
         self._manifests: dict[str, bytes] = {}
+        self.results = Results(str(home.results))
         #: The SFTP handler class; tests put small fault-injecting subclasses here.
         self.sftp_class: type[JobSFTPServer] = JobSFTPServer
         self._listener: socket.socket | None = None
@@ -354,9 +370,12 @@ class Platform:
             return
         now = _now()
         serials = [s.serial for s in self.sessions.values()]
-        checks = await asyncio.to_thread(self.store.check_sessions, serials, now)
+        loop = asyncio.get_running_loop()
+        checks = await loop.run_in_executor(self._enforcer, self.store.check_sessions, serials, now)
         for owner, session in list(self.sessions.items()):
-            check = checks[session.serial]
+            check = checks.get(session.serial)
+            if check is None:
+                continue  # logged in while this tick's query ran: the next tick decides it
             if not check.ok:
                 self.close_session(owner, check.reason)
                 continue
@@ -366,7 +385,7 @@ class Platform:
                 continue
             gained = check.datasets - session.view.datasets
             if gained:
-                session.roots.update(await asyncio.to_thread(self.store.dataset_roots, gained))
+                session.roots.update(await loop.run_in_executor(self._enforcer, self.store.dataset_roots, gained))
                 session.view = View(session.user, session.job, check.datasets)
             session.ends_at = check.ends_at
 
@@ -375,8 +394,8 @@ class Platform:
             await asyncio.sleep(self.settings.enforcement_interval)
             try:
                 await self.enforce_once()
-            except MedbridgeError as exc:
-                log.error("enforcement check failed, will retry: %s", exc)
+            except Exception:  # enforcement must outlive any one bad tick: log it and check again
+                log.exception("enforcement check failed, will retry")
 
     # -- serving ------------------------------------------------------------------------
 
@@ -465,6 +484,9 @@ class Platform:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.sink.record(AuditEvent(actor="platform", action="platform.stop", outcome="ok"))
         await self.sink.flush()
+        self._enforcer.shutdown(wait=True)
+        self.results.close()
+        self.sink.close()
 
 
 def _owner(chan: asyncssh.SSHServerChannel[bytes]) -> PlatformConnection:

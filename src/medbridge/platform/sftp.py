@@ -16,6 +16,7 @@ import os
 import stat
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from asyncssh import SFTPAttrs, SFTPName
 
 from medbridge.control.audit import AuditEvent
 from medbridge.errors import InvalidInput
-from medbridge.policy.manifest import DATASET_MANIFEST, RESULTS_MANIFEST, parse_manifest
+from medbridge.policy.manifest import DATASET_MANIFEST, PARTIAL_SUFFIX, RESULTS_MANIFEST, parse_manifest
 from medbridge.policy.paths import Action, Kind, PathEscape, Refusal, Target, decide, normalise, parse, within
 
 if TYPE_CHECKING:
@@ -43,9 +44,52 @@ class OpenFile:
     writable: bool
     read_only_view: bool
     data: bytes | None = None
+    job_root: str | None = None
     bytes_read: int = 0
     bytes_written: int = 0
     opened: float = field(default_factory=time.monotonic)
+
+
+class Results:
+    """The results storage and its commits: a committed job folder is frozen.
+
+    A commit is the rename of a staged file onto ``MANIFEST.sha256``: the platform
+    first checks every hash it names.  While that runs the folder is marked
+    committing (writes refused), and once the manifest is in place nothing in the
+    folder can change.  Verification has threads of its own, so no number of
+    commits can delay enforcement or the audit.
+    """
+
+    MAX_ENTRIES = 100_000
+
+    def __init__(self, root: str, workers: int = 2):
+        self.root = root
+        self._committing: set[str] = set()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="medbridge-commit")
+
+    def job_root(self, user: str, job: str) -> str:
+        return os.path.join(self.root, user, job)
+
+    def frozen(self, job_root: str) -> bool:
+        return job_root in self._committing or os.path.lexists(os.path.join(job_root, RESULTS_MANIFEST))
+
+    async def commit(self, job_root: str, staged: str, final: str) -> tuple[int, int, str] | str:
+        """Verify ``staged`` against the folder and rename it onto ``final``; why not, if refused."""
+        if self.frozen(job_root):
+            return "the job's results are already committed"
+        self._committing.add(job_root)
+        try:
+            loop = asyncio.get_running_loop()
+            verdict = await loop.run_in_executor(self._pool, verify_results, job_root, staged, self.MAX_ENTRIES)
+            if isinstance(verdict, str):
+                return verdict
+            os.replace(staged, final)
+            return verdict
+        finally:
+            self._committing.discard(job_root)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _dir_attrs(mtime: int) -> SFTPAttrs:
@@ -69,13 +113,14 @@ class JobSFTPServer(asyncssh.SFTPServer):
         chan: asyncssh.SSHServerChannel[bytes],
         session: LiveSession | None,
         record: Callable[[AuditEvent], None],
-        results_root: str,
+        results: Results,
         manifest: Callable[[str], bytes],
     ):
         super().__init__(chan)
         self._session = session
         self._record = record
-        self._results_root = results_root
+        self._results = results
+        self._results_root = results.root
         self._manifest = manifest
         self._started = int(time.time())
         self._open: set[int] = set()
@@ -118,6 +163,11 @@ class JobSFTPServer(asyncssh.SFTPServer):
             return target, None
         if target.kind is Kind.RESULTS_USER:
             return target, root
+        if action is Action.WRITE and target.kind is Kind.RESULT:
+            if target.rest == (RESULTS_MANIFEST,) and op != "commit":
+                self._refuse(vpath, op, Refusal.DENIED, "the results manifest is written only by committing (rename)")
+            if self._results.frozen(root):
+                self._refuse(vpath, op, Refusal.DENIED, "the job's results are committed and can no longer change")
         real = os.path.join(root, *target.rest) if target.rest else root
         resolved = os.path.realpath(real)
         real_root = os.path.realpath(root)
@@ -263,7 +313,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
             os.close(fd)
             raise asyncssh.SFTPFailure(f"{vpath}: is a directory")
         self._open.add(fd)
-        return self._opened(OpenFile(fd, vpath, writing, target.kind is Kind.DATASET))
+        job_root = self._root(self._session, target) if writing and self._session is not None else None
+        return self._opened(OpenFile(fd, vpath, writing, target.kind is Kind.DATASET, job_root=job_root))
 
     def _opened(self, handle: OpenFile) -> OpenFile:
         s = self._session
@@ -290,6 +341,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
         f = _handle(file_obj)
         if not f.writable:
             raise asyncssh.SFTPPermissionDenied(f"{f.path}: opened read-only")
+        if f.job_root and self._results.frozen(f.job_root):
+            raise asyncssh.SFTPPermissionDenied(f"{f.path}: the job's results are committed")
         n = os.pwrite(f.fd, data, offset)
         f.bytes_written += n
         return n
@@ -387,23 +440,26 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     async def _rename(self, oldpath: bytes, newpath: bytes, *, replace: bool) -> None:
         _, old = self._resolve(oldpath, Action.WRITE, "rename")
-        target, new = self._resolve(newpath, Action.WRITE, "rename")
+        target = parse(normalise(os.fsdecode(newpath)))
+        committing = target.kind is Kind.RESULT and target.rest == (RESULTS_MANIFEST,)
+        target, new = self._resolve(newpath, Action.WRITE, "commit" if committing else "rename")
         assert old is not None and new is not None
         if not replace and os.path.lexists(new):
             raise asyncssh.SFTPFailure(f"{os.fsdecode(newpath)}: already exists")
-        if target.kind is Kind.RESULT and target.rest == (RESULTS_MANIFEST,):
-            await self._commit(target, old)
-        os.replace(old, new)
+        if committing:
+            await self._commit(target, old, new)
+        else:
+            os.replace(old, new)
         self._audit_change("sftp.rename", oldpath, to=normalise(os.fsdecode(newpath)))
 
-    async def _commit(self, target: Target, manifest_file: str) -> None:
+    async def _commit(self, target: Target, staged: str, final: str) -> None:
         """Outputs are complete only when a manifest naming them verifies here, on the platform."""
         s = self._session
         assert s is not None
-        job_root = os.path.join(self._results_root, s.user, target.job or "")
+        job_root = self._results.job_root(s.user, target.job or "")
         try:
-            verdict = await asyncio.to_thread(verify_results, job_root, manifest_file)
-        except InvalidInput as exc:
+            verdict = await self._results.commit(job_root, staged, final)
+        except (InvalidInput, OSError) as exc:
             verdict = str(exc)
         if isinstance(verdict, str):
             self._record(
@@ -416,14 +472,14 @@ class JobSFTPServer(asyncssh.SFTPServer):
                 )
             )
             raise asyncssh.SFTPFailure(f"results manifest refused: {verdict}")
-        files, size = verdict
+        files, size, digest = verdict
         self._record(
             AuditEvent(
                 actor=s.user,
                 action="results.commit",
                 outcome="ok",
                 subject=target.path,
-                detail={"files": files, "bytes": size, **s.identity()},
+                detail={"files": files, "bytes": size, "manifest_sha256": digest, **s.identity()},
             )
         )
 
@@ -464,17 +520,25 @@ def _is_manifest(target: Target) -> bool:
     return target.kind is Kind.DATASET and target.rest == (DATASET_MANIFEST,)
 
 
-def verify_results(job_root: str, manifest_file: str) -> tuple[int, int] | str:
-    """Check every file a results manifest names; ``(files, bytes)`` or why not."""
-    with open(manifest_file, encoding="utf-8") as f:
-        entries = parse_manifest(f.read(1 << 24))
+def verify_results(job_root: str, manifest_file: str, max_entries: int) -> tuple[int, int, str] | str:
+    """Check every file a results manifest names; ``(files, bytes, manifest sha256)`` or why not."""
+    fd = os.open(manifest_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return "the manifest is not a regular file"
+        raw = f.read(1 << 24)
+    entries = parse_manifest(raw.decode("utf-8", errors="strict"))
     if not entries:
         return "the manifest names no files"
+    if len(entries) > max_entries:
+        return f"the manifest names more than {max_entries} files"
+    if len({rel for _, rel in entries}) != len(entries):
+        return "the manifest names a file twice"
     real_root = os.path.realpath(job_root)
     total = 0
     for sha, rel in entries:
         path = os.path.realpath(os.path.join(job_root, rel))
-        if not within(real_root, path) or not os.path.isfile(path):
+        if not within(real_root, path) or not os.path.isfile(path) or rel.endswith(PARTIAL_SUFFIX):
             return f"{rel} is missing"
         digest = hashlib.sha256()
         with open(path, "rb") as data:
@@ -483,7 +547,7 @@ def verify_results(job_root: str, manifest_file: str) -> tuple[int, int] | str:
                 total += len(chunk)
         if digest.hexdigest() != sha:
             return f"{rel} does not match its SHA-256"
-    return len(entries), total
+    return len(entries), total, hashlib.sha256(raw).hexdigest()
 
 
 def _handle(file_obj: object) -> OpenFile:

@@ -127,7 +127,11 @@ def _copy(src: Path, f: Path, staging: Path, progress: Callable[[int], None] | N
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
-    with open(f, "rb") as fin, open(dest, "xb") as fout:
+    fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidInput(f"{f}: changed into something other than a regular file while being copied")
+    with os.fdopen(fd, "rb") as fin, open(dest, "xb") as fout:
         while chunk := fin.read(CHUNK):
             digest.update(chunk)
             fout.write(chunk)

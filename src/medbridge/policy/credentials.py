@@ -72,6 +72,8 @@ def certificate_spec(
     if requested <= timedelta(0):
         raise InvalidInput("certificate lifetime must be positive")
     if datasets is not None:
+        if not datasets:
+            raise InvalidInput("name at least one dataset, or none to use every granted one")
         for name in datasets:
             check_name("dataset", name)
         missing = sorted(set(datasets) - set(rights))
