@@ -192,6 +192,7 @@ def test_emulated_5ms_rtt_measures_5ms(world: World) -> None:
         f"--samples 40 --json --plot {plot}",
     )
     assert r.returncode == 0, r.stderr
+    print(r.stdout)  # the figures docs/benchmarks.md quotes (pytest -s shows them)
     rows = {(row["name"], row["level"]): row for row in json.loads(r.stdout)["routes"]}
     added = rows[("slow", "sftp")]["median_ms"] - rows[("direct", "sftp")]["median_ms"]
     assert 4.0 <= added <= 6.0, rows

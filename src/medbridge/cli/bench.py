@@ -45,3 +45,19 @@ def bench_rtt(routes: Sequence[str], samples: int, level: str | None, as_json: b
     output.table("round-trip time (ms)", ["route", "level", "min", "mean", "median", "max", "samples"],
                  [(r["name"], r["level"], r["min_ms"], r["mean_ms"], r["median_ms"], r["max_ms"], r["samples"])
                   for r in rows])  # fmt: skip
+
+
+@bench.command("relay")
+@click.option("--mb", type=click.IntRange(16, 100_000), default=1024, show_default=True, help="MB per transfer.")
+@click.option("--repeats", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def bench_relay(mb: int, repeats: int, as_json: bool) -> None:
+    """CPU seconds per GB: the gateway's splice relay against a plain asyncio relay, same run."""
+    from medbridge.bench import relay
+
+    result = relay.run(mb, repeats, progress=None if as_json else lambda m: output.err.print(m, highlight=False))
+    if as_json:
+        output.emit_json(result)
+        return
+    output.table(f"relay cost, {mb} MB x {repeats} (loopback, medians)", ["relay", "MB/s", "CPU-s per GB"],
+                 [(r["relay"], r["mb_per_s"], r["cpu_s_per_gb"]) for r in result["rows"]])  # fmt: skip

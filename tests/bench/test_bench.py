@@ -1,0 +1,39 @@
+"""The benchmarks run and report in their documented shape (figures are for docs/benchmarks.md, not asserted)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_relay_reports_both_relays() -> None:
+    r = subprocess.run([sys.executable, "-m", "medbridge", "bench", "relay", "--mb", "16", "--repeats", "1", "--json"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = {row["relay"]: row for row in json.loads(r.stdout)["rows"]}
+    assert set(rows) == {"medbridge-gateway", "python-asyncio"}
+    assert all(row["mb_per_s"] > 0 and row["cpu_s_per_gb"] >= 0 for row in rows.values())
+
+
+def test_bench_rtt_tcp_level_json_and_plot(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        plot = tmp_path / "rtt.png"
+        r = subprocess.run([sys.executable, "-m", "medbridge", "bench", "rtt", "--route", f"loop=127.0.0.1:{port}",
+                            "--samples", "5", "--json", "--plot", str(plot)], capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)["routes"]
+    assert row["name"] == "loop" and row["level"] == "tcp" and row["samples"] == 5
+    assert 0 <= row["min_ms"] <= row["mean_ms"] <= row["max_ms"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rtt_sftp_level_outside_a_job_is_a_clear_error() -> None:
+    r = subprocess.run([sys.executable, "-m", "medbridge", "bench", "rtt", "--route", "x=127.0.0.1:1", "--level",
+                        "sftp"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 9
+    assert r.stderr.startswith("medbridge: error: not inside 'medbridge job run'")
