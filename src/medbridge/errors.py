@@ -2,6 +2,7 @@
 
     MedbridgeError                      1  anything medbridge itself refuses or fails at
     ├── InvalidInput                    2  bad arguments, malformed files, unreadable keys
+    │   └── NotAnonymised                  a dataset fails the anonymisation profile
     ├── NotInitialised                  3  the platform home has not been created
     ├── NotFound                        4  unknown user, group, dataset or grant
     ├── AlreadyExists                   5  duplicate names, home already initialised
@@ -32,6 +33,10 @@ class InvalidInput(MedbridgeError):
     """The caller gave something medbridge cannot use."""
 
     exit_code = 2
+
+
+class NotAnonymised(InvalidInput):
+    """Images still carry what the anonymisation profile forbids."""
 
 
 class NotInitialised(MedbridgeError):

@@ -23,6 +23,7 @@ from medbridge.config import Home
 from medbridge.control.store import Store
 from medbridge.errors import InvalidInput, MedbridgeError
 from medbridge.platform.keys import fingerprint, load_private_key, public_line, read_public_key_file
+from medbridge.policy.manifest import format_manifest
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -237,24 +238,64 @@ def dataset() -> None:
 @click.argument("name")
 @click.option("--from", "src", required=True, type=click.Path(path_type=Path), help="Folder to copy in.")
 @click.option("--provider", default="", help="Who provided the data (e.g. a society).")
-def dataset_add(home: Path | None, name: str, src: Path, provider: str) -> None:
-    """Copy a folder into platform storage with a SHA-256 manifest; all or nothing."""
+@click.option(
+    "--profile",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Anonymisation profile (TOML); default: the built-in DICOM PS3.15 basic profile.",
+)
+@click.option(
+    "--allow-report", is_flag=True, help="Administrator: accept the dataset although files fail the profile (audited)."
+)
+def dataset_add(home: Path | None, name: str, src: Path, provider: str, profile: Path | None,
+                allow_report: bool) -> None:  # fmt: skip
+    """Copy a folder into platform storage: anonymisation gate, SHA-256 manifest, all or nothing."""
+    from medbridge.errors import NotAnonymised
+    from medbridge.ingest.profile import load_profile
     from medbridge.platform.storage import add_dataset, scan_source
 
+    rules = load_profile(profile)
     h, store = _store(home)
     total = sum(f.stat().st_size for f in scan_source(src))
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=output.err,
-        transient=True,
-        disable=not output.err.is_terminal,
-    ) as bar:
-        task = bar.add_task(f"copying {name}", total=total)
-        manifest = add_dataset(h, store, name, src, provider, _actor(), progress=lambda n: bar.advance(task, n))
-    output.out.print(f"added dataset {name}: {len(manifest)} files, {sum(m.size for m in manifest)} bytes")
+    try:
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                      console=output.err, transient=True, disable=not output.err.is_terminal) as bar:  # fmt: skip
+            task = bar.add_task(f"copying {name}", total=total)
+            manifest, report = add_dataset(h, store, name, src, provider, _actor(),
+                                           progress=lambda n: bar.advance(task, n), profile=rules,
+                                           allow_report=allow_report)  # fmt: skip
+    except NotAnonymised:
+        from medbridge.ingest.gate import check_tree
+
+        _print_failures(check_tree(src, rules).failed)
+        raise
+    if not report.passed:
+        _print_failures(report.failed)
+        output.err.print(f"accepted by an administrator despite {len(report.failed)} failing file(s) (audited)")
+    types = ", ".join(f"{n} {t}" for t, n in report.as_dict()["media_types"].items())
+    output.out.print(f"added dataset {name}: {len(manifest)} files, {sum(m.size for m in manifest)} bytes ({types})")
+
+
+def _print_failures(failed: Sequence[Any]) -> None:
+    for f in failed:
+        for issue in f.issues:
+            output.err.print(f"  {f.path}: {issue.tag} {issue.keyword}: {issue.reason}", markup=False, highlight=False)
+
+
+@dataset.command("pack")
+@home_option
+@click.argument("name")
+@click.option("--shard-size", default="256MB", show_default=True, help="Largest shard (e.g. 64MB, 1GiB).")
+def dataset_pack(home: Path | None, name: str, shard_size: str) -> None:
+    """Pack a dataset's files into indexed tar shards beside them (served as /datasets/NAME/.shards/)."""
+    from medbridge.ingest.shards import parse_size
+    from medbridge.platform.storage import pack_dataset
+
+    size = parse_size(shard_size)
+    h, store = _store(home)
+    shards = pack_dataset(h, store, name, size, _actor())
+    members = sum(len(s.members) for s in shards)
+    output.out.print(f"packed {members} files of {name} into {len(shards)} shard(s) of at most {shard_size}")
 
 
 @dataset.command("list")
@@ -290,11 +331,15 @@ def dataset_list(home: Path | None, as_json: bool) -> None:
 @dataset.command("manifest")
 @home_option
 @click.argument("name")
-def dataset_manifest(home: Path | None, name: str) -> None:
-    """Print a dataset's manifest in sha256sum format."""
+@json_option
+def dataset_manifest(home: Path | None, name: str, as_json: bool) -> None:
+    """Print a dataset's manifest in sha256sum format (--json adds sizes and media types)."""
     _, store = _store(home)
-    for m in store.manifest(name):
-        click.echo(f"{m.sha256}  {m.path}")
+    entries = store.manifest(name)
+    if as_json:
+        output.emit_json({"dataset": name, "files": [m.__dict__ for m in entries]})
+        return
+    click.echo(format_manifest((m.sha256, m.path) for m in entries), nl=False)
 
 
 # -- grants ---------------------------------------------------------------------------
@@ -411,6 +456,7 @@ def audit_verify(home: Path | None) -> None:
 from medbridge.cli.bench import bench  # noqa: E402
 from medbridge.cli.demo import demo  # noqa: E402
 from medbridge.cli.gateway import gateway  # noqa: E402
+from medbridge.cli.ingest import ingest, shard  # noqa: E402
 from medbridge.cli.job import job, residue, slurm  # noqa: E402
 
 cli.add_command(job)
@@ -419,6 +465,8 @@ cli.add_command(slurm)
 cli.add_command(demo)
 cli.add_command(gateway)
 cli.add_command(bench)
+cli.add_command(ingest)
+cli.add_command(shard)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

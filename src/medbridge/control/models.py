@@ -100,6 +100,7 @@ class DatasetFile(Base):
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+    media_type: Mapped[str] = mapped_column(String(64), default="application/octet-stream")
 
 
 class Grant(Base):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -60,6 +60,7 @@ class ManifestEntry:
     path: str
     size: int
     sha256: str
+    media_type: str = "application/octet-stream"
 
 
 @dataclass(frozen=True)
@@ -213,14 +214,21 @@ class Store:
     # -- datasets ---------------------------------------------------------------------
 
     def add_dataset(
-        self, name: str, provider: str, storage_path: str, files: Sequence[ManifestEntry], now: datetime, actor: str
+        self,
+        name: str,
+        provider: str,
+        storage_path: str,
+        files: Sequence[ManifestEntry],
+        now: datetime,
+        actor: str,
+        gate: Mapping[str, Any] | None = None,
     ) -> None:
         check_name("dataset", name)
         with self._tx() as s:
             if s.scalar(select(Dataset).where(Dataset.name == name)):
                 raise AlreadyExists(f"dataset {name!r} already exists")
             ds = Dataset(name=name, provider=provider, storage_path=storage_path, created_at=now)
-            ds.files = [DatasetFile(path=f.path, size=f.size, sha256=f.sha256) for f in files]
+            ds.files = [DatasetFile(path=f.path, size=f.size, sha256=f.sha256, media_type=f.media_type) for f in files]
             s.add(ds)
             self._append(
                 s,
@@ -230,7 +238,12 @@ class Store:
                         action="dataset.add",
                         outcome="ok",
                         subject=name,
-                        detail={"provider": provider, "files": len(files), "bytes": sum(f.size for f in files)},
+                        detail={
+                            "provider": provider,
+                            "files": len(files),
+                            "bytes": sum(f.size for f in files),
+                            **(gate or {}),
+                        },
                     )
                 ],
                 now,
@@ -264,7 +277,31 @@ class Store:
     def manifest(self, name: str) -> list[ManifestEntry]:
         with self._tx(write=False) as s:
             ds = self._dataset(s, name)
-            return [ManifestEntry(f.path, f.size, f.sha256) for f in ds.files]
+            return [ManifestEntry(f.path, f.size, f.sha256, f.media_type) for f in ds.files]
+
+    def add_files(self, name: str, files: Sequence[ManifestEntry], now: datetime, actor: str, action: str) -> None:
+        """Add derived files (shards) to a dataset's manifest."""
+        with self._tx() as s:
+            ds = self._dataset(s, name)
+            known = {f.path for f in ds.files}
+            clash = sorted(f.path for f in files if f.path in known)
+            if clash:
+                raise AlreadyExists(f"dataset {name!r} already has {clash[0]}")
+            for f in files:
+                ds.files.append(DatasetFile(path=f.path, size=f.size, sha256=f.sha256, media_type=f.media_type))
+            self._append(
+                s,
+                [
+                    AuditEvent(
+                        actor=actor,
+                        action=action,
+                        outcome="ok",
+                        subject=name,
+                        detail={"files": len(files), "bytes": sum(f.size for f in files)},
+                    )
+                ],
+                now,
+            )
 
     # -- grants -----------------------------------------------------------------------
 

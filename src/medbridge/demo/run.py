@@ -52,7 +52,7 @@ def run_demo(volumes: int = 4, keep: bool = False, mount: bool | None = None) ->
         incoming.mkdir()
         for i in range(volumes):
             nifti.write(incoming / f"ct-{i + 1:03d}.nii", phantom.chest(seed=i + 1), phantom.SPACING)
-        manifest = add_dataset(home, store, DATASET, incoming, "Synthetic Chest Society", "demo")
+        manifest, _ = add_dataset(home, store, DATASET, incoming, "Synthetic Chest Society", "demo")
         shutil.rmtree(incoming)
         store.grant(f"@{GROUP}", DATASET, now + timedelta(days=30), now, "demo")
 

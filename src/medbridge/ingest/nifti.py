@@ -1,4 +1,4 @@
-"""Minimal NIfTI-1 single-file (.nii) reading and writing for int16/uint8 volumes."""
+"""Minimal NIfTI-1 single-file (.nii) reading and writing for int16, uint8 and float32 volumes."""
 
 from __future__ import annotations
 
@@ -11,17 +11,25 @@ import numpy.typing as npt
 
 from medbridge.errors import InvalidInput
 
-_DTYPES: dict[int, np.dtype[Any]] = {4: np.dtype("<i2"), 2: np.dtype("u1")}
-_CODES: dict[np.dtype[Any], int] = {np.dtype("<i2"): 4, np.dtype("u1"): 2}
+_DTYPES: dict[int, np.dtype[Any]] = {4: np.dtype("<i2"), 2: np.dtype("u1"), 16: np.dtype("<f4")}
+_CODES: dict[np.dtype[Any], int] = {dtype: code for code, dtype in _DTYPES.items()}
 HEADER = 348
 OFFSET = 352
 
 
-def encode(volume: npt.NDArray[np.generic], spacing: tuple[float, float, float]) -> bytes:
-    """A .nii file: 348-byte header, 4 bytes of extension flags, then the voxels (x fastest)."""
+def encode(
+    volume: npt.NDArray[np.generic],
+    spacing: tuple[float, float, float],
+    affine: npt.NDArray[np.float64] | None = None,
+) -> bytes:
+    """A .nii file: 348-byte header, 4 bytes of extension flags, then the voxels (x fastest).
+
+    ``volume`` is indexed ``[z, y, x]`` and ``spacing`` is in the same order, in mm.  An
+    ``affine`` (4×4, voxel ``(x, y, z)`` to RAS mm) is written as the sform.
+    """
     dtype = np.dtype(volume.dtype).newbyteorder("<")
     if dtype not in _CODES:
-        raise InvalidInput(f"NIfTI writer supports int16 and uint8, not {volume.dtype}")
+        raise InvalidInput(f"NIfTI writer supports int16, uint8 and float32, not {volume.dtype}")
     hdr = bytearray(HEADER)
     struct.pack_into("<i", hdr, 0, HEADER)
     dims = [3, *volume.shape[::-1], 1, 1, 1, 1]
@@ -30,6 +38,12 @@ def encode(volume: npt.NDArray[np.generic], spacing: tuple[float, float, float])
     struct.pack_into("<8f", hdr, 76, 1.0, *spacing[::-1], 0, 0, 0, 0)
     struct.pack_into("<f", hdr, 108, float(OFFSET))
     struct.pack_into("<ff", hdr, 112, 1.0, 0.0)
+    hdr[123] = 2  # xyzt_units: millimetres
+    if affine is not None:
+        if np.shape(affine) != (4, 4):
+            raise InvalidInput("NIfTI affine must be a 4x4 matrix")
+        struct.pack_into("<h", hdr, 254, 1)  # sform_code: scanner coordinates
+        struct.pack_into("<12f", hdr, 280, *np.asarray(affine, dtype=np.float64)[:3].ravel())
     struct.pack_into("<h", hdr, 252, 0)
     hdr[344:348] = b"n+1\0"
     return bytes(hdr) + b"\0\0\0\0" + np.ascontiguousarray(volume, dtype=dtype).tobytes()

@@ -300,7 +300,6 @@ class Platform:
         self._enforcer = ThreadPoolExecutor(1, thread_name_prefix="medbridge-enforce")
         self.sink = AuditSink(self.store)
         self.sessions: dict[PlatformConnection, LiveSession] = {}
-        self._manifests: dict[str, bytes] = {}
         self.results = Results(str(home.results))
         #: The SFTP handler class; tests put small fault-injecting subclasses here.
         self.sftp_class: type[JobSFTPServer] = JobSFTPServer
@@ -308,11 +307,8 @@ class Platform:
         self._tasks: list[asyncio.Task[None]] = []
 
     def manifest(self, dataset: str) -> bytes:
-        """A dataset's manifest in sha256sum format (datasets never change once added)."""
-        if dataset not in self._manifests:
-            entries = self.store.manifest(dataset)
-            self._manifests[dataset] = format_manifest((m.sha256, m.path) for m in entries).encode()
-        return self._manifests[dataset]
+        """A dataset's manifest in sha256sum format, shards included once packed."""
+        return format_manifest((m.sha256, m.path) for m in self.store.manifest(dataset)).encode()
 
     # -- sessions -----------------------------------------------------------------------
 

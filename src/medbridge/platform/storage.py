@@ -13,7 +13,11 @@ from pathlib import Path
 from medbridge.config import Home
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import ManifestEntry, Store
-from medbridge.errors import AlreadyExists, InvalidInput
+from medbridge.errors import AlreadyExists, InvalidInput, NotAnonymised
+from medbridge.ingest.gate import GateReport, check_tree
+from medbridge.ingest.media import HEAD, media_type
+from medbridge.ingest.profile import Profile, load_profile
+from medbridge.ingest.shards import ShardInfo, pack
 from medbridge.platform.keys import create_private_key, fingerprint
 from medbridge.policy.manifest import DATASET_MANIFEST
 from medbridge.policy.names import check_name
@@ -75,6 +79,8 @@ def scan_source(src: Path) -> list[Path]:
                 raise InvalidInput(f"{p}: not a regular file")
             if p.parent == src and name == DATASET_MANIFEST:
                 raise InvalidInput(f"{p}: the name {DATASET_MANIFEST} is reserved for the dataset's manifest")
+            if p.relative_to(src).parts[0] == SHARDS_DIR:
+                raise InvalidInput(f"{p}: the folder {SHARDS_DIR} is reserved for the dataset's shards")
             files.append(p)
     return sorted(files)
 
@@ -91,8 +97,15 @@ def add_dataset(
     provider: str,
     actor: str,
     progress: Callable[[int], None] | None = None,
-) -> list[ManifestEntry]:
-    """Copy ``src`` into storage, fingerprinting every file; the dataset appears whole or not at all."""
+    profile: Profile | None = None,
+    allow_report: bool = False,
+) -> tuple[list[ManifestEntry], GateReport]:
+    """Copy ``src`` into storage, fingerprint and type every file, judge the copy with the anonymisation gate.
+
+    The gate reads the staged copy, never the source, so what is judged is what is
+    stored.  A failing dataset is refused (and the refusal audited) unless an
+    administrator accepts the report; either way it appears whole or not at all.
+    """
     check_name("dataset", name)
     if store.dataset_exists(name):
         raise AlreadyExists(f"dataset {name!r} already exists")
@@ -104,21 +117,85 @@ def add_dataset(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         manifest = [_copy(src, f, staging, progress) for f in files]
+        report = check_tree(staging, profile or load_profile())
+        if not report.passed and not allow_report:
+            _refuse(store, name, report, actor)
         for dirpath, _, _ in os.walk(staging):
             os.chmod(dirpath, 0o550)
         os.rename(staging, final)
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_tree(staging)
         raise InvalidInput(f"cannot copy dataset {name!r}: {exc}") from exc
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_tree(staging)
         raise
+    gate = {"profile": report.profile, "gate_passed": report.passed,
+            "accepted_with_report": allow_report and not report.passed,
+            "failed_files": [f.path for f in report.failed][:200]}  # fmt: skip
     try:
-        store.add_dataset(name, provider, str(final), manifest, datetime.now(UTC), actor)
+        store.add_dataset(name, provider, str(final), manifest, datetime.now(UTC), actor, gate=gate)
     except BaseException:
         _remove_tree(final)
         raise
-    return manifest
+    return manifest, report
+
+
+def _refuse(store: Store, name: str, report: GateReport, actor: str) -> None:
+    failed = report.failed
+    issues = [{"path": f.path, "issues": [i.as_dict() for i in f.issues][:20]} for f in failed[:200]]
+    store.audit([AuditEvent(actor=actor, action="dataset.refused", outcome="refused", subject=name,
+                            detail={"profile": report.profile, "failed": len(failed), "files": issues})],
+                datetime.now(UTC))  # fmt: skip
+    first = failed[0]
+    why = first.issues[0]
+    raise NotAnonymised(
+        f"dataset {name!r} refused: {len(failed)} file(s) fail the anonymisation profile {report.profile} "
+        f"(first: {first.path}: {why.tag} {why.keyword}: {why.reason}); an administrator may accept the report "
+        "with --allow-report"
+    )
+
+
+def pack_dataset(home: Home, store: Store, name: str, shard_size: int, actor: str) -> list[ShardInfo]:
+    """Pack a dataset's files into shards beside them (``.shards/``), listed in its manifest."""
+    manifest = store.manifest(name)
+    root = Path(store.dataset_roots([name])[name])
+    out = root / SHARDS_DIR
+    if out.exists():
+        raise AlreadyExists(f"dataset {name!r} is already packed ({out})")
+    originals = [(m.path, root / m.path) for m in manifest if not m.path.startswith(SHARDS_DIR + "/")]
+    staging = root.parent / f".packing-{name}-{os.getpid()}"
+    _remove_tree(staging)
+    try:
+        shards = pack(originals, staging, shard_size)
+        for dirpath, _, filenames in os.walk(staging):
+            for f in filenames:
+                os.chmod(os.path.join(dirpath, f), 0o440)
+        os.chmod(root, 0o750)
+        os.rename(staging, out)
+        os.chmod(out, 0o550)
+        os.chmod(root, 0o550)
+    except BaseException:
+        _remove_tree(staging)
+        raise
+    entries = []
+    for shard in shards:
+        for path, media in ((shard.path, "application/x-tar"), (shard.index_path, "application/json")):
+            final = out / path.name
+            entries.append(ManifestEntry(f"{SHARDS_DIR}/{path.name}", final.stat().st_size, _sha256(final), media))
+    try:
+        store.add_files(name, entries, datetime.now(UTC), actor, "dataset.pack")
+    except BaseException:
+        _remove_tree(out)
+        raise
+    return shards
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _copy(src: Path, f: Path, staging: Path, progress: Callable[[int], None] | None) -> ManifestEntry:
@@ -127,22 +204,28 @@ def _copy(src: Path, f: Path, staging: Path, progress: Callable[[int], None] | N
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
+    head = b""
     fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise InvalidInput(f"{f}: changed into something other than a regular file while being copied")
     with os.fdopen(fd, "rb") as fin, open(dest, "xb") as fout:
         while chunk := fin.read(CHUNK):
+            if len(head) < HEAD:
+                head += chunk[: HEAD - len(head)]
             digest.update(chunk)
             fout.write(chunk)
             size += len(chunk)
             if progress:
                 progress(len(chunk))
     os.chmod(dest, 0o440)
-    return ManifestEntry(rel.as_posix(), size, digest.hexdigest())
+    return ManifestEntry(rel.as_posix(), size, digest.hexdigest(), media_type(head, rel.name))
 
 
 def _remove_tree(path: Path) -> None:
     for dirpath, _, _ in os.walk(path):
         os.chmod(dirpath, 0o750)
     shutil.rmtree(path, ignore_errors=True)
+
+
+SHARDS_DIR = ".shards"
