@@ -17,10 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncssh
-
-from medbridge.compute.session import Endpoint
-from medbridge.config import CIPHERS
+from medbridge.compute.session import Endpoint, connect
 from medbridge.errors import InvalidInput, PlatformUnavailable
 
 
@@ -56,18 +53,7 @@ def tcp_samples(route: Route, samples: int, timeout: float = 5.0) -> list[float]
 
 async def sftp_samples(route: Route, ep: Endpoint, samples: int, warmup: int = 3) -> list[float]:
     """Seconds per SFTP ``stat`` round trip on one session through ``route``."""
-    agent = await asyncssh.connect_agent(ep.agent)
-    try:
-        identities = await agent.get_keys()
-    finally:
-        agent.close()
-        await agent.wait_closed()
-    try:
-        conn = await asyncssh.connect(route.host, route.port, username=ep.user, known_hosts=([ep.host_key], [], []),
-                                      client_keys=identities, agent_path=None, encryption_algs=list(CIPHERS),
-                                      config=None, connect_timeout=30)  # fmt: skip
-    except (OSError, asyncssh.Error) as exc:
-        raise PlatformUnavailable(f"route {route.name}: no SFTP session via {route.host}:{route.port}: {exc}") from exc
+    conn = await connect(ep, route.host, route.port)
     out = []
     async with conn:
         sftp = await conn.start_sftp_client()

@@ -8,11 +8,12 @@ import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
 from medbridge.config import CIPHERS
-from medbridge.errors import JobFailed, PlatformUnavailable
+from medbridge.errors import AccessDenied, JobFailed, PlatformUnavailable
 from medbridge.policy.manifest import DATASET_MANIFEST, PARTIAL_SUFFIX, RESULTS_MANIFEST, format_manifest
 
 
@@ -43,26 +44,35 @@ def endpoint_from_job(environ: Mapping[str, str]) -> Endpoint:
         raise JobFailed(f"not inside 'medbridge job run' (job environment incomplete: {exc})") from exc
 
 
-async def connect(ep: Endpoint) -> asyncssh.SSHClientConnection:
-    """Log in with exactly the certificates in the job's agent, pinning the platform."""
+async def connect(
+    ep: Endpoint, host: str | None = None, port: int | None = None, **options: Any
+) -> asyncssh.SSHClientConnection:
+    """Log in with exactly the certificates in the job's agent, pinning the platform.
+
+    The agent is needed only while authenticating (its key pairs sign through it), so
+    it is closed once the connection is up.  ``host``/``port`` reach the platform
+    another way (a benchmark route); ``options`` go to asyncssh.
+    """
     try:
         agent = await asyncssh.connect_agent(ep.agent)
         try:
-            identities = await agent.get_keys()
+            return await asyncssh.connect(
+                host or ep.host,
+                port or ep.port,
+                username=ep.user,
+                known_hosts=([ep.host_key], [], []),
+                agent_path=None,
+                client_keys=await agent.get_keys(),
+                encryption_algs=list(CIPHERS),
+                config=None,
+                connect_timeout=30,
+                **options,
+            )
         finally:
             agent.close()
             await agent.wait_closed()
-        return await asyncssh.connect(
-            ep.host,
-            ep.port,
-            username=ep.user,
-            known_hosts=([ep.host_key], [], []),
-            agent_path=None,
-            client_keys=identities,
-            encryption_algs=list(CIPHERS),
-            config=None,
-            connect_timeout=30,
-        )
+    except asyncssh.PermissionDenied as exc:
+        raise AccessDenied(f"the platform refused the job's certificate (expired, revoked, job ended): {exc}") from exc
     except (OSError, asyncssh.Error) as exc:
         raise PlatformUnavailable(f"cannot open the job's data session: {exc}") from exc
 

@@ -7,7 +7,11 @@ drive it with real SSH clients (asyncssh in-process, OpenSSH's ``sftp`` and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +20,8 @@ from typing import Any
 import asyncssh
 
 from medbridge.compute.credentials import Enrolment, JobCredential, request_certificate
+from medbridge.compute.job import Agent
+from medbridge.compute.session import Endpoint
 from medbridge.config import CIPHERS, Home
 from medbridge.control.audit import Record
 from medbridge.control.store import Store
@@ -146,6 +152,19 @@ class RunningPlatform:
         """Reach the issuer directly, or through a gateway listening on ``port``."""
         key = asyncssh.read_private_key(str(self.keys[user]))
         return Enrolment(self.host, port or self.port, user, key, self.fingerprint)
+
+    @contextlib.contextmanager
+    def job_endpoint(self, user: str, job_id: str = "job-1", port: int | None = None) -> Iterator[Endpoint]:
+        """What a job's environment gives the loader: its agent holding a job certificate."""
+        folder = Path(tempfile.mkdtemp(prefix="medbridge-test-agent-"))
+        agent = Agent(folder)
+        try:
+            key, cred = asyncio.run(self.credential(user, job_id=job_id))
+            asyncio.run(agent.load(key, cred.certificate, 600))
+            yield Endpoint(self.host, port or self.port, cred.user, cred.host_key, str(agent.socket))
+        finally:
+            agent.stop()
+            shutil.rmtree(folder, ignore_errors=True)
 
     async def connect(self, user: str, client_keys: Sequence[Any]) -> asyncssh.SSHClientConnection:
         """An asyncssh client connection presenting exactly ``client_keys``."""

@@ -1,0 +1,364 @@
+"""The loader client: a pool of SFTP connections on a background event loop, used from plain code.
+
+Why it is fast: every connection carries many requests at once (asyncssh splits a read
+into parallel block requests, and ``read_many`` keeps a window of files in flight
+across the pool), so a round trip of a few milliseconds is paid once per window, not
+once per file.  Why it is safe: whole files are checked against the dataset manifest
+(a changed file is an :class:`IntegrityError`, never silent), a dropped connection
+stalls the read and resumes it by offset once the link is back, and nothing is
+written to disk.  After ``fork`` (DataLoader workers) a process never touches its
+parent's event loop or connections: it opens its own on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import os
+import posixpath
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import asyncssh
+
+from medbridge.compute.session import Endpoint, connect, endpoint_from_job
+from medbridge.errors import AccessDenied, IntegrityError, PlatformUnavailable
+from medbridge.loader.cache import ReadAheadCache
+from medbridge.policy.manifest import DATASET_MANIFEST, parse_manifest
+
+SEGMENT = 8 << 20
+_DROPPED = (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.SFTPConnectionLost, OSError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Where one sample's bytes are: a whole file, or a member of a shard (one ranged read)."""
+
+    path: str
+    shard: str | None = None
+    offset: int = 0
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class Stats:
+    files: int = 0
+    bytes: int = 0
+    reconnects: int = 0
+    seconds_stalled: float = 0.0
+    verified: int = 0
+
+
+@dataclass
+class _Slot:
+    conn: asyncssh.SSHClientConnection | None = None
+    sftp: asyncssh.SFTPClient | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class _Pool:
+    """The async side: connections, reads with resume, manifests."""
+
+    def __init__(self, ep: Endpoint, connections: int, block_size: int, max_requests: int, patience: float):
+        self.ep = ep
+        self.slots = [_Slot() for _ in range(connections)]
+        self.block_size = block_size
+        self.max_requests = max_requests
+        self.patience = patience
+        self.stats = Stats()
+        self._next = itertools.count()
+        self._manifests: dict[str, dict[str, str]] = {}
+        self._visible: set[str] | None = None
+
+    async def _sftp(self, slot: _Slot) -> asyncssh.SFTPClient:
+        async with slot.lock:
+            if slot.sftp is not None:
+                return slot.sftp
+            try:
+                slot.conn = await connect(self.ep, keepalive_interval=15, keepalive_count_max=20)
+            except AccessDenied as exc:
+                raise PermissionError(str(exc)) from exc
+            except PlatformUnavailable as exc:
+                raise ConnectionError(str(exc)) from exc
+            slot.sftp = await slot.conn.start_sftp_client()
+            return slot.sftp
+
+    def _drop(self, slot: _Slot) -> None:
+        if slot.conn is not None:
+            slot.conn.abort()
+        slot.conn = slot.sftp = None
+
+    async def read(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
+        """Bytes ``offset..offset+size`` (to the end if None); stalls through cuts and resumes by offset."""
+        out = bytearray()
+        pos, remaining = offset, size
+        stalled_since: float | None = None
+        delay = 0.2
+        while remaining is None or remaining > 0:
+            slot = self.slots[next(self._next) % len(self.slots)]
+            try:
+                sftp = await self._sftp(slot)
+                async with sftp.open(path, "rb", block_size=self.block_size, max_requests=self.max_requests) as f:
+                    if remaining is None:
+                        remaining = max(0, int((await f.stat()).size or 0) - pos)
+                        if remaining == 0:
+                            break
+                    want = min(remaining, SEGMENT)
+                    data: bytes = await f.read(want, pos)
+            except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
+                raise await self._refusal(path, exc) from exc
+            except _DROPPED as exc:
+                self._drop(slot)
+                now = time.monotonic()
+                stalled_since = stalled_since or now
+                if now - stalled_since > self.patience:
+                    raise ConnectionError(
+                        f"{path}: the platform has been unreachable for {self.patience:.0f} s"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                self.stats.reconnects += 1
+                continue
+            if stalled_since is not None:
+                self.stats.seconds_stalled += time.monotonic() - stalled_since
+                stalled_since, delay = None, 0.2
+            if not data:
+                break
+            out += data
+            pos += len(data)
+            remaining -= len(data)
+        self.stats.bytes += len(out)
+        return bytes(out)
+
+    async def _refusal(self, path: str, exc: Exception) -> OSError:
+        parts = path.strip("/").split("/")
+        if len(parts) >= 2 and parts[0] == "datasets" and parts[1] not in await self.visible():
+            return PermissionError(f"dataset {parts[1]!r} is not granted to this job ({path})")
+        if isinstance(exc, asyncssh.SFTPPermissionDenied):
+            return PermissionError(f"{path}: permission denied")
+        return FileNotFoundError(f"{path}: no such file")
+
+    async def visible(self) -> set[str]:
+        if self._visible is None:
+            sftp = await self._sftp(self.slots[0])
+            self._visible = {n for n in await sftp.listdir("/datasets") if n not in (".", "..")}
+        return self._visible
+
+    async def manifest(self, dataset: str) -> dict[str, str]:
+        """Dataset-relative path → SHA-256, from the platform's manifest."""
+        if dataset not in self._manifests:
+            raw = await self.read(f"/datasets/{dataset}/{DATASET_MANIFEST}")
+            self._manifests[dataset] = {p: sha for sha, p in parse_manifest(raw.decode())}
+        return self._manifests[dataset]
+
+    async def read_verified(self, sample: Sample, verify: bool) -> bytes:
+        if sample.shard is not None:
+            data = await self.read(sample.shard, sample.offset, sample.size)
+            expected = sample.sha256
+        else:
+            data = await self.read(sample.path, sample.offset, sample.size)
+            expected = sample.sha256
+            if expected is None and verify and sample.offset == 0 and sample.size is None:
+                dataset, rel = _split(sample.path)
+                expected = (await self.manifest(dataset)).get(rel) if dataset else None
+        if expected is not None:
+            if hashlib.sha256(data).hexdigest() != expected:
+                raise IntegrityError(f"{sample.path}: content does not match the dataset manifest "
+                                     "(changed on the platform since it was recorded)")  # fmt: skip
+            self.stats.verified += 1
+        self.stats.files += 1
+        return data
+
+    async def close(self) -> None:
+        for slot in self.slots:
+            if slot.conn is not None:
+                slot.conn.close()
+                await slot.conn.wait_closed()
+            slot.conn = slot.sftp = None
+
+
+def _split(path: str) -> tuple[str | None, str]:
+    parts = path.strip("/").split("/", 2)
+    if len(parts) == 3 and parts[0] == "datasets":
+        return parts[1], parts[2]
+    return None, path
+
+
+class Loader:
+    """Synchronous face of the pool; safe to use after fork (each process gets its own)."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint | None = None,
+        *,
+        connections: int = 4,
+        window: int = 64,
+        block_size: int = 1 << 20,
+        max_requests: int = 16,
+        verify: bool = True,
+        patience: float = 900.0,
+        environ: Mapping[str, str] | None = None,
+    ):
+        self._endpoint = endpoint or endpoint_from_job(environ if environ is not None else os.environ)
+        self._options = (connections, block_size, max_requests, patience)
+        self.window = window
+        self.verify = verify
+        self._pid = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: _Pool | None = None
+        self._thread: threading.Thread | None = None
+
+    def _runtime(self) -> tuple[asyncio.AbstractEventLoop, _Pool]:
+        if self._pid != os.getpid() or self._loop is None or self._pool is None:
+            # A forked child must not use (or even close) its parent's loop and sockets.
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="medbridge-loader", daemon=True)
+            thread.start()
+            self._loop, self._thread, self._pid = loop, thread, os.getpid()
+            self._pool = _Pool(self._endpoint, *self._options)
+        return self._loop, self._pool
+
+    def _submit(self, coro: Any) -> Future[Any]:
+        loop, _ = self._runtime()
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    @property
+    def stats(self) -> Stats:
+        return self._runtime()[1].stats
+
+    def read(self, path: str) -> bytes:
+        """A whole file, verified against its dataset's manifest."""
+        return self.read_sample(Sample(path))
+
+    def read_range(self, path: str, offset: int, size: int) -> bytes:
+        return bytes(self._submit(self._runtime()[1].read(path, offset, size)).result())
+
+    def read_sample(self, sample: Sample) -> bytes:
+        return bytes(self._submit(self._runtime()[1].read_verified(sample, self.verify)).result())
+
+    def read_many(self, items: Iterable[str | Sample], window: int | None = None) -> Iterator[bytes]:
+        """Every item's bytes, in order, with up to ``window`` reads in flight ahead of the consumer."""
+        _, pool = self._runtime()
+        ahead: deque[Future[bytes]] = deque()
+        width = window or self.window
+        try:
+            for item in items:
+                sample = item if isinstance(item, Sample) else Sample(item)
+                ahead.append(self._submit(pool.read_verified(sample, self.verify)))
+                if len(ahead) >= width:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for fut in ahead:
+                fut.cancel()
+
+    def datasets(self) -> list[str]:
+        return sorted(self._submit(self._runtime()[1].visible()).result())
+
+    def files(self, dataset: str) -> list[str]:
+        """Every file of a dataset (from its manifest), as platform paths; shards left out."""
+        manifest = self._submit(self._runtime()[1].manifest(dataset)).result()
+        return [f"/datasets/{dataset}/{rel}" for rel in sorted(manifest) if not rel.startswith(".shards/")]
+
+    def shard_samples(self, dataset: str) -> list[Sample]:
+        """Every member of the dataset's shards as a :class:`Sample` (one ranged read each)."""
+        manifest = self._submit(self._runtime()[1].manifest(dataset)).result()
+        samples = []
+        for rel in sorted(manifest):
+            if not (rel.startswith(".shards/") and rel.endswith(".index.json")):
+                continue
+            index = json.loads(self.read(f"/datasets/{dataset}/{rel}"))
+            shard = f"/datasets/{dataset}/" + posixpath.join(posixpath.dirname(rel), index["shard"])
+            for m in index["members"]:
+                samples.append(Sample(f"/datasets/{dataset}/{m['name']}", shard, m["offset"], m["size"], m["sha256"]))
+        return samples
+
+    def open(self, path: str, *, block: int = 1 << 20, readahead: int = 4, capacity: int = 64 << 20) -> RemoteFile:
+        """A read-only file object with a read-ahead cache (for readers that seek: pydicom, nibabel)."""
+        size = self._submit(self._size(path)).result()
+        cache = ReadAheadCache(lambda off, n: self.read_range(path, off, n), size, block=block,
+                               readahead=readahead, capacity=capacity)  # fmt: skip
+        return RemoteFile(path, cache)
+
+    async def _size(self, path: str) -> int:
+        _, pool = self._runtime()
+        sftp = await pool._sftp(pool.slots[0])
+        try:
+            return int((await sftp.stat(path)).size or 0)
+        except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
+            raise await pool._refusal(path, exc) from exc
+
+    def close(self) -> None:
+        if self._pid == os.getpid() and self._loop is not None and self._pool is not None:
+            asyncio.run_coroutine_threadsafe(self._pool.close(), self._loop).result(timeout=30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+            self._loop.close()
+        self._loop = self._pool = self._thread = None
+        self._pid = -1
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled into DataLoader workers without the loop or connections."""
+        state = dict(self.__dict__)
+        state.update(_pid=-1, _loop=None, _pool=None, _thread=None)
+        return state
+
+
+class RemoteFile:
+    """A seekable, read-only binary file over the loader's read-ahead cache."""
+
+    def __init__(self, name: str, cache: ReadAheadCache):
+        self.name = name
+        self._cache = cache
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._cache.length - self._pos
+        data = self._cache.read(self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._cache.length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def counters(self) -> Any:
+        return self._cache.counters
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def __enter__(self) -> RemoteFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

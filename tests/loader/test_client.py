@@ -1,0 +1,180 @@
+"""The native loader against a real platform: the same read tests over local disk, the mount and the loader."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from medbridge.compute.session import Endpoint
+from medbridge.errors import IntegrityError
+from medbridge.loader import Loader, Sample
+from medbridge.platform.storage import pack_dataset
+from medbridge.testing import RunningPlatform
+from medbridge.testing.relay import CuttableRelay
+
+FILES = {f"img/{i:03d}.bin": os.urandom(20_000 + 17 * i) for i in range(60)}
+FILES["big/volume.raw"] = os.urandom(20 << 20)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
+    p = RunningPlatform(tmp_path_factory.mktemp("loader"), enforcement_interval=0.25)
+    p.add_user("alice")
+    p.add_dataset("xr", FILES)
+    p.add_dataset("secret", {"a.bin": b"no"})
+    p.grant("alice", "xr")
+    pack_dataset(p.home, p.store, "xr", 256 << 10, "test")
+    with p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def endpoint(platform: RunningPlatform) -> Iterator[Endpoint]:
+    with platform.job_endpoint("alice") as ep:
+        yield ep
+
+
+Reader = Callable[[str], bytes]
+
+
+@pytest.fixture(scope="module")
+def mount(platform: RunningPlatform, endpoint: Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if not os.path.exists("/dev/fuse") or shutil.which("sshfs") is None:
+        pytest.skip("needs /dev/fuse and sshfs (apt-get install sshfs)")
+    from medbridge.compute.job import known_hosts_line, ssh_config
+    from medbridge.compute.mount import Mount
+
+    folder = tmp_path_factory.mktemp("mount")
+    (folder / "known_hosts").write_text(known_hosts_line(endpoint.host, endpoint.port, endpoint.host_key))
+    cfg = folder / "ssh_config"
+    cfg.write_text(
+        ssh_config(endpoint.host, endpoint.port, endpoint.user, Path(endpoint.agent), folder / "known_hosts")
+    )
+    m = Mount(folder / "mnt", cfg, "medbridge")
+    yield m.mountpoint
+    assert m.close()
+
+
+@pytest.fixture(params=["local", "mount", "native"])
+def reader(request: pytest.FixtureRequest, platform: RunningPlatform, endpoint: Endpoint) -> Iterator[Reader]:
+    """One read interface, three paths to the same bytes."""
+    if request.param == "local":
+        root = platform.home.datasets
+        yield lambda path: (root / path.removeprefix("/datasets/")).read_bytes()
+    elif request.param == "mount":
+        root = request.getfixturevalue("mount")
+        yield lambda path: (root / path.lstrip("/")).read_bytes()
+    else:
+        with Loader(endpoint) as loader:
+            yield loader.read
+
+
+def test_conformance_every_file_reads_back_exactly(reader: Reader) -> None:
+    for rel, data in FILES.items():
+        assert reader(f"/datasets/xr/{rel}") == data
+
+
+def test_conformance_missing_file_is_file_not_found(reader: Reader) -> None:
+    with pytest.raises(FileNotFoundError):
+        reader("/datasets/xr/img/nope.bin")
+
+
+def test_ungranted_dataset_is_a_permission_error_naming_it(endpoint: Endpoint) -> None:
+    with Loader(endpoint) as loader, pytest.raises(PermissionError, match="dataset 'secret' is not granted"):
+        loader.read("/datasets/secret/a.bin")
+
+
+def test_read_many_keeps_order_and_reads_shards(endpoint: Endpoint) -> None:
+    with Loader(endpoint, window=16) as loader:
+        paths = loader.files("xr")
+        assert [p.removeprefix("/datasets/xr/") for p in paths] == sorted(FILES)
+        assert list(loader.read_many(paths)) == [FILES[p.removeprefix("/datasets/xr/")] for p in paths]
+        samples = loader.shard_samples("xr")
+        assert {s.path.removeprefix("/datasets/xr/") for s in samples} == set(FILES)
+        for sample, data in zip(samples, loader.read_many(samples), strict=True):
+            assert data == FILES[sample.path.removeprefix("/datasets/xr/")]
+        assert loader.stats.verified >= 2 * len(FILES)
+
+
+def test_random_access_through_the_read_ahead_cache(endpoint: Endpoint) -> None:
+    data = FILES["big/volume.raw"]
+    with Loader(endpoint) as loader, loader.open("/datasets/xr/big/volume.raw", block=1 << 20, readahead=2) as f:
+        assert f.read(348) == data[:348]
+        f.seek(5 << 20)
+        assert f.read(3 << 20) == data[5 << 20 : 8 << 20]
+        assert f.counters.hits >= 0 and f.counters.bytes_fetched >= 3 << 20
+
+
+def test_a_changed_file_is_an_integrity_error(platform: RunningPlatform, endpoint: Endpoint) -> None:
+    target = platform.home.datasets / "xr" / "img" / "059.bin"
+    original = target.read_bytes()
+    os.chmod(target, 0o640)
+    try:
+        target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        with Loader(endpoint) as loader, pytest.raises(IntegrityError, match="does not match the dataset manifest"):
+            loader.read("/datasets/xr/img/059.bin")
+    finally:
+        target.write_bytes(original)
+        os.chmod(target, 0o440)
+
+
+def test_a_cut_link_stalls_reads_then_they_resume_and_match(platform: RunningPlatform, endpoint: Endpoint) -> None:
+    relay = CuttableRelay((platform.host, platform.port))
+    via = Endpoint(endpoint.host, relay.port, endpoint.user, endpoint.host_key, endpoint.agent)
+    try:
+        with Loader(via, connections=2, window=8) as loader:
+            paths = loader.files("xr")
+            got: list[bytes] = []
+            done = threading.Event()
+
+            def epoch() -> None:
+                got.extend(loader.read_many(paths))
+                done.set()
+
+            worker = threading.Thread(target=epoch)
+            worker.start()
+            time.sleep(0.05)
+            relay.cut()
+            time.sleep(2.0)
+            assert not done.is_set(), "reads must stall while the link is down"
+            relay.restore()
+            worker.join(timeout=120)
+            assert done.is_set()
+            assert got == [FILES[p.removeprefix("/datasets/xr/")] for p in paths]
+            assert loader.stats.reconnects >= 1
+    finally:
+        relay.close()
+
+
+def test_loader_works_in_a_forked_child(endpoint: Endpoint) -> None:
+    loader = Loader(endpoint)
+    assert loader.read("/datasets/xr/img/000.bin") == FILES["img/000.bin"]
+    pid = os.fork()
+    if pid == 0:
+        ok = loader.read("/datasets/xr/img/001.bin") == FILES["img/001.bin"]
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child opens its own connections"
+    assert loader.read("/datasets/xr/img/002.bin") == FILES["img/002.bin"], "the parent's pool is untouched"
+    loader.close()
+
+
+def test_sample_with_a_wrong_hash_is_refused(endpoint: Endpoint) -> None:
+    with Loader(endpoint) as loader, pytest.raises(IntegrityError):
+        loader.read_sample(Sample("/datasets/xr/img/000.bin", sha256="0" * 64))
+
+
+def test_process_leaves_no_threads_behind(endpoint: Endpoint) -> None:
+    before = {t.name for t in threading.enumerate()}
+    with Loader(endpoint) as loader:
+        loader.read("/datasets/xr/img/003.bin")
+    after = {t.name for t in threading.enumerate()}
+    assert "medbridge-loader" not in after - before
+    assert subprocess.run(["true"]).returncode == 0
