@@ -158,7 +158,7 @@ def test_serve_reports_port_in_use(home: Path) -> None:
 
 def test_serve_prints_its_address_and_stops_on_sigterm(home: Path) -> None:
     env = {**os.environ, "MEDBRIDGE_HOME": str(home)}
-    cmd = [sys.executable, "-m", "medbridge", "platform", "serve", "--listen", "127.0.0.1:0"]
+    cmd = [sys.executable, "-m", "medbridge", "platform", "serve", "--listen", "127.0.0.1:0", "--workers", "1"]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env) as proc:
         try:
             assert proc.stdout is not None
@@ -175,3 +175,65 @@ def test_serve_prints_its_address_and_stops_on_sigterm(home: Path) -> None:
                 proc.wait()
     actions = [e["action"] for e in json.loads(mb("audit", "--json", home=home).stdout)["entries"]]
     assert actions[-3:] == ["platform.start", "login", "platform.stop"], "the bare TCP probe is audited too"
+
+
+def test_workers_share_one_port_and_each_enforces_revocation(home: Path, tmp_path: Path) -> None:
+    """Two server processes on one port; sessions on both end when the grant is revoked."""
+    import asyncio
+
+    import asyncssh
+
+    from medbridge.compute.credentials import Enrolment, request_certificate
+
+    (tmp_path / "data" / "b.bin").write_bytes(b"x" * 10)
+    assert mb("user", "add", "alice", "--key", str(tmp_path / "alice.pub"), home=home).returncode == 0
+    assert mb("dataset", "add", "chest", "--from", str(tmp_path / "data"), home=home).returncode == 0
+    assert mb("grant", "alice", "chest", home=home).returncode == 0
+    (home / "platform.toml").write_text("enforcement_interval = 0.25\n")
+    env = {**os.environ, "MEDBRIDGE_HOME": str(home)}
+    cmd = [sys.executable, "-m", "medbridge", "platform", "serve", "--listen", "127.0.0.1:0", "--workers", "2"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert "(2 workers)" in line
+            port = int(line.split("127.0.0.1:")[1].split()[0])
+            fpr = line.split("host key ")[1].split()[0]
+
+            async def sessions() -> list[str]:
+                import asyncssh as a
+
+                key = a.read_private_key(str(tmp_path / "alice"))
+                conns = []
+                for i in range(8):
+                    eph = a.generate_private_key("ssh-ed25519")
+                    cred = await request_certificate(Enrolment("127.0.0.1", port, "alice", key, fpr), eph, f"j{i}",
+                                                     600, None)  # fmt: skip
+                    conn = await a.connect("127.0.0.1", port, username="alice", known_hosts=None, config=None,
+                                           client_keys=[(eph, cred.certificate)])  # fmt: skip
+                    sftp = await conn.start_sftp_client()
+                    assert await sftp.exists("/datasets/chest/b.bin")
+                    conns.append((conn, sftp))
+                assert mb("revoke", "alice", "chest", home=home).returncode == 0
+                await asyncio.sleep(3)
+                ended = []
+                for conn, sftp in conns:
+                    try:
+                        await asyncio.wait_for(sftp.stat("/"), 2)
+                        ended.append("alive")
+                    except (asyncssh.Error, OSError, TimeoutError):
+                        ended.append("ended")
+                    conn.close()
+                return ended
+
+            assert asyncio.run(sessions()) == ["ended"] * 8
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=30) == 0
+    starts = [e for e in json.loads(mb("audit", "--json", home=home).stdout)["entries"]
+              if e["action"] == "platform.start"]  # fmt: skip
+    assert len({e["detail"]["pid"] for e in starts}) == 2, "two worker processes"
+    logins = [e for e in json.loads(mb("audit", "--json", home=home).stdout)["entries"]
+              if e["action"] == "login" and e["subject"] == "certificate"]  # fmt: skip
+    assert len(logins) == 8
+    assert mb("audit", "verify", home=home).returncode == 0, "one chain, written by both workers"

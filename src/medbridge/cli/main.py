@@ -103,8 +103,15 @@ def platform_fingerprint(home: Path | None) -> None:
     multiple=True,
     help="CIDR of a gateway whose PROXY v2 header is believed (repeatable; adds to platform.toml).",
 )
-def platform_serve(home: Path | None, listen: str, trusted: Sequence[str]) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Server processes sharing the port (default: one per core).",
+)
+def platform_serve(home: Path | None, listen: str, trusted: Sequence[str], workers: int | None) -> None:
     """Serve the SFTP data plane and the certificate issuer until SIGTERM/SIGINT."""
+    from medbridge.platform import workers as pool
     from medbridge.platform.server import serve
 
     h = Home.resolve(home)
@@ -117,18 +124,25 @@ def platform_serve(home: Path | None, listen: str, trusted: Sequence[str]) -> No
         except ValueError as exc:
             raise InvalidInput(f"--trusted-proxy {cidr!r}: {exc}") from exc
 
+    count = workers or os.cpu_count() or 1
+
+    def ready(bound_host: str, bound_port: int) -> None:
+        click.echo(
+            f"medbridge platform listening on {bound_host}:{bound_port} host key {fingerprint(key)} "
+            f"({count} worker{'s' if count > 1 else ''})"
+        )
+        sys.stdout.flush()
+
+    if count > 1:
+        h.settings()
+        pool.run(h, host, port, count, trusted, ready)
+        return
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-
-        def ready(bound_host: str, bound_port: int) -> None:
-            click.echo(
-                f"medbridge platform listening on {bound_host}:{bound_port} host key {fingerprint(key)}", err=False
-            )
-            sys.stdout.flush()
-
         await serve(h, host, port, ready=ready, stop=stop, trusted_proxies=trusted)
 
     asyncio.run(main())

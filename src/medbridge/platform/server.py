@@ -395,7 +395,9 @@ class Platform:
 
     # -- serving ------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, trusted_proxies: Sequence[str] = ()) -> tuple[str, int]:
+    async def start(
+        self, host: str, port: int, trusted_proxies: Sequence[str] = (), reuse_port: bool = False
+    ) -> tuple[str, int]:
         """Listen and return the bound address (port 0 picks a free one)."""
         proxies = parse_networks([*self.settings.trusted_proxies, *trusted_proxies])
 
@@ -443,6 +445,8 @@ class Platform:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             listener.bind((host, port))
         except OSError as exc:
@@ -498,10 +502,11 @@ async def serve(
     ready: Callable[[str, int], None] | None = None,
     stop: asyncio.Event | None = None,
     trusted_proxies: Sequence[str] = (),
+    reuse_port: bool = False,
 ) -> None:
     """Run a platform until ``stop`` is set (or forever)."""
     platform = Platform(home)
-    bound = await platform.start(host, port, trusted_proxies)
+    bound = await platform.start(host, port, trusted_proxies, reuse_port)
     if ready:
         ready(*bound)
     try:
