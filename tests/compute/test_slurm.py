@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import pytest
 
 from medbridge.compute.slurm import Submission, batch_script
 from medbridge.testing import RunningPlatform
-from medbridge.testing.slurm import JOB_USER, OUTSIDER, SlurmCluster, available
+from medbridge.testing.slurm import JOB_USER, OUTSIDER, SlurmCluster, available, job_python
 from tests.conftest import CHEST
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"no Slurm here: {available()}")
@@ -38,20 +37,30 @@ def base() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def cluster(base: Path) -> Iterator[SlurmCluster]:
+def python(base: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """The interpreter jobs run medbridge with (the checkout may be under the host's /tmp)."""
+    with job_python(base) as found:
+        yield found
+
+
+@pytest.fixture(scope="module")
+def cluster(base: Path, python: tuple[str, dict[str, str]]) -> Iterator[SlurmCluster]:
     state = base / "state"
     state.mkdir()
     state.chmod(0o1733)
     epilog = base / "epilog.sh"
+    exe, extra_env = python
+    exports = "".join(f"export {k}={v}\n" for k, v in extra_env.items())
     epilog.write_text(
-        "#!/bin/sh\n"
-        f"{sys.executable} -m medbridge slurm epilog --state-dir {state} "
+        "#!/bin/sh\n" + exports + f"{exe} -m medbridge slurm epilog --state-dir {state} "
         f"--container-base {base / 'cluster' / 'containers'}"
         f" > {base}/epilog-$SLURM_JOB_ID.json 2>> {base}/epilog.err\n"
         "exit 0\n"
     )
     epilog.chmod(0o755)
     with SlurmCluster(base / "cluster", str(epilog), state) as c:
+        c.env.update(extra_env)
+        c.python = exe
         yield c
 
 
@@ -67,7 +76,7 @@ def platform(base: Path) -> Iterator[RunningPlatform]:
 
 
 def submit(cluster: SlurmCluster, p: RunningPlatform, base: Path, command: str, *extra: str) -> str:
-    cmd = [sys.executable, "-m", "medbridge", "job", "submit", "--platform", p.address, "--key", str(p.keys["alice"]),
+    cmd = [cluster.python, "-m", "medbridge", "job", "submit", "--platform", p.address, "--key", str(p.keys["alice"]),
            "--user", "alice", "--host-key-fingerprint", p.fingerprint, "--json",
            f"--sbatch=--output={base}/slurm-%j.out", *extra,
            "--", "sh", "-c", command]  # fmt: skip

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -60,6 +61,8 @@ class SlurmCluster:
         self.state_dir = state_dir
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        #: The interpreter jobs run medbridge with (see :func:`job_python`).
+        self.python = sys.executable
         self._pids: dict[str, int] = {}
         self._created_users: list[str] = []
         self._created_groups: list[str] = []
@@ -242,3 +245,36 @@ def python_for(user: str) -> bool:
         return True
     r = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-c", "import medbridge"], capture_output=True)
     return r.returncode == 0
+
+
+def _hidden_from_jobs(path: Path) -> bool:
+    """Is ``path`` under a folder that job_container/tmpfs replaces with the job's own copy?"""
+    return any(path == Path(t) or Path(t) in path.parents for t in ("/tmp", "/dev/shm"))
+
+
+@contextlib.contextmanager
+def job_python(base: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """An interpreter path and environment that jobs can use, wherever the checkout lives.
+
+    With job_container/tmpfs a job sees a private /tmp, so a checkout (and its virtual
+    environment) under /tmp is invisible to it.  Such a checkout is bind-mounted under
+    ``base`` for the test's duration (and unmounted after), and jobs find medbridge there.
+    """
+    import medbridge
+
+    src = Path(medbridge.__file__).resolve().parents[1]
+    checkout = src.parent
+    exe = Path(sys.executable)
+    if not _hidden_from_jobs(checkout) and not _hidden_from_jobs(exe):
+        yield sys.executable, {}
+        return
+    if checkout not in exe.parents:
+        raise RuntimeError(f"{exe} is under /tmp outside the checkout; jobs in a private /tmp cannot run it")
+    target = base / "checkout"
+    target.mkdir()
+    subprocess.run(["mount", "--bind", str(checkout), str(target)], check=True, capture_output=True)
+    try:
+        yield str(target / exe.relative_to(checkout)), {"PYTHONPATH": str(target / src.relative_to(checkout))}
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+        target.rmdir()
