@@ -46,10 +46,11 @@ class DelayRelay:
             for s in (client, upstream):
                 s.settimeout(None)
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pair = _Pair(client, upstream)
             for src, dst in ((client, upstream), (upstream, client)):
-                self._direction(src, dst)
+                self._direction(src, dst, pair)
 
-    def _direction(self, src: socket.socket, dst: socket.socket) -> None:
+    def _direction(self, src: socket.socket, dst: socket.socket, pair: _Pair) -> None:
         queue: collections.deque[tuple[float, bytes]] = collections.deque()
         ready = threading.Condition()
 
@@ -78,6 +79,7 @@ class DelayRelay:
                 if not data:
                     with contextlib.suppress(OSError):
                         dst.shutdown(socket.SHUT_WR)
+                    pair.done()
                     return
                 if self.rate:
                     sent_until = max(sent_until, time.monotonic()) + len(data) / self.rate
@@ -89,6 +91,7 @@ class DelayRelay:
                 except OSError:
                     with contextlib.suppress(OSError):
                         src.shutdown(socket.SHUT_RDWR)
+                    pair.done()
                     return
 
         threading.Thread(target=reader, daemon=True).start()
@@ -97,6 +100,23 @@ class DelayRelay:
     def close(self) -> None:
         self._stop.set()
         self.server.close()
+
+
+class _Pair:
+    """Both sockets of one relayed connection, closed once both directions are done."""
+
+    def __init__(self, a: socket.socket, b: socket.socket):
+        self.sockets = (a, b)
+        self._left = 2
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            for s in self.sockets:
+                s.close()
 
 
 def main(argv: list[str] | None = None) -> int:
