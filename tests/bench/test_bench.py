@@ -37,3 +37,20 @@ def test_bench_rtt_sftp_level_outside_a_job_is_a_clear_error() -> None:
                         "sftp"], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 9
     assert r.stderr.startswith("medbridge: error: not inside 'medbridge job run'")
+
+
+def test_bench_io_reads_by_every_path_and_reports_its_shape(tmp_path: Path) -> None:
+    plot = tmp_path / "io.png"
+    r = subprocess.run([sys.executable, "-m", "medbridge", "bench", "io", "--small-files", "20", "--large-files", "1",
+                        "--large-mb", "2", "--repeats", "1", "--rtt-ms", "0,2", "--server-workers", "1", "--json",
+                        "--plot", str(plot)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    paths = {(row["path"], row["data"], row["rtt_ms"]) for row in result["rows"]}
+    for path in ("sshfs-default", "sshfs-tuned", "native"):
+        assert {(path, "small", 0.0), (path, "small", 2.0), (path, "large", 2.0)} <= paths
+    assert ("native-shards", "small", 2.0) in paths and ("local", "small", 0.0) in paths
+    for row in result["rows"]:
+        assert row["files_per_s"] > 0 and row["ratio_to_local"] > 0
+        assert set(row["cpu_s"]) == {"client", "server", "relay"}
+    assert plot.read_bytes()[:4] == b"\x89PNG"

@@ -229,6 +229,9 @@ def test_metrics_endpoint_speaks_prometheus(bound_platform: RunningPlatform, gat
     asyncio.run(read_via(bound_platform, gateway.port("prod"), NODE))
     assert gateway.metrics_address is not None
     host, port = gateway.metrics_address
+    deadline = time.monotonic() + 10
+    while gateway.open_links and time.monotonic() < deadline:
+        time.sleep(0.05)  # the gateway notices the client's close a moment after it happens
     body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
     assert 'medbridge_gateway_connections_total{outcome="accepted",route="prod"} 2.0' in body, "issuer + data"
     assert 'medbridge_gateway_bytes_total{direction="down",route="prod"}' in body

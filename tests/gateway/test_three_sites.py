@@ -77,7 +77,7 @@ def world() -> Iterator[World]:
             proc = sites.popen("platform", [sys.executable, "-m", "medbridge", "platform", "serve", "--home",
                                             str(home.root), "--listen", f"{sites.platform}:{port}"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
-            fps.append(_wait_line(proc, "listening on").split("host key ")[1].strip())
+            fps.append(_wait_line(proc, "listening on").split("host key ")[1].split()[0])
         relay = sites.popen("gw", [sys.executable, "-m", "medbridge.testing.delay", "--listen",
                                    f"{sites.gw_platform_side}:2303", "--target", f"{sites.platform}:2222",
                                    "--delay-ms", "2.5"], stdout=subprocess.PIPE)  # fmt: skip

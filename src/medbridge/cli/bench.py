@@ -61,3 +61,53 @@ def bench_relay(mb: int, repeats: int, as_json: bool) -> None:
         return
     output.table(f"relay cost, {mb} MB x {repeats} (loopback, medians)", ["relay", "MB/s", "CPU-s per GB"],
                  [(r["relay"], r["mb_per_s"], r["cpu_s_per_gb"]) for r in result["rows"]])  # fmt: skip
+
+
+@bench.command("io")
+@click.option("--quick", is_flag=True, help="Smaller data and fewer repeats (about two minutes here).")
+@click.option(
+    "--rtt-ms", "rtts", default="0,5", show_default=True, help="Emulated round trips to add, comma-separated."
+)
+@click.option("--repeats", type=click.IntRange(1, 20), default=None)
+@click.option(
+    "--server-workers", type=click.IntRange(1, 256), default=None, help="Platform processes (default: cores)."
+)
+@click.option("--small-files", type=click.IntRange(1, 1_000_000), default=None, help="Number of ~100 KiB files.")
+@click.option("--large-files", type=click.IntRange(1, 1000), default=None, help="Number of large volumes.")
+@click.option("--large-mb", type=click.IntRange(1, 4096), default=None, help="Size of each large volume, MiB.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a chart (PNG).")
+def bench_io(quick: bool, rtts: str, repeats: int | None, server_workers: int | None, small_files: int | None,
+             large_files: int | None, large_mb: int | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
+    """Read the same data by every path in one run: local disk, sshfs default/tuned, native loader, shards."""
+    import dataclasses
+
+    from medbridge.bench import io
+    from medbridge.errors import InvalidInput
+
+    plan = io.Plan.quick() if quick else io.Plan()
+    try:
+        rtt_values = tuple(float(x) for x in rtts.split(","))
+    except ValueError as exc:
+        raise InvalidInput(f"--rtt-ms {rtts!r}: use numbers separated by commas") from exc
+    changes: dict[str, object] = {"rtts_ms": rtt_values}
+    if repeats:
+        changes["repeats"] = repeats
+    for key, value in (("server_workers", server_workers), ("small_files", small_files),
+                       ("large_files", large_files), ("large_mb", large_mb)):  # fmt: skip
+        if value:
+            changes[key] = value
+    plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
+    result = io.run(plan, progress=(lambda m: None) if as_json else (lambda m: output.err.print(m, highlight=False)))
+    if plot is not None:
+        io.plot(result, plot)
+    if as_json:
+        output.emit_json(result)
+        return
+    columns = ["path", "data", "rtt ms", "files/s", "MB/s", "x local", "CPU-s client/server/relay"]
+    rows = [
+        (r["path"], r["data"], r["rtt_ms"], r["files_per_s"], r["mb_per_s"], r["ratio_to_local"],
+         "/".join(str(r["cpu_s"][k]) for k in io.CPU_PARTS))
+        for r in result["rows"]
+    ]  # fmt: skip
+    output.table("bench io (medians)", columns, rows)

@@ -1,0 +1,303 @@
+"""Reading one dataset by every path, in one run: local disk, sshfs (default and tuned), the native loader.
+
+Everything runs on this machine: the platform as its own process (its CPU is read from
+/proc), a delay relay in front of it for the emulated round trip, the readers in this
+process (or sshfs's).  Paths are interleaved within each repeat; medians are reported,
+with the ratio to warm local disk and the CPU seconds each part spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from medbridge.compute.credentials import Enrolment, request_certificate
+from medbridge.compute.job import Agent, known_hosts_line, ssh_config
+from medbridge.compute.mount import Mount, unmount
+from medbridge.compute.session import Endpoint
+from medbridge.config import Home
+from medbridge.control.store import Store
+from medbridge.loader import Loader
+from medbridge.platform.keys import fingerprint, public_line
+from medbridge.platform.storage import add_dataset, init_home, pack_dataset
+
+PATHS = ("local", "sshfs-default", "sshfs-tuned", "native", "native-shards")
+CPU_PARTS = ("client", "server", "relay")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    small_files: int = 2000
+    small_kb: int = 100
+    large_files: int = 3
+    large_mb: int = 64
+    rtts_ms: tuple[float, ...] = (0.0, 5.0)
+    repeats: int = 3
+    server_workers: int = os.cpu_count() or 1
+    paths: tuple[str, ...] = PATHS
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(small_files=400, large_files=2, large_mb=32, repeats=2)
+
+
+def _cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for c in children:
+        out += _tree(int(c))
+    return out
+
+
+def _cpu_tree(pid: int) -> float:
+    return sum(_cpu(p) for p in _tree(pid))
+
+
+class World:
+    """A platform home with the two datasets, served by a process of its own."""
+
+    def __init__(self, root: Path, plan: Plan, progress: Callable[[str], None]):
+        self.root, self.plan, self.say = root, plan, progress
+        self.home = Home(root / "platform")
+        init_home(self.home, "bench")
+        store = Store(self.home.database_url(self.home.settings()))
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        self.key = key
+        now = datetime.now(UTC)
+        store.add_user("bench", [(public_line(key), fingerprint(key))], [], now, "bench")
+        for name, count, size in (("small", plan.small_files, plan.small_kb << 10),
+                                  ("large", plan.large_files, plan.large_mb << 20)):  # fmt: skip
+            src = root / f"src-{name}"
+            src.mkdir()
+            for i in range(count):
+                with open(src / f"f{i:05d}.bin", "wb") as f:
+                    f.write(os.urandom(size))
+            self.say(f"ingesting {count} x {size >> 10} KiB ({name})")
+            add_dataset(self.home, store, name, src, "bench", "bench")
+            shutil.rmtree(src)
+            store.grant("bench", name, None, now, "bench")
+        pack_dataset(self.home, store, "small", 64 << 20, "bench")
+        store.close()
+        cmd = [sys.executable, "-m", "medbridge", "platform", "serve", "--home", str(self.home.root), "--listen",
+               "127.0.0.1:0", "--workers", str(plan.server_workers)]  # fmt: skip
+        self.server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.server.stdout is not None
+        line = self.server.stdout.readline()
+        self.port = int(line.split("127.0.0.1:")[1].split()[0])
+        self.fingerprint = line.split("host key ")[1].split()[0]
+
+    def close(self) -> None:
+        self.server.terminate()
+        self.server.wait(timeout=30)
+        if self.server.stdout:
+            self.server.stdout.close()
+
+
+@contextmanager
+def relay(port: int, rtt_ms: float) -> Iterator[tuple[int, int | None]]:
+    """A delay relay process adding ``rtt_ms`` to every round trip (none for 0)."""
+    if rtt_ms <= 0:
+        yield port, None
+        return
+    cmd = [sys.executable, "-m", "medbridge.testing.delay", "--listen", "127.0.0.1:0", "--target",
+           f"127.0.0.1:{port}", "--delay-ms", str(rtt_ms / 2)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    try:
+        yield int(line.split()[2].rsplit(":", 1)[1]), proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+@contextmanager
+def job(world: World, port: int) -> Iterator[tuple[Endpoint, Path]]:
+    """An agent with a job certificate, and an OpenSSH config for sshfs, as `job run` would set up."""
+    folder = Path(tempfile.mkdtemp(prefix="medbridge-bench-job-"))
+    agent = Agent(folder)
+    try:
+        eph = asyncssh.generate_private_key("ssh-ed25519")
+        enrol = Enrolment("127.0.0.1", port, "bench", world.key, world.fingerprint)
+        cred = asyncio.run(request_certificate(enrol, eph, f"bench-{port}", 3600, None))
+        asyncio.run(agent.load(eph, cred.certificate, 3600))
+        (folder / "known_hosts").write_text(known_hosts_line("127.0.0.1", port, cred.host_key))
+        cfg = folder / "ssh_config"
+        cfg.write_text(ssh_config("127.0.0.1", port, "bench", agent.socket, folder / "known_hosts"))
+        yield Endpoint("127.0.0.1", port, "bench", cred.host_key, str(agent.socket)), cfg
+    finally:
+        agent.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _read_files(paths: Sequence[Path], threads: int) -> int:
+    def one(p: Path) -> int:
+        with open(p, "rb") as f:
+            return len(f.read())
+
+    if threads <= 1:
+        return sum(one(p) for p in paths)
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(one, paths))
+
+
+def run(plan: Plan, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="medbridge-bench-io-"))
+    rows: list[dict[str, Any]] = []
+    world = World(root, plan, progress)
+    try:
+        local = {d: sorted((world.home.datasets / d).glob("f*.bin")) for d in ("small", "large")}
+        for d in local:
+            _read_files(local[d], 1)
+        for rtt in plan.rtts_ms:
+            with relay(world.port, rtt) as (port, relay_pid), job(world, port) as (ep, cfg):
+                rows += _measure(world, plan, rtt, ep, cfg, local, relay_pid, progress)
+    finally:
+        world.close()
+        shutil.rmtree(root, ignore_errors=True)
+    local_rate = {r["data"]: r["files_per_s"] for r in rows if r["path"] == "local"}
+    for r in rows:
+        r["ratio_to_local"] = round(r["files_per_s"] / local_rate[r["data"]], 4) if r["data"] in local_rate else None
+    return {"machine": _machine(), "plan": plan.__dict__, "rows": rows}
+
+
+def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, local: dict[str, list[Path]],
+             relay_pid: int | None, say: Callable[[str], None]) -> list[dict[str, Any]]:  # fmt: skip
+    samples: dict[tuple[str, str], list[tuple[float, int, dict[str, float]]]] = {}
+    mounts: dict[str, tuple[Path, Any]] = {}
+    loader = Loader(ep, connections=4, window=64)
+    try:
+        if "sshfs-default" in plan.paths:
+            point = world.root / f"mnt-default-{int(rtt)}"
+            point.mkdir()
+            proc = subprocess.Popen(["sshfs", "-f", "-F", str(cfg), "medbridge:/", str(point)],
+                                    stderr=subprocess.DEVNULL)  # fmt: skip
+            for _ in range(300):
+                if os.path.ismount(point):
+                    break
+                time.sleep(0.02)
+            mounts["sshfs-default"] = (point, proc)
+        if "sshfs-tuned" in plan.paths:
+            m = Mount(world.root / f"mnt-tuned-{int(rtt)}", cfg, "medbridge")
+            mounts["sshfs-tuned"] = (m.mountpoint, m)
+        shard_samples = loader.shard_samples("small")
+        for rep in range(plan.repeats):
+            for data in ("small", "large"):
+                names = [p.name for p in local[data]]
+                for path in plan.paths:
+                    if rtt > 0 and path == "local":
+                        continue
+                    if path == "native-shards" and data != "small":
+                        continue
+                    read = _reader(path, data, names, local, mounts, loader, shard_samples)
+                    before = {"client": time.process_time(), "server": _cpu_tree(world.server.pid),
+                              "relay": _cpu(relay_pid) if relay_pid else 0.0,
+                              "sshfs": _cpu(mounts[path][1].pid) if path in mounts else 0.0}  # fmt: skip
+                    start = time.perf_counter()
+                    nbytes = read()
+                    seconds = time.perf_counter() - start
+                    cpu = {"client": time.process_time() - before["client"],
+                           "server": _cpu_tree(world.server.pid) - before["server"],
+                           "relay": (_cpu(relay_pid) - before["relay"]) if relay_pid else 0.0}  # fmt: skip
+                    if path in mounts:
+                        cpu["client"] += _cpu(mounts[path][1].pid) - before["sshfs"]
+                    samples.setdefault((path, data), []).append((seconds, nbytes, cpu))
+                    say(f"rtt {rtt:g} ms, {data}, {path}, run {rep + 1}: {len(names) / seconds:.0f} files/s")
+    finally:
+        loader.close()
+        for path, (point, handle) in mounts.items():
+            if path == "sshfs-tuned":
+                handle.close()
+            else:
+                unmount(point)
+                handle.terminate()
+                handle.wait(timeout=10)
+    rows = []
+    for (path, data), runs in samples.items():
+        count = len(local[data])
+        secs = statistics.median(s for s, _, _ in runs)
+        nbytes = runs[0][1]
+        rate = count / secs
+        rows.append({
+            "path": path, "data": data, "rtt_ms": rtt, "files_per_s": round(rate, 1),
+            "mb_per_s": round(nbytes / secs / 1e6, 1),
+            "ratio_to_local": None,
+            "cpu_s": {k: round(statistics.median(c[k] for _, _, c in runs), 3) for k in CPU_PARTS},
+            "repeats": len(runs),
+        })  # fmt: skip
+    return rows
+
+
+def _reader(path: str, data: str, names: list[str], local: dict[str, list[Path]], mounts: dict[str, Any],
+            loader: Loader, shard_samples: list[Any]) -> Callable[[], int]:  # fmt: skip
+    """How ``path`` reads the ``data`` files: returns a function reading them all, giving the byte count."""
+    if path == "local":
+        return lambda: _read_files(local[data], 1)
+    if path == "native":
+        remote = [f"/datasets/{data}/{n}" for n in names]
+        return lambda: _total(loader.read_many(remote))
+    if path == "native-shards":
+        return lambda: _total(loader.read_many(shard_samples))
+    point = mounts[path][0]
+    files = [point / "datasets" / data / n for n in names]
+    if path == "sshfs-default":
+        return lambda: _read_files(files, 1)
+    os.listdir(point / "datasets" / data)  # sshfs at its best: one listing first, then many threads
+    return lambda: _read_files(files, 32)
+
+
+def _total(blobs: Iterator[bytes]) -> int:
+    return sum(len(b) for b in blobs)
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "host": os.uname().nodename,
+            "asyncssh": asyncssh.__version__}  # fmt: skip
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    panels = sorted({(r["data"], r["rtt_ms"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (data, rtt) in zip(axes[0], panels, strict=True):
+        sel = [r for r in rows if r["data"] == data and r["rtt_ms"] == rtt]
+        key = "files_per_s" if data == "small" else "mb_per_s"
+        ax.bar([r["path"] for r in sel], [r[key] for r in sel], color="#4c72b0")
+        ax.set_title(f"{data} files, RTT +{rtt:g} ms")
+        ax.set_ylabel("files/s" if data == "small" else "MB/s")
+        ax.tick_params(axis="x", rotation=40)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
