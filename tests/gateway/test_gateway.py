@@ -290,3 +290,27 @@ def test_sighup_reloads_routes_without_dropping_live_connections(
             _, err = gw.communicate(timeout=20)
     assert gw.returncode == 0, err
     assert "reload refused" in err
+
+
+def test_idle_connections_are_closed(gateway: Gateway) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    cfg = config(("raw", [f"127.0.0.1:{server.getsockname()[1]}"], "127.0.0.0/8", False))
+    gateway.apply(
+        parse(cfg.replace("connect_timeout = 2", "connect_timeout = 2\nrequire_ssh = false\nidle_timeout = 1"))
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", gateway.port("raw")), timeout=10) as c:
+            backend, _ = server.accept()
+            c.sendall(b"hello")
+            assert backend.recv(5) == b"hello"
+            start = time.monotonic()
+            c.settimeout(10)
+            assert closed_by_peer(c)
+            assert 0.9 < time.monotonic() - start < 5, "closed after about idle_timeout"
+            backend.close()
+    finally:
+        server.close()
+    deadline = time.monotonic() + 5
+    while gateway.open_links and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gateway.open_links == 0

@@ -34,6 +34,7 @@ from typing import Any
 
 import asyncssh
 
+from medbridge import processes
 from medbridge.compute import residue
 from medbridge.compute.credentials import (
     Enrolment,
@@ -109,13 +110,7 @@ class Agent:
             await agent.wait_closed()
 
     def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        processes.stop(self._proc)
 
 
 def ssh_config(host: str, port: int, user: str, agent_socket: Path, known_hosts: Path) -> str:

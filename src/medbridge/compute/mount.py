@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from medbridge import processes
 from medbridge.errors import JobFailed
 
 #: Chosen for long jobs over a WAN: reconnect after a cut, tolerate ~5 minutes of
@@ -81,13 +82,7 @@ class Mount:
         return self._proc.pid
 
     def _stop_process(self) -> str:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        processes.stop(self._proc)
         assert self._proc.stderr is not None
         err = self._proc.stderr.read().decode(errors="replace").strip()
         self._proc.stderr.close()

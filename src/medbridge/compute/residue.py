@@ -9,7 +9,6 @@ never entered (the platform's own mount is not residue) and links are not follow
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import re
 import stat
@@ -21,6 +20,7 @@ from typing import Any
 
 from medbridge.errors import InvalidInput
 from medbridge.policy.manifest import parse_manifest
+from medbridge.processes import sha256_file
 
 HEAD = 1024
 _METAIMAGE = re.compile(rb"^\s*ObjectType\s*=\s*Image\s*$", re.MULTILINE)
@@ -53,14 +53,6 @@ def _head(path: Path) -> bytes:
             return head
         return inner if signature(inner) else head
     return head
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -171,7 +163,7 @@ def scan(
                     progress(path)
                 reason = signature(_head(path))
                 if reason is None and known:
-                    digest = _sha256(path)
+                    digest = sha256_file(path)
                     report.bytes_hashed += st.st_size
                     if digest in known:
                         reason = f"copy of dataset file {known[digest]}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ import asyncssh
 from medbridge.config import CIPHERS
 from medbridge.errors import AccessDenied, JobFailed, PlatformUnavailable
 from medbridge.policy.manifest import DATASET_MANIFEST, PARTIAL_SUFFIX, RESULTS_MANIFEST, format_manifest
+from medbridge.processes import sha256_file
 
 
 @dataclass(frozen=True)
@@ -100,14 +100,6 @@ class Upload:
     manifest: str
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 async def upload_outputs(ep: Endpoint, job_id: str, outputs: Path) -> Upload:
     """Upload every file under ``outputs`` to the job's results, then commit a manifest.
 
@@ -132,7 +124,7 @@ async def upload_outputs(ep: Endpoint, job_id: str, outputs: Path) -> Upload:
                     await sftp.makedirs(parent, exist_ok=True)
                 await sftp.put(str(path), remote + PARTIAL_SUFFIX)
                 await sftp.posix_rename(remote + PARTIAL_SUFFIX, remote)
-                entries.append((_digest(path), rel))
+                entries.append((sha256_file(path), rel))
                 total += path.stat().st_size
             manifest = format_manifest(entries)
             staged = posixpath.join(root, RESULTS_MANIFEST + PARTIAL_SUFFIX)

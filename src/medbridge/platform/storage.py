@@ -21,6 +21,7 @@ from medbridge.ingest.shards import ShardInfo, pack
 from medbridge.platform.keys import create_private_key, fingerprint
 from medbridge.policy.manifest import DATASET_MANIFEST
 from medbridge.policy.names import check_name
+from medbridge.processes import sha256_file
 
 DEFAULT_SETTINGS = """\
 # medbridge platform settings; every key is optional.
@@ -181,21 +182,13 @@ def pack_dataset(home: Home, store: Store, name: str, shard_size: int, actor: st
     for shard in shards:
         for path, media in ((shard.path, "application/x-tar"), (shard.index_path, "application/json")):
             final = out / path.name
-            entries.append(ManifestEntry(f"{SHARDS_DIR}/{path.name}", final.stat().st_size, _sha256(final), media))
+            entries.append(ManifestEntry(f"{SHARDS_DIR}/{path.name}", final.stat().st_size, sha256_file(final), media))
     try:
         store.add_files(name, entries, datetime.now(UTC), actor, "dataset.pack")
     except BaseException:
         _remove_tree(out)
         raise
     return shards
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _copy(src: Path, f: Path, staging: Path, progress: Callable[[int], None] | None) -> ManifestEntry:

@@ -17,10 +17,11 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 from collections.abc import Sequence
 from types import TracebackType
+
+from medbridge import processes
 
 
 def available() -> str | None:
@@ -117,13 +118,7 @@ class Sites:
 
     def stop(self) -> None:
         for proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            processes.stop(proc, timeout=15)
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()

@@ -12,7 +12,6 @@ import grp
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+
+from medbridge import processes
 
 PARTITION = "bridge"
 ALLOWED_GROUP = "mbbridge"
@@ -187,13 +188,7 @@ class SlurmCluster:
             with contextlib.suppress(TimeoutError):
                 _wait(lambda: not self.queue(), 60, "the queue to drain")
         for proc in reversed(getattr(self, "_procs", [])):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            processes.stop(proc, timeout=20)
         self._pids.clear()
         for user in self._created_users:
             subprocess.run(["userdel", user], capture_output=True)
