@@ -9,8 +9,11 @@ with the ratio to warm local disk and the CPU seconds each part spent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import getpass
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +29,7 @@ from typing import Any
 
 import asyncssh
 
+from medbridge import processes
 from medbridge.compute.credentials import Enrolment, request_certificate
 from medbridge.compute.job import Agent, known_hosts_line, ssh_config
 from medbridge.compute.mount import Mount, unmount
@@ -36,7 +40,8 @@ from medbridge.loader import Loader
 from medbridge.platform.keys import fingerprint, public_line
 from medbridge.platform.storage import add_dataset, init_home, pack_dataset
 
-PATHS = ("local", "sshfs-default", "sshfs-tuned", "native", "native-shards")
+SSHD = "/usr/sbin/sshd"
+PATHS = ("local", "sshfs-default", "sshfs-tuned", "native", "native-shards", "openssh-sftp-server")
 CPU_PARTS = ("client", "server", "relay")
 
 
@@ -79,6 +84,57 @@ def _cpu_tree(pid: int) -> float:
     return sum(_cpu(p) for p in _tree(pid))
 
 
+class OpenSSH:
+    """OpenSSH's sshd (and through it sftp-server) serving the same storage, on loopback, as the peer."""
+
+    def __init__(self, root: Path, key: asyncssh.SSHKey):
+        self.dir = root / "openssh"
+        self.dir.mkdir()
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / "host")], check=True)
+        self.key_file = self.dir / "client"
+        self.key_file.write_bytes(key.export_private_key())
+        self.key_file.chmod(0o600)
+        (self.dir / "authorized_keys").write_bytes(key.export_public_key())
+        self.host_key = (self.dir / "host.pub").read_text().split()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        (self.dir / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir / 'host'}\n"
+            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\nPidFile {self.dir / 'sshd.pid'}\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+            "UsePAM no\nStrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n"
+            "Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com\n"
+        )
+        self.made_run_dir = not os.path.isdir("/run/sshd")
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.dir / "sshd_config")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        for _ in range(200):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            time.sleep(0.02)
+
+    def ssh_config(self, port: int) -> Path:
+        known = self.dir / f"known_hosts-{port}"
+        known.write_text(f"[127.0.0.1]:{port} {self.host_key[0]} {self.host_key[1]}\n")
+        cfg = self.dir / f"ssh_config-{port}"
+        cfg.write_text(
+            f"Host openssh\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
+            f"  IdentityFile {self.key_file}\n  IdentitiesOnly yes\n  IdentityAgent none\n"
+            f"  UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
+            "  Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com\n  LogLevel ERROR\n"
+        )
+        return cfg
+
+    def close(self) -> None:
+        processes.stop(self.proc, timeout=10)
+        if self.made_run_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir("/run/sshd")
+
+
 class World:
     """A platform home with the two datasets, served by a process of its own."""
 
@@ -111,10 +167,12 @@ class World:
         line = self.server.stdout.readline()
         self.port = int(line.split("127.0.0.1:")[1].split()[0])
         self.fingerprint = line.split("host key ")[1].split()[0]
+        self.openssh = OpenSSH(root, key) if "openssh-sftp-server" in plan.paths and Path(SSHD).exists() else None
 
     def close(self) -> None:
-        self.server.terminate()
-        self.server.wait(timeout=30)
+        if self.openssh is not None:
+            self.openssh.close()
+        processes.stop(self.server, timeout=30)
         if self.server.stdout:
             self.server.stdout.close()
 
@@ -177,8 +235,14 @@ def run(plan: Plan, progress: Callable[[str], None] = lambda _m: None) -> dict[s
         for d in local:
             _read_files(local[d], 1)
         for rtt in plan.rtts_ms:
-            with relay(world.port, rtt) as (port, relay_pid), job(world, port) as (ep, cfg):
-                rows += _measure(world, plan, rtt, ep, cfg, local, relay_pid, progress)
+            with contextlib.ExitStack() as stack:
+                port, relay_pid = stack.enter_context(relay(world.port, rtt))
+                ep, cfg = stack.enter_context(job(world, port))
+                peer = None
+                if world.openssh is not None:
+                    sport, srelay_pid = stack.enter_context(relay(world.openssh.port, rtt))
+                    peer = (world.openssh.ssh_config(sport), srelay_pid)
+                rows += _measure(world, plan, rtt, ep, cfg, local, relay_pid, progress, peer)
     finally:
         world.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -189,7 +253,8 @@ def run(plan: Plan, progress: Callable[[str], None] = lambda _m: None) -> dict[s
 
 
 def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, local: dict[str, list[Path]],
-             relay_pid: int | None, say: Callable[[str], None]) -> list[dict[str, Any]]:  # fmt: skip
+             relay_pid: int | None, say: Callable[[str], None],
+             peer: tuple[Path, int | None] | None) -> list[dict[str, Any]]:  # fmt: skip
     samples: dict[tuple[str, str], list[tuple[float, int, dict[str, float]]]] = {}
     mounts: dict[str, tuple[Path, Any]] = {}
     loader = Loader(ep, connections=4, window=64)
@@ -207,6 +272,9 @@ def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, loca
         if "sshfs-tuned" in plan.paths:
             m = Mount(world.root / f"mnt-tuned-{int(rtt)}", cfg, "medbridge")
             mounts["sshfs-tuned"] = (m.mountpoint, m)
+        if peer is not None and world.openssh is not None:
+            m = Mount(world.root / f"mnt-openssh-{int(rtt)}", peer[0], "openssh", remote=str(world.home.datasets))
+            mounts["openssh-sftp-server"] = (m.mountpoint, m)
         shard_samples = loader.shard_samples("small")
         for rep in range(plan.repeats):
             for data in ("small", "large"):
@@ -214,31 +282,36 @@ def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, loca
                 for path in plan.paths:
                     if rtt > 0 and path == "local":
                         continue
-                    if path == "native-shards" and data != "small":
+                    if (path == "native-shards" and data != "small") or (
+                        path in ("sshfs-default", "sshfs-tuned", "openssh-sftp-server") and path not in mounts
+                    ):
                         continue
+                    server_pid = world.server.pid
+                    path_relay = relay_pid
+                    if path == "openssh-sftp-server" and world.openssh is not None and peer is not None:
+                        server_pid, path_relay = world.openssh.proc.pid, peer[1]
                     read = _reader(path, data, names, local, mounts, loader, shard_samples)
-                    before = {"client": time.process_time(), "server": _cpu_tree(world.server.pid),
-                              "relay": _cpu(relay_pid) if relay_pid else 0.0,
+                    before = {"client": time.process_time(), "server": _cpu_tree(server_pid),
+                              "relay": _cpu(path_relay) if path_relay else 0.0,
                               "sshfs": _cpu(mounts[path][1].pid) if path in mounts else 0.0}  # fmt: skip
                     start = time.perf_counter()
                     nbytes = read()
                     seconds = time.perf_counter() - start
                     cpu = {"client": time.process_time() - before["client"],
-                           "server": _cpu_tree(world.server.pid) - before["server"],
-                           "relay": (_cpu(relay_pid) - before["relay"]) if relay_pid else 0.0}  # fmt: skip
+                           "server": _cpu_tree(server_pid) - before["server"],
+                           "relay": (_cpu(path_relay) - before["relay"]) if path_relay else 0.0}  # fmt: skip
                     if path in mounts:
                         cpu["client"] += _cpu(mounts[path][1].pid) - before["sshfs"]
                     samples.setdefault((path, data), []).append((seconds, nbytes, cpu))
                     say(f"rtt {rtt:g} ms, {data}, {path}, run {rep + 1}: {len(names) / seconds:.0f} files/s")
     finally:
         loader.close()
-        for path, (point, handle) in mounts.items():
-            if path == "sshfs-tuned":
+        for point, handle in mounts.values():
+            if isinstance(handle, Mount):
                 handle.close()
             else:
                 unmount(point)
-                handle.terminate()
-                handle.wait(timeout=10)
+                processes.stop(handle, timeout=10)
     rows = []
     for (path, data), runs in samples.items():
         count = len(local[data])
@@ -266,10 +339,11 @@ def _reader(path: str, data: str, names: list[str], local: dict[str, list[Path]]
     if path == "native-shards":
         return lambda: _total(loader.read_many(shard_samples))
     point = mounts[path][0]
-    files = [point / "datasets" / data / n for n in names]
+    folder = point / data if path == "openssh-sftp-server" else point / "datasets" / data
+    files = [folder / n for n in names]
     if path == "sshfs-default":
         return lambda: _read_files(files, 1)
-    os.listdir(point / "datasets" / data)  # sshfs at its best: one listing first, then many threads
+    os.listdir(folder)  # sshfs at its best: one listing first, then many threads
     return lambda: _read_files(files, 32)
 
 

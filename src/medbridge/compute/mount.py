@@ -47,7 +47,7 @@ def unmount(path: Path, *, lazy_if_busy: bool = True) -> bool:
 class Mount:
     """``sshfs -f`` of the job's view at ``mountpoint``."""
 
-    def __init__(self, mountpoint: Path, ssh_config: Path, host_alias: str, *, timeout: float = 30):
+    def __init__(self, mountpoint: Path, ssh_config: Path, host_alias: str, *, timeout: float = 30, remote: str = "/"):
         if shutil.which("sshfs") is None:
             raise JobFailed("sshfs is missing (apt-get install sshfs)")
         if not os.path.exists("/dev/fuse"):
@@ -62,7 +62,7 @@ class Mount:
             "-f",
             "-F",
             str(ssh_config),
-            f"{host_alias}:/",
+            f"{host_alias}:{remote}",
             str(self.mountpoint),
             "-o",
             ",".join(SSHFS_OPTIONS),
