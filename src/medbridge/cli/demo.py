@@ -56,7 +56,7 @@ def show(r: dict[str, Any]) -> None:
     res = t["residue"]
     agent = "stopped" if t["agent_stopped"] else "STILL RUNNING"
     o.print(f"[bold]teardown[/]  {'unmounted' if t['unmounted'] else 'no mount'}, agent {agent}, "
-            f"residue scan: {res['files_scanned']} files")  # fmt: skip
+            f"residue scan: {res['files_scanned']} file(s)")  # fmt: skip
     for f in res["findings"]:
         state = "[green]purged[/]" if f["purged"] else "[red]LEFT[/]"
         o.print(f"          {state} {f['path']} — {f['reason']}", highlight=False)

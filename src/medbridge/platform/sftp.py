@@ -316,19 +316,16 @@ class JobSFTPServer(asyncssh.SFTPServer):
         job_root = self._root(self._session, target) if writing and self._session is not None else None
         return self._opened(OpenFile(fd, vpath, writing, target.kind is Kind.DATASET, job_root=job_root))
 
-    def _opened(self, handle: OpenFile) -> OpenFile:
+    def _event(self, action: str, subject: str, outcome: str = "ok", **detail: Any) -> None:
+        """Audit one event of this session, with who, which job and from where."""
         s = self._session
         assert s is not None
-        mode = "write" if handle.writable else "read"
         self._record(
-            AuditEvent(
-                actor=s.user,
-                action="sftp.open",
-                outcome="ok",
-                subject=handle.path,
-                detail={"mode": mode, **s.identity()},
-            )
+            AuditEvent(actor=s.user, action=action, outcome=outcome, subject=subject, detail={**detail, **s.identity()})
         )
+
+    def _opened(self, handle: OpenFile) -> OpenFile:
+        self._event("sftp.open", handle.path, mode="write" if handle.writable else "read")
         return handle
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
@@ -352,32 +349,10 @@ class JobSFTPServer(asyncssh.SFTPServer):
         if f.data is None:
             self._open.discard(f.fd)
             os.close(f.fd)
-        s = self._session
-        assert s is not None
-        self._record(
-            AuditEvent(
-                actor=s.user,
-                action="sftp.close",
-                outcome="ok",
-                subject=f.path,
-                detail={
-                    "bytes_read": f.bytes_read,
-                    "bytes_written": f.bytes_written,
-                    "seconds": round(time.monotonic() - f.opened, 3),
-                    **s.identity(),
-                },
-            )
-        )
+        seconds = round(time.monotonic() - f.opened, 3)
+        self._event("sftp.close", f.path, bytes_read=f.bytes_read, bytes_written=f.bytes_written, seconds=seconds)
         if f.bytes_written:
-            self._record(
-                AuditEvent(
-                    actor=s.user,
-                    action="sftp.write",
-                    outcome="ok",
-                    subject=f.path,
-                    detail={"bytes": f.bytes_written, **s.identity()},
-                )
-            )
+            self._event("sftp.write", f.path, bytes=f.bytes_written)
 
     def fstat(self, file_obj: object) -> SFTPAttrs:
         f = _handle(file_obj)
@@ -462,39 +437,13 @@ class JobSFTPServer(asyncssh.SFTPServer):
         except (InvalidInput, OSError) as exc:
             verdict = str(exc)
         if isinstance(verdict, str):
-            self._record(
-                AuditEvent(
-                    actor=s.user,
-                    action="results.commit",
-                    outcome="refused",
-                    subject=target.path,
-                    detail={"reason": verdict, **s.identity()},
-                )
-            )
+            self._event("results.commit", target.path, "refused", reason=verdict)
             raise asyncssh.SFTPFailure(f"results manifest refused: {verdict}")
         files, size, digest = verdict
-        self._record(
-            AuditEvent(
-                actor=s.user,
-                action="results.commit",
-                outcome="ok",
-                subject=target.path,
-                detail={"files": files, "bytes": size, "manifest_sha256": digest, **s.identity()},
-            )
-        )
+        self._event("results.commit", target.path, files=files, bytes=size, manifest_sha256=digest)
 
     def _audit_change(self, action: str, path: bytes, **extra: Any) -> None:
-        s = self._session
-        assert s is not None
-        self._record(
-            AuditEvent(
-                actor=s.user,
-                action=action,
-                outcome="ok",
-                subject=normalise(os.fsdecode(path)),
-                detail={**extra, **s.identity()},
-            )
-        )
+        self._event(action, normalise(os.fsdecode(path)), **extra)
 
     # -- file systems ------------------------------------------------------------------
 
