@@ -6,6 +6,7 @@ import hashlib
 import os
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 CHUNK = 1 << 20
@@ -21,6 +22,15 @@ def stop(proc: subprocess.Popen[Any], timeout: float = 5.0, sig: int = signal.SI
             proc.kill()
             proc.wait()
     return int(proc.returncode)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (0.0 once it is gone), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -61,12 +61,7 @@ class Plan:
         return cls(small_files=400, large_files=2, large_mb=32, repeats=2)
 
 
-def _cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+_cpu = processes.cpu_seconds
 
 
 def _tree(pid: int) -> list[int]:
@@ -191,8 +186,7 @@ def relay(port: int, rtt_ms: float) -> Iterator[tuple[int, int | None]]:
     try:
         yield int(line.split()[2].rsplit(":", 1)[1]), proc.pid
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        processes.stop(proc, timeout=10)
         proc.stdout.close()
 
 

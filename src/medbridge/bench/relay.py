@@ -21,15 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from medbridge import processes
 from medbridge.errors import PlatformUnavailable
+from medbridge.processes import cpu_seconds
 
 CHUNK = 1 << 20
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
 
 
 class Sink:
@@ -131,8 +127,7 @@ def run(total_mb: int, repeats: int, progress: Callable[[str], None] | None = No
                     progress(f"{name} run {i + 1}/{repeats}: {total_mb / seconds:.0f} MB/s, {cpu:.2f} CPU-s")
     finally:
         for proc in (gateway, peer):
-            proc.terminate()
-            proc.wait(timeout=20)
+            processes.stop(proc, timeout=20)
             if proc.stdout:
                 proc.stdout.close()
         sink.close()

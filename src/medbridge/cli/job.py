@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -14,6 +15,22 @@ from medbridge.compute import residue as residue_mod
 from medbridge.compute.job import JobSpec, run
 
 PATH = click.Path(path_type=Path)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def platform_access(command: F) -> F:
+    """The options every compute-side command needs to reach the platform as a user."""
+    for option in reversed([
+        click.option("--platform", "platform_addr", envvar="MEDBRIDGE_PLATFORM", required=True,
+                     help="HOST:PORT of the platform."),
+        click.option("--key", "key_file", required=True, type=click.Path(), help="Your enrolment private key."),
+        click.option("--host-key-fingerprint", envvar="MEDBRIDGE_HOST_KEY_FINGERPRINT", required=True,
+                     help="The platform's host key (SHA256:…), as its operators published it."),
+        click.option("--user", "user_name", default=None,
+                     help="Platform account (default: $MEDBRIDGE_USER, then login)."),
+    ]):  # fmt: skip
+        command = option(command)
+    return command
 
 
 @click.group()
@@ -22,17 +39,7 @@ def job() -> None:
 
 
 @job.command("run")
-@click.option(
-    "--platform", "platform_addr", envvar="MEDBRIDGE_PLATFORM", required=True, help="HOST:PORT of the platform."
-)
-@click.option("--key", "key_file", required=True, type=click.Path(), help="Your enrolment private key.")
-@click.option(
-    "--host-key-fingerprint",
-    envvar="MEDBRIDGE_HOST_KEY_FINGERPRINT",
-    required=True,
-    help="The platform's host key (SHA256:…), as its operators published it.",
-)
-@click.option("--user", "user_name", default=None, help="Platform account (default: $MEDBRIDGE_USER, then login).")
+@platform_access
 @click.option("--job-id", default=None, help="Job id (default: $SLURM_JOB_ID, else a fresh one).")
 @click.option(
     "--lifetime",
@@ -131,17 +138,7 @@ RESIDUE_FOUND = 10
 
 
 @job.command("submit", context_settings={"ignore_unknown_options": True})
-@click.option(
-    "--platform", "platform_addr", envvar="MEDBRIDGE_PLATFORM", required=True, help="HOST:PORT of the platform."
-)
-@click.option("--key", "key_file", required=True, type=click.Path(), help="Your enrolment private key (absolute path).")
-@click.option(
-    "--host-key-fingerprint",
-    envvar="MEDBRIDGE_HOST_KEY_FINGERPRINT",
-    required=True,
-    help="The platform's host key (SHA256:…).",
-)
-@click.option("--user", "user_name", default=None, help="Platform account (default: $MEDBRIDGE_USER, then login).")
+@platform_access
 @click.option("--dataset", "datasets", multiple=True, help="Limit the job to these datasets (repeatable).")
 @click.option("--mount", default=None, help="Mount point inside the job; '{job}' becomes the job id.")
 @click.option("--outputs", default=None, help="Outputs folder inside the job; '{job}' becomes the job id.")
