@@ -341,7 +341,7 @@ def _reader(path: str, data: str, names: list[str], local: dict[str, list[Path]]
     return lambda: _read_files(files, 32)
 
 
-def _total(blobs: Iterator[bytes]) -> int:
+def _total(blobs: Iterator[bytearray]) -> int:
     return sum(len(b) for b in blobs)
 
 

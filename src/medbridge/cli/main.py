@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-from medbridge import __version__
+from medbridge import __version__, processes
 from medbridge.cli import output
 from medbridge.compute.credentials import parse_address
 from medbridge.config import Home
@@ -125,6 +125,7 @@ def platform_serve(home: Path | None, listen: str, trusted: Sequence[str], worke
             raise InvalidInput(f"--trusted-proxy {cidr!r}: {exc}") from exc
 
     count = workers or os.cpu_count() or 1
+    processes.keep_freed_memory()  # before the workers fork: they inherit it
 
     def ready(bound_host: str, bound_port: int) -> None:
         click.echo(

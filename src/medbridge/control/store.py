@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, event, func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
@@ -506,9 +506,14 @@ class Store:
 
     @staticmethod
     def _append(s: Session, events: Sequence[AuditEvent], now: datetime) -> None:
-        """Append inside the caller's transaction, so a decision and its record commit together."""
-        last = s.scalar(select(AuditEntry).order_by(AuditEntry.seq.desc()).limit(1))
-        seq, prev = (last.seq, last.hash) if last else (0, GENESIS)
+        """Append inside the caller's transaction, so a decision and its record commit together.
+
+        One executemany of plain rows: the data plane writes an entry per file opened,
+        and ORM objects per entry cost more than the hashing.
+        """
+        last = s.execute(select(AuditEntry.seq, AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1)).first()
+        seq, prev = (last[0], last[1]) if last else (0, GENESIS)
+        rows = []
         for ev in events:
             seq += 1
             rec = Record(
@@ -521,9 +526,9 @@ class Store:
                 detail=encode_detail(ev.detail),
                 prev_hash=prev,
             )
-            rec = dataclasses.replace(rec, hash=chain_hash(rec))
-            s.add(AuditEntry(**dataclasses.asdict(rec)))
-            prev = rec.hash
+            prev = chain_hash(rec)
+            rows.append({f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)} | {"hash": prev})
+        s.execute(insert(AuditEntry), rows)
 
     def audit_records(self, *, last: int | None = None, action: str | None = None) -> list[Record]:
         with self._tx(write=False) as s:

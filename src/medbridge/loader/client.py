@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import posixpath
+import sys
 import threading
 import time
 from collections import deque
@@ -29,12 +30,13 @@ from typing import Any
 
 import asyncssh
 
+from medbridge import processes
 from medbridge.compute.session import Endpoint, connect, endpoint_from_job
 from medbridge.errors import AccessDenied, IntegrityError, PlatformUnavailable
 from medbridge.loader.cache import ReadAheadCache
+from medbridge.loader.wire import Buffer, Wire, open_wire
 from medbridge.policy.manifest import DATASET_MANIFEST, parse_manifest
 
-SEGMENT = 8 << 20
 _DROPPED = (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.SFTPConnectionLost, OSError, TimeoutError)
 
 
@@ -56,12 +58,63 @@ class Stats:
     reconnects: int = 0
     seconds_stalled: float = 0.0
     verified: int = 0
+    recycled: int = 0  # reads that landed in a buffer the consumer had let go of
+
+
+class _Recycler:
+    """Large buffers the consumer of ``read_many`` has let go of, reused for the next reads.
+
+    Fresh memory costs a page fault per page on first touch (more than decrypting the
+    bytes, on a virtual machine several times more); a buffer handed back is already
+    mapped.  Only a buffer nothing else refers to is handed back, and a reused one
+    returns only the bytes its new read wrote (see :class:`Buffer`).
+    """
+
+    SMALLEST = 1 << 20
+
+    def __init__(self, stats: Stats, limit: int = 512 << 20):
+        self._stats = stats
+        self._free: list[bytearray] = []
+        self._held = 0
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def alloc(self, size: int) -> bytearray:
+        if size >= self.SMALLEST:
+            with self._lock:
+                for i, buf in enumerate(self._free):
+                    if size <= len(buf) <= 2 * size:
+                        del self._free[i]
+                        self._held -= len(buf)
+                        break
+                else:
+                    buf = None
+            if buf is not None:
+                del buf[size:]  # within half the allocation: CPython shrinks in place
+                self._stats.recycled += 1
+                return buf
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        if len(buf) >= self.SMALLEST:
+            with self._lock:
+                if self._held + len(buf) <= self._limit:
+                    self._free.append(buf)
+                    self._held += len(buf)
+
+    def clear(self) -> None:
+        """Zero and drop every held buffer (they hold earlier samples' bytes)."""
+        with self._lock:
+            for buf in self._free:
+                buf[:] = bytes(len(buf))
+            self._free.clear()
+            self._held = 0
 
 
 @dataclass
 class _Slot:
     conn: asyncssh.SSHClientConnection | None = None
-    sftp: asyncssh.SFTPClient | None = None
+    wire: Wire | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -78,42 +131,41 @@ class _Pool:
         self._next = itertools.count()
         self._manifests: dict[str, dict[str, str]] = {}
         self._visible: set[str] | None = None
+        self.recycler = _Recycler(self.stats)
 
-    async def _sftp(self, slot: _Slot) -> asyncssh.SFTPClient:
+    async def _wire(self, slot: _Slot) -> Wire:
         async with slot.lock:
-            if slot.sftp is not None:
-                return slot.sftp
+            if slot.wire is not None:
+                return slot.wire
             try:
                 slot.conn = await connect(self.ep, keepalive_interval=15, keepalive_count_max=20)
             except AccessDenied as exc:
                 raise PermissionError(str(exc)) from exc
             except PlatformUnavailable as exc:
                 raise ConnectionError(str(exc)) from exc
-            slot.sftp = await slot.conn.start_sftp_client()
-            return slot.sftp
+            slot.wire = await open_wire(slot.conn)
+            return slot.wire
 
     def _drop(self, slot: _Slot) -> None:
         if slot.conn is not None:
             slot.conn.abort()
-        slot.conn = slot.sftp = None
+        slot.conn = slot.wire = None
 
-    async def read(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
-        """Bytes ``offset..offset+size`` (to the end if None); stalls through cuts and resumes by offset."""
-        out = bytearray()
-        pos, remaining = offset, size
+    async def read(self, path: str, offset: int = 0, size: int | None = None, keep_open: bool = False) -> bytearray:
+        """Bytes ``offset..offset+size`` (to the end if None); stalls through cuts and resumes by offset.
+
+        Blocks that arrived before a cut are kept; the read goes on from the first
+        missing one on a fresh connection.  ``keep_open`` keeps the handle for more
+        ranged reads of the same file (shards).
+        """
+        buf = Buffer(offset, size, self.recycler.alloc)
         stalled_since: float | None = None
         delay = 0.2
-        while remaining is None or remaining > 0:
+        while True:
             slot = self.slots[next(self._next) % len(self.slots)]
             try:
-                sftp = await self._sftp(slot)
-                async with sftp.open(path, "rb", block_size=self.block_size, max_requests=self.max_requests) as f:
-                    if remaining is None:
-                        remaining = max(0, int((await f.stat()).size or 0) - pos)
-                        if remaining == 0:
-                            break
-                    want = min(remaining, SEGMENT)
-                    data: bytes = await f.read(want, pos)
+                wire = await self._wire(slot)
+                await wire.fill(path, buf, self.block_size, self.max_requests, keep_open)
             except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
                 raise await self._refusal(path, exc) from exc
             except _DROPPED as exc:
@@ -128,16 +180,12 @@ class _Pool:
                 delay = min(delay * 2, 5.0)
                 self.stats.reconnects += 1
                 continue
-            if stalled_since is not None:
-                self.stats.seconds_stalled += time.monotonic() - stalled_since
-                stalled_since, delay = None, 0.2
-            if not data:
-                break
-            out += data
-            pos += len(data)
-            remaining -= len(data)
-        self.stats.bytes += len(out)
-        return bytes(out)
+            break
+        if stalled_since is not None:
+            self.stats.seconds_stalled += time.monotonic() - stalled_since
+        data = buf.result()
+        self.stats.bytes += len(data)
+        return data
 
     async def _refusal(self, path: str, exc: Exception) -> OSError:
         parts = path.strip("/").split("/")
@@ -149,8 +197,8 @@ class _Pool:
 
     async def visible(self) -> set[str]:
         if self._visible is None:
-            sftp = await self._sftp(self.slots[0])
-            self._visible = {n for n in await sftp.listdir("/datasets") if n not in (".", "..")}
+            wire = await self._wire(self.slots[0])
+            self._visible = {n for n in await wire.listdir("/datasets") if n not in (".", "..")}
         return self._visible
 
     async def manifest(self, dataset: str) -> dict[str, str]:
@@ -160,9 +208,9 @@ class _Pool:
             self._manifests[dataset] = {p: sha for sha, p in parse_manifest(raw.decode())}
         return self._manifests[dataset]
 
-    async def read_verified(self, sample: Sample, verify: bool) -> bytes:
+    async def read_verified(self, sample: Sample, verify: bool) -> bytearray:
         if sample.shard is not None:
-            data = await self.read(sample.shard, sample.offset, sample.size)
+            data = await self.read(sample.shard, sample.offset, sample.size, keep_open=True)
             expected = sample.sha256
         else:
             data = await self.read(sample.path, sample.offset, sample.size)
@@ -183,7 +231,8 @@ class _Pool:
             if slot.conn is not None:
                 slot.conn.close()
                 await slot.conn.wait_closed()
-            slot.conn = slot.sftp = None
+            slot.conn = slot.wire = None
+        self.recycler.clear()
 
 
 def _split(path: str) -> tuple[str | None, str]:
@@ -207,11 +256,14 @@ class Loader:
         verify: bool = True,
         patience: float = 900.0,
         environ: Mapping[str, str] | None = None,
+        keep_freed_memory: bool = True,
     ):
         self._endpoint = endpoint or endpoint_from_job(environ if environ is not None else os.environ)
         self._options = (connections, block_size, max_requests, patience)
         self.window = window
         self.verify = verify
+        if keep_freed_memory:  # process-wide: see processes.keep_freed_memory (False leaves malloc alone)
+            processes.keep_freed_memory()
         self._pid = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: _Pool | None = None
@@ -235,32 +287,53 @@ class Loader:
     def stats(self) -> Stats:
         return self._runtime()[1].stats
 
-    def read(self, path: str) -> bytes:
+    def read(self, path: str) -> bytearray:
         """A whole file, verified against its dataset's manifest."""
         return self.read_sample(Sample(path))
 
     def read_range(self, path: str, offset: int, size: int) -> bytes:
         return bytes(self._submit(self._runtime()[1].read(path, offset, size)).result())
 
-    def read_sample(self, sample: Sample) -> bytes:
-        return bytes(self._submit(self._runtime()[1].read_verified(sample, self.verify)).result())
+    def read_sample(self, sample: Sample) -> bytearray:
+        """One sample's bytes, verified; a bytearray the caller owns (no copy is made to hand it over)."""
+        data: bytearray = self._submit(self._runtime()[1].read_verified(sample, self.verify)).result()
+        return data
 
-    def read_many(self, items: Iterable[str | Sample], window: int | None = None) -> Iterator[bytes]:
-        """Every item's bytes, in order, with up to ``window`` reads in flight ahead of the consumer."""
+    def read_many(self, items: Iterable[str | Sample], window: int | None = None) -> Iterator[bytearray]:
+        """Every item's bytes, in order, with up to ``window`` reads in flight ahead of the consumer.
+
+        An item the consumer no longer holds two items later is recycled as the buffer of
+        a later read (keep a reference, or a copy, to keep its bytes).
+        """
         _, pool = self._runtime()
-        ahead: deque[Future[bytes]] = deque()
+        ahead: deque[Future[bytearray]] = deque()
         width = window or self.window
+        handed: list[bytearray] = []  # the last two handed over: a consumer's loop variable still holds the last
         try:
             for item in items:
                 sample = item if isinstance(item, Sample) else Sample(item)
                 ahead.append(self._submit(pool.read_verified(sample, self.verify)))
                 if len(ahead) >= width:
-                    yield ahead.popleft().result()
+                    yield self._hand_over(ahead.popleft(), handed, pool)
             while ahead:
-                yield ahead.popleft().result()
+                yield self._hand_over(ahead.popleft(), handed, pool)
+            self._hand_over(None, handed, pool)
         finally:
             for fut in ahead:
                 fut.cancel()
+
+    @staticmethod
+    def _hand_over(fut: Future[bytearray] | None, handed: list[bytearray], pool: _Pool) -> bytearray:
+        """The next item (None: the end); recycles the one before last if the consumer let it go."""
+        data = fut.result() if fut is not None else None
+        if len(handed) == 2 or (data is None and handed):
+            before = handed.pop(0)
+            if sys.getrefcount(before) <= 2:  # this frame and the call's argument: nobody else holds it
+                pool.recycler.give(before)
+            del before
+        if data is not None:
+            handed.append(data)
+        return data or bytearray()
 
     def datasets(self) -> list[str]:
         return sorted(self._submit(self._runtime()[1].visible()).result())
@@ -292,9 +365,9 @@ class Loader:
 
     async def _size(self, path: str) -> int:
         _, pool = self._runtime()
-        sftp = await pool._sftp(pool.slots[0])
+        wire = await pool._wire(pool.slots[0])
         try:
-            return int((await sftp.stat(path)).size or 0)
+            return int((await wire.stat(path)).size or 0)
         except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
             raise await pool._refusal(path, exc) from exc
 

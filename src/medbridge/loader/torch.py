@@ -16,11 +16,11 @@ import torch.utils.data as tud
 
 from medbridge.loader.client import Loader, Sample
 
-Decode = Callable[[bytes], Any]
+Decode = Callable[[bytearray], Any]
 Transform = Callable[[dict[str, Any]], Any]
 
 
-def _identity(data: bytes) -> Any:
+def _identity(data: bytearray) -> Any:
     return data
 
 

@@ -22,6 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPName
+from asyncssh.constants import (
+    FILEXFER_TYPE_DIRECTORY,
+    FILEXFER_TYPE_REGULAR,
+    FILEXFER_TYPE_SPECIAL,
+    FILEXFER_TYPE_SYMLINK,
+)
 
 from medbridge.control.audit import AuditEvent
 from medbridge.errors import InvalidInput
@@ -33,6 +39,23 @@ if TYPE_CHECKING:
 
 _WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_APPEND | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
 _NO_WRITE_BITS = ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _attrs(st: os.stat_result, *, read_only: bool) -> SFTPAttrs:
+    """What a client may know of a file: size, type, mode and times; owner 0 (never the platform's users).
+
+    Built directly rather than by ``SFTPAttrs.from_local``, which looks up user and
+    group names on every call: a cost per stat that the names here never use.
+    """
+    mode = st.st_mode & _NO_WRITE_BITS if read_only else st.st_mode
+    kind = (
+        FILEXFER_TYPE_REGULAR if stat.S_ISREG(mode)
+        else FILEXFER_TYPE_DIRECTORY if stat.S_ISDIR(mode)
+        else FILEXFER_TYPE_SYMLINK if stat.S_ISLNK(mode)
+        else FILEXFER_TYPE_SPECIAL
+    )  # fmt: skip
+    return SFTPAttrs(type=kind, size=st.st_size, uid=0, gid=0, permissions=mode,
+                     atime=int(st.st_atime), mtime=int(st.st_mtime))  # fmt: skip
 
 
 @dataclass
@@ -94,7 +117,7 @@ class Results:
 
 def _dir_attrs(mtime: int) -> SFTPAttrs:
     return SFTPAttrs(
-        type=asyncssh.FILEXFER_TYPE_DIRECTORY,
+        type=FILEXFER_TYPE_DIRECTORY,
         size=0,
         uid=0,
         gid=0,
@@ -190,11 +213,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         return None
 
     def _attrs(self, target: Target, st: os.stat_result) -> SFTPAttrs:
-        attrs = SFTPAttrs.from_local(st)
-        attrs.uid = attrs.gid = 0
-        if target.kind is Kind.DATASET and attrs.permissions is not None:
-            attrs.permissions &= _NO_WRITE_BITS
-        return attrs
+        return _attrs(st, read_only=target.kind is Kind.DATASET)
 
     # -- names -------------------------------------------------------------------------
 
@@ -264,7 +283,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
     def _manifest_attrs(self, target: Target) -> SFTPAttrs:
         size = len(self._manifest(target.name or ""))
         return SFTPAttrs(
-            type=asyncssh.FILEXFER_TYPE_REGULAR,
+            type=FILEXFER_TYPE_REGULAR,
             size=size,
             uid=0,
             gid=0,
@@ -358,11 +377,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         f = _handle(file_obj)
         if f.data is not None:
             return self._manifest_attrs(parse(f.path))
-        attrs = SFTPAttrs.from_local(os.fstat(f.fd))
-        attrs.uid = attrs.gid = 0
-        if f.read_only_view and attrs.permissions is not None:
-            attrs.permissions &= _NO_WRITE_BITS
-        return attrs
+        return _attrs(os.fstat(f.fd), read_only=f.read_only_view)
 
     def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         f = _handle(file_obj)
