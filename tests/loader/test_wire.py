@@ -135,7 +135,7 @@ def test_replies_cut_at_every_byte_parse_the_same() -> None:
         buf = Buffer(0, None)
         task = asyncio.ensure_future(wire.fill("/datasets/ct/a", buf, 1 << 20, 4))
         await asyncio.sleep(0)
-        (kind, rid), = _ids(chan)
+        ((kind, rid),) = _ids(chan)
         assert kind == OPEN
         wire.data_received(_reply(HANDLE, rid, _string(b"h1")), None)
         await asyncio.sleep(0)
