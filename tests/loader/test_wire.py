@@ -194,3 +194,18 @@ def test_status_codes_become_the_matching_errors() -> None:
             await fut
 
     asyncio.run(run())
+
+
+def test_a_read_reply_longer_than_asked_is_refused_not_written() -> None:
+    async def run() -> bytearray:
+        wire, chan = await _wire()
+        buf = Buffer(0, 8)
+        fut = wire.read(b"h", 0, 4, lambda n: buf.sink(0, n))
+        wire.data_received(_reply(DATA, 1, _string(b"01234567")), None)
+        with pytest.raises(asyncssh.SFTPBadMessage, match="request for 4"):
+            await fut
+        assert chan.aborted
+        assert buf.data is not None
+        return buf.data
+
+    assert asyncio.run(run()) == bytes(8), "nothing past what was asked lands in the buffer"

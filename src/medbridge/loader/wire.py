@@ -150,6 +150,7 @@ class Buffer:
 class _Request:
     future: asyncio.Future[Any]
     sink: Callable[[int], memoryview] | None = None  # for READ: where the payload goes
+    want: int = 0  # for READ: the most bytes asked for (a reply with more is refused)
     on_attrs: Callable[[Attrs], None] | None = None  # for FSTAT: run as the reply is parsed
 
 
@@ -244,6 +245,8 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         req = self._pending.get(rid)
         if req is None or req.sink is None or n + 9 != length:
             return False
+        if n > req.want:
+            raise asyncssh.SFTPBadMessage(f"read reply of {n} bytes to a request for {req.want}")
         del self._pending[rid]
         self._buf.clear()
         self._need = 9
@@ -292,6 +295,8 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         elif kind == DATA:  # a read with no sink, or one whose length did not fit the sink path
             data = r.string()
             if req.sink is not None:
+                if len(data) > req.want:
+                    raise asyncssh.SFTPBadMessage(f"read reply of {len(data)} bytes to a request for {req.want}")
                 req.sink(len(data))[:] = data
                 req.future.set_result(len(data))
             else:
@@ -353,7 +358,7 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         return attrs
 
     def read(self, handle: bytes, offset: int, length: int, sink: Callable[[int], memoryview]) -> asyncio.Future[int]:
-        req = _Request(self._loop.create_future(), sink=sink)
+        req = _Request(self._loop.create_future(), sink=sink, want=length)
         return self._send(READ, _string(handle) + _U64.pack(offset) + _U32.pack(length), req)
 
     async def listdir(self, path: str) -> list[str]:
