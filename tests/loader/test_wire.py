@@ -209,3 +209,64 @@ def test_a_read_reply_longer_than_asked_is_refused_not_written() -> None:
         return buf.data
 
     assert asyncio.run(run()) == bytes(8), "nothing past what was asked lands in the buffer"
+
+
+async def _opened(wire: Wire, chan: _Chan, buf: Buffer) -> tuple[asyncio.Future[None], list[tuple[int, int]]]:
+    """Start ``fill`` and answer its open; the requests it sends next."""
+    task = asyncio.ensure_future(wire.fill("/datasets/ct/a", buf, 4096, 4))
+    await asyncio.sleep(0)
+    ((_, rid),) = _ids(chan)
+    wire.data_received(_reply(HANDLE, rid, _string(b"h")), None)
+    await asyncio.sleep(0)
+    return task, _ids(chan)[1:]
+
+
+def test_a_part_cut_mid_payload_never_lands_after_the_resume() -> None:
+    good = bytes(range(1, 101))
+
+    async def run() -> bytearray:
+        buf = Buffer(0, None)
+        wire, chan = await _wire()
+        task, ((_, fstat), (_, read)) = await _opened(wire, chan, buf)
+        wire.data_received(_reply(105, fstat, struct.pack(">IQ", 1, 100)), None)  # 100 bytes at fstat...
+        wire.data_received(_reply(DATA, read, _string(good + b"\xee" * 100))[: 13 + 30], None)  # ...200 sent, cut
+        wire.connection_lost(ConnectionResetError("link cut"))
+        with pytest.raises(asyncssh.SFTPConnectionLost):
+            await task
+        wire, chan = await _wire()  # the resume, on a new connection
+        task, ((_, read),) = await _opened(wire, chan, buf)
+        wire.data_received(_reply(DATA, read, _string(good)), None)
+        await task
+        return buf.result()
+
+    assert asyncio.run(run()) == good
+
+
+@pytest.mark.parametrize("answer", [_reply(STATUS, 0, struct.pack(">I", 0) + _string(b"") + _string(b"")),
+                                    _reply(HANDLE, 0, _string(b"h2"))])  # fmt: skip
+def test_a_read_answered_by_the_wrong_reply_fails_instead_of_hanging(answer: bytes) -> None:
+    async def run() -> None:
+        wire, chan = await _wire()
+        task, ((_, read),) = await _opened(wire, chan, Buffer(0, 10))
+        wire.data_received(answer[:5] + struct.pack(">I", read) + answer[9:], None)
+        with pytest.raises(asyncssh.SFTPBadMessage, match="answered by type"):
+            await asyncio.wait_for(task, 5)
+        assert chan.aborted
+
+    asyncio.run(run())
+
+
+def test_attributes_without_a_size_are_refused_not_read_as_empty() -> None:
+    async def run() -> None:
+        wire, chan = await _wire()
+        task, ((_, fstat), (_, read)) = await _opened(wire, chan, Buffer(0, None))
+        wire.data_received(_reply(105, fstat, struct.pack(">I", 0)) + _reply(DATA, read, _string(b"hello")), None)
+        with pytest.raises(asyncssh.SFTPBadMessage, match="without a size"):
+            await asyncio.wait_for(task, 5)
+
+    asyncio.run(run())
+
+
+def test_a_claimed_size_past_the_bound_is_refused_before_allocating() -> None:
+    with pytest.raises(asyncssh.SFTPFailure, match="read it by ranges"):
+        Buffer(0, None).sized(1 << 50)

@@ -37,6 +37,9 @@ from medbridge.loader.cache import ReadAheadCache
 from medbridge.loader.wire import Buffer, Wire, open_wire
 from medbridge.policy.manifest import DATASET_MANIFEST, parse_manifest
 
+# Recycling trusts sys.getrefcount; from 3.14 CPython may borrow references without
+# counting them, so a buffer still held could look free: recycle only where it is exact.
+_REFCOUNT_EXACT = sys.version_info < (3, 14)
 _DROPPED = (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.SFTPConnectionLost, OSError, TimeoutError)
 
 
@@ -143,7 +146,11 @@ class _Pool:
                 raise PermissionError(str(exc)) from exc
             except PlatformUnavailable as exc:
                 raise ConnectionError(str(exc)) from exc
-            slot.wire = await open_wire(slot.conn)
+            try:
+                slot.wire = await open_wire(slot.conn)
+            except BaseException:
+                self._drop(slot)  # no connection is left half set up
+                raise
             return slot.wire
 
     def _drop(self, slot: _Slot) -> None:
@@ -180,6 +187,9 @@ class _Pool:
                 delay = min(delay * 2, 5.0)
                 self.stats.reconnects += 1
                 continue
+            except asyncssh.SFTPError as exc:  # a malformed reply or a refused size: this connection is done
+                self._drop(slot)
+                raise OSError(f"{path}: {exc.reason}") from exc
             break
         if stalled_since is not None:
             self.stats.seconds_stalled += time.monotonic() - stalled_since
@@ -328,7 +338,7 @@ class Loader:
         data = fut.result() if fut is not None else None
         if len(handed) == 2 or (data is None and handed):
             before = handed.pop(0)
-            if sys.getrefcount(before) <= 2:  # this frame and the call's argument: nobody else holds it
+            if _REFCOUNT_EXACT and sys.getrefcount(before) <= 2:  # this frame and the argument: nobody else does
                 pool.recycler.give(before)
             del before
         if data is not None:

@@ -32,6 +32,7 @@ FX_OK, FX_EOF, FX_NO_SUCH_FILE, FX_PERMISSION_DENIED = 0, 1, 2, 3
 FXF_READ = 0x1
 _ATTR_SIZE, _ATTR_UIDGID, _ATTR_PERMISSIONS, _ATTR_ACMODTIME, _ATTR_EXTENDED = 0x1, 0x2, 0x4, 0x8, 0x80000000
 MAX_PACKET = 8 << 20  # larger replies are a protocol error (reads are capped well below)
+MAX_BUFFER = 16 << 30  # one read's buffer; a server claiming more is not believed into an allocation
 DEFAULT_MAX_READ = 256 << 10  # what OpenSSH's sftp-server serves per read when it does not say
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -40,6 +41,10 @@ _HEAD = struct.Struct(">IBI")  # length, type, request id
 
 def _string(b: bytes) -> bytes:
     return _U32.pack(len(b)) + b
+
+
+_ANSWERS = {OPEN: HANDLE, OPENDIR: HANDLE, CLOSE: STATUS, READ: DATA, FSTAT: ATTRS, STAT: ATTRS, READDIR: NAME,
+            EXTENDED: EXTENDED_REPLY}  # fmt: skip
 
 
 def _status_error(code: int, message: str) -> asyncssh.SFTPError:
@@ -108,28 +113,44 @@ class Buffer:
         self.offset = offset
         self.size = size
         self._alloc = alloc
-        self.data: bytearray | None = None if size is None else alloc(size)
+        self.data: bytearray | None = None
         self.got: dict[int, int] = {}  # relative start -> bytes received there
-        self._loose: dict[int, bytearray] = {}  # blocks that arrived before the size was known
+        self._loose: dict[int, bytearray] = {}  # parts that arrived before the size was known
+        self._landed: set[int] = set()  # loose parts that arrived whole (only those are ever used)
+        if size is not None:
+            self.sized(size)
 
     def sized(self, size: int) -> None:
+        if size > MAX_BUFFER:
+            raise asyncssh.SFTPFailure(
+                f"{size} bytes is more than one read holds ({MAX_BUFFER >> 30} GiB): read it by ranges"
+            )
         if self.data is None:
             self.size = size
             self.data = self._alloc(size)
-            self.settle()
+            self._settle()
 
-    def settle(self) -> None:
-        """Copy blocks that arrived before the size was known into place (past the end is dropped)."""
-        if self.data is not None:
-            for rel, chunk in self._loose.items():
-                self.data[rel : rel + len(chunk)] = chunk[: max(0, len(self.data) - rel)]
-            self._loose.clear()
-
-    def sink(self, rel: int, n: int) -> memoryview:
-        if self.data is not None and rel + n <= len(self.data):
-            return memoryview(self.data)[rel : rel + n]
-        chunk = self._loose[rel] = bytearray(n)  # size not known yet (or the file grew): keep it aside
+    def sink(self, pos: int, n: int) -> memoryview:
+        """Where ``n`` bytes of the part at ``pos`` go; a part asked for again supersedes any earlier try."""
+        self._loose.pop(pos, None)
+        self._landed.discard(pos)
+        if self.data is not None and pos + n <= len(self.data):
+            return memoryview(self.data)[pos : pos + n]
+        chunk = self._loose[pos] = bytearray(n)  # size not known yet (or the file grew): keep it aside
         return memoryview(chunk)
+
+    def landed(self, pos: int) -> None:
+        """The part at ``pos`` arrived whole; if it was kept aside, it may now be copied into place."""
+        if pos in self._loose:
+            self._landed.add(pos)
+            self._settle()
+
+    def _settle(self) -> None:
+        if self.data is not None:
+            for pos in self._landed:
+                chunk = self._loose.pop(pos)
+                self.data[pos : pos + len(chunk)] = chunk[: max(0, len(self.data) - pos)]
+            self._landed.clear()
 
     def prefix(self) -> int:
         """How many bytes from the start have all arrived (where a resumed read starts)."""
@@ -151,6 +172,7 @@ class _Request:
     future: asyncio.Future[Any]
     sink: Callable[[int], memoryview] | None = None  # for READ: where the payload goes
     want: int = 0  # for READ: the most bytes asked for (a reply with more is refused)
+    expect: int = STATUS  # the reply type that answers it (a STATUS error always may)
     on_attrs: Callable[[Attrs], None] | None = None  # for FSTAT: run as the reply is parsed
 
 
@@ -160,7 +182,7 @@ class Wire(asyncssh.SSHClientSession[bytes]):
     def __init__(self) -> None:
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
         self._loop = asyncio.get_running_loop()
-        self._ready: asyncio.Future[dict[bytes, bytes]] = self._loop.create_future()
+        self._ready: asyncio.Future[tuple[int, dict[bytes, bytes]]] = self._loop.create_future()
         self._pending: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         self._buf = bytearray()
@@ -265,7 +287,7 @@ class Wire(asyncssh.SSHClientSession[bytes]):
                 name = r.string()
                 ext[name] = r.string()
             if not self._ready.done():
-                self._ready.set_result(ext)
+                self._ready.set_result((rid, ext))
             return
         req = self._pending.pop(rid, None)
         if req is None:
@@ -281,9 +303,13 @@ class Wire(asyncssh.SSHClientSession[bytes]):
 
     def _resolve(self, req: _Request, kind: int, packet: bytes) -> None:
         r = _Reader(packet, 9)
+        if kind != STATUS and kind != req.expect:
+            raise asyncssh.SFTPBadMessage(f"reply of type {kind} to a request answered by type {req.expect}")
         if kind == STATUS:
             code = r.u32()
             message = r.string().decode(errors="replace") if r.pos < len(packet) else ""
+            if code == FX_OK and req.expect != STATUS:
+                raise asyncssh.SFTPBadMessage(f"empty success to a request answered by type {req.expect}")
             if code == FX_OK:
                 req.future.set_result(None)
             elif code == FX_EOF and req.sink is not None:
@@ -303,6 +329,8 @@ class Wire(asyncssh.SSHClientSession[bytes]):
                 req.future.set_result(data)
         elif kind == ATTRS:
             attrs = r.attrs()
+            if attrs.size is None:
+                raise asyncssh.SFTPBadMessage("file attributes without a size")
             if req.on_attrs is not None:
                 req.on_attrs(attrs)
             req.future.set_result(attrs)
@@ -316,7 +344,7 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         elif kind == EXTENDED_REPLY:
             req.future.set_result(packet[9:])
         else:
-            req.future.set_exception(asyncssh.SFTPBadMessage(f"unexpected reply type {kind}"))
+            raise asyncssh.SFTPBadMessage(f"unexpected reply type {kind}")
 
     # -- requests ----------------------------------------------------------------------
 
@@ -325,14 +353,19 @@ class Wire(asyncssh.SSHClientSession[bytes]):
             raise self._lost
         assert self._chan is not None
         rid = next(self._ids) & 0xFFFFFFFF
-        req = req or _Request(self._loop.create_future())
+        req = req or _Request(self._loop.create_future(), expect=_ANSWERS[kind])
         self._pending[rid] = req
         self._chan.write(_U32.pack(len(body) + 5) + bytes([kind]) + _U32.pack(rid) + body)
         return req.future
 
     async def start(self) -> None:
         """Wait for the server's version; learn how much one read may ask for."""
-        ext = await self._ready
+        try:
+            version, ext = await asyncio.wait_for(self._ready, 30)
+        except TimeoutError:
+            raise asyncssh.SFTPConnectionLost("the platform did not start SFTP within 30 s") from None
+        if version != 3:
+            raise asyncssh.SFTPBadMessage(f"the platform answered SFTP version {version}, not 3")
         if b"limits@openssh.com" in ext:
             reply = await self._send(EXTENDED, _string(b"limits@openssh.com"))
             r = _Reader(reply)
@@ -351,14 +384,15 @@ class Wire(asyncssh.SSHClientSession[bytes]):
             fut.add_done_callback(_consume)
 
     def fstat(self, handle: bytes, on_attrs: Callable[[Attrs], None] | None = None) -> asyncio.Future[Attrs]:
-        return self._send(FSTAT, _string(handle), _Request(self._loop.create_future(), on_attrs=on_attrs))
+        req = _Request(self._loop.create_future(), on_attrs=on_attrs, expect=ATTRS)
+        return self._send(FSTAT, _string(handle), req)
 
     async def stat(self, path: str) -> Attrs:
         attrs: Attrs = await self._send(STAT, _string(path.encode()))
         return attrs
 
     def read(self, handle: bytes, offset: int, length: int, sink: Callable[[int], memoryview]) -> asyncio.Future[int]:
-        req = _Request(self._loop.create_future(), sink=sink, want=length)
+        req = _Request(self._loop.create_future(), sink=sink, want=length, expect=DATA)
         return self._send(READ, _string(handle) + _U64.pack(offset) + _U32.pack(length), req)
 
     async def listdir(self, path: str) -> list[str]:
@@ -389,7 +423,8 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         try:
             return await asyncio.shield(fut)
         except asyncssh.SFTPError:
-            self._handles.pop(path, None)
+            if self._handles.get(path) is fut:
+                del self._handles[path]
             raise
 
     def _close_done(self, fut: asyncio.Future[bytes]) -> None:
@@ -428,9 +463,9 @@ class Wire(asyncssh.SSHClientSession[bytes]):
                     rel = todo.pop()
                     inflight.add(self._block(handle, buf, rel, min(block, buf.size - rel)))
                 done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                for fut in done:
-                    fut.result()
-            buf.settle()
+                errors = [exc for fut in done if (exc := fut.exception()) is not None]  # each one read
+                if errors:
+                    raise errors[0]
         except BaseException:
             for rest in inflight:  # their outcome no longer matters; do not leave it unread
                 rest.add_done_callback(_consume)
@@ -452,18 +487,19 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         def step(before: int, fut: asyncio.Future[int]) -> None:
             if out.done():
                 return
-            if fut.cancelled() or fut.exception() is not None:
-                out.set_exception(fut.exception() or asyncio.CancelledError())
-                return
-            n = fut.result()
-            got = buf.got[rel] = before + n
-            # The first block goes out before the size is known; once it is, it bounds the block.
-            if n == 0 or got >= (length if buf.size is None else min(length, buf.size - rel)):
-                out.set_result(got)
+            if fut.cancelled():
+                out.cancel()
                 return
             try:
-                ask(got)
-            except Exception as exc:  # the channel went away between two parts
+                n = fut.result()
+                buf.landed(rel + before)
+                got = buf.got[rel] = before + n
+                # The first block goes out before the size is known; once it is, it bounds the block.
+                if n == 0 or got >= (length if buf.size is None else min(length, buf.size - rel)):
+                    out.set_result(got)
+                else:
+                    ask(got)
+            except Exception as exc:  # a failed part, or the channel gone between two parts: the block fails
                 out.set_exception(exc)
 
         ask(0)
