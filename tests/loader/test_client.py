@@ -35,12 +35,6 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatfo
         yield p
 
 
-@pytest.fixture(scope="module")
-def endpoint(platform: RunningPlatform) -> Iterator[Endpoint]:
-    with platform.job_endpoint("alice") as ep:
-        yield ep
-
-
 Reader = Callable[[str], bytes]
 
 

@@ -34,12 +34,6 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatfo
         yield p
 
 
-@pytest.fixture(scope="module")
-def endpoint(platform: RunningPlatform) -> Iterator[Endpoint]:
-    with platform.job_endpoint("alice") as ep:
-        yield ep
-
-
 def test_every_size_around_block_edges_reads_back_exactly(endpoint: Endpoint) -> None:
     with Loader(endpoint, block_size=BLOCK, max_requests=4) as loader:
         for rel, data in FILES.items():

@@ -318,7 +318,7 @@ class Loader:
         _, pool = self._runtime()
         ahead: deque[Future[bytearray]] = deque()
         width = window or self.window
-        handed: list[bytearray] = []  # the last two handed over: a consumer's loop variable still holds the last
+        handed: deque[bytearray] = deque()  # handed over, not yet judged: a loop variable still holds the last
         try:
             for item in items:
                 sample = item if isinstance(item, Sample) else Sample(item)
@@ -327,23 +327,25 @@ class Loader:
                     yield self._hand_over(ahead.popleft(), handed, pool)
             while ahead:
                 yield self._hand_over(ahead.popleft(), handed, pool)
-            self._hand_over(None, handed, pool)
+            self._release(handed, pool, keep=1)
         finally:
             for fut in ahead:
                 fut.cancel()
 
+    @classmethod
+    def _hand_over(cls, fut: Future[bytearray], handed: deque[bytearray], pool: _Pool) -> bytearray:
+        data = fut.result()
+        handed.append(data)
+        cls._release(handed, pool, keep=2)
+        return data
+
     @staticmethod
-    def _hand_over(fut: Future[bytearray] | None, handed: list[bytearray], pool: _Pool) -> bytearray:
-        """The next item (None: the end); recycles the one before last if the consumer let it go."""
-        data = fut.result() if fut is not None else None
-        if len(handed) == 2 or (data is None and handed):
-            before = handed.pop(0)
-            if _REFCOUNT_EXACT and sys.getrefcount(before) <= 2:  # this frame and the argument: nobody else does
-                pool.recycler.give(before)
-            del before
-        if data is not None:
-            handed.append(data)
-        return data or bytearray()
+    def _release(handed: deque[bytearray], pool: _Pool, keep: int) -> None:
+        """Recycle the oldest items handed over, down to ``keep``, that the consumer let go of."""
+        while len(handed) > keep:
+            old = handed.popleft()
+            if _REFCOUNT_EXACT and sys.getrefcount(old) <= 2:  # this frame and the argument: nobody else does
+                pool.recycler.give(old)
 
     def datasets(self) -> list[str]:
         return sorted(self._submit(self._runtime()[1].visible()).result())

@@ -170,9 +170,9 @@ class Buffer:
 @dataclass
 class _Request:
     future: asyncio.Future[Any]
+    expect: int  # the reply type that answers it (a STATUS error always may)
     sink: Callable[[int], memoryview] | None = None  # for READ: where the payload goes
     want: int = 0  # for READ: the most bytes asked for (a reply with more is refused)
-    expect: int = STATUS  # the reply type that answers it (a STATUS error always may)
     on_attrs: Callable[[Attrs], None] | None = None  # for FSTAT: run as the reply is parsed
 
 
@@ -348,12 +348,13 @@ class Wire(asyncssh.SSHClientSession[bytes]):
 
     # -- requests ----------------------------------------------------------------------
 
-    def _send(self, kind: int, body: bytes, req: _Request | None = None) -> asyncio.Future[Any]:
+    def _send(self, kind: int, body: bytes, **fields: Any) -> asyncio.Future[Any]:
+        """Send one request; ``fields`` are the :class:`_Request` extras its reply needs."""
         if self._lost is not None:
             raise self._lost
         assert self._chan is not None
         rid = next(self._ids) & 0xFFFFFFFF
-        req = req or _Request(self._loop.create_future(), expect=_ANSWERS[kind])
+        req = _Request(self._loop.create_future(), _ANSWERS[kind], **fields)
         self._pending[rid] = req
         self._chan.write(_U32.pack(len(body) + 5) + bytes([kind]) + _U32.pack(rid) + body)
         return req.future
@@ -384,16 +385,14 @@ class Wire(asyncssh.SSHClientSession[bytes]):
             fut.add_done_callback(_consume)
 
     def fstat(self, handle: bytes, on_attrs: Callable[[Attrs], None] | None = None) -> asyncio.Future[Attrs]:
-        req = _Request(self._loop.create_future(), on_attrs=on_attrs, expect=ATTRS)
-        return self._send(FSTAT, _string(handle), req)
+        return self._send(FSTAT, _string(handle), on_attrs=on_attrs)
 
     async def stat(self, path: str) -> Attrs:
         attrs: Attrs = await self._send(STAT, _string(path.encode()))
         return attrs
 
     def read(self, handle: bytes, offset: int, length: int, sink: Callable[[int], memoryview]) -> asyncio.Future[int]:
-        req = _Request(self._loop.create_future(), sink=sink, want=length, expect=DATA)
-        return self._send(READ, _string(handle) + _U64.pack(offset) + _U32.pack(length), req)
+        return self._send(READ, _string(handle) + _U64.pack(offset) + _U32.pack(length), sink=sink, want=length)
 
     async def listdir(self, path: str) -> list[str]:
         handle = await self._send(OPENDIR, _string(path.encode()))
