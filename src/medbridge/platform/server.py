@@ -27,6 +27,7 @@ from medbridge.platform.sftp import JobSFTPServer, Results
 from medbridge.policy.credentials import serial_from_principals, serial_principal
 from medbridge.policy.manifest import format_manifest
 from medbridge.policy.paths import View
+from medbridge.transport import CoalescingTransport, coalesce
 
 log = logging.getLogger("medbridge.platform")
 
@@ -132,6 +133,7 @@ class PlatformConnection(asyncssh.SSHServer):
     def __init__(self, platform: Platform, via: tuple[str, int] | None = None):
         self.platform = platform
         self.conn: asyncssh.SSHServerConnection | None = None
+        self.transport: CoalescingTransport | None = None
         self.username = ""
         self.peer = ""
         #: The trusted gateway the connection came through (its PROXY header named ``peer``).
@@ -145,6 +147,8 @@ class PlatformConnection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        #: Joins the SSH packets of one loop pass into one socket write (see medbridge.transport).
+        self.transport = coalesce(conn)
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
 
