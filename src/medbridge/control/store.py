@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import create_engine, event, func, insert, select
+from sqlalchemy import Table, create_engine, event, func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
@@ -35,6 +35,7 @@ from medbridge.policy.grants import GrantFact, readable
 from medbridge.policy.names import check_name
 
 _Named = TypeVar("_Named", User, Group, Dataset)
+_AUDIT_TABLE = cast(Table, AuditEntry.__table__)  # Core inserts skip the ORM bulk path
 
 
 @dataclass(frozen=True)
@@ -508,8 +509,8 @@ class Store:
     def _append(s: Session, events: Sequence[AuditEvent], now: datetime) -> None:
         """Append inside the caller's transaction, so a decision and its record commit together.
 
-        One executemany of plain rows: the data plane writes an entry per file opened,
-        and ORM objects per entry cost more than the hashing.
+        One executemany of plain rows through the table, not the ORM: the data plane
+        writes an entry per file opened, and ORM bulk inserts cost more than the hashing.
         """
         last = s.execute(select(AuditEntry.seq, AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1)).first()
         seq, prev = (last[0], last[1]) if last else (0, GENESIS)
@@ -528,7 +529,7 @@ class Store:
             )
             prev = chain_hash(rec)
             rows.append({f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)} | {"hash": prev})
-        s.execute(insert(AuditEntry), rows)
+        s.execute(insert(_AUDIT_TABLE), rows)
 
     def audit_records(self, *, last: int | None = None, action: str | None = None) -> list[Record]:
         with self._tx(write=False) as s:

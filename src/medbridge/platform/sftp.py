@@ -147,6 +147,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self._manifest = manifest
         self._started = int(time.time())
         self._open: set[int] = set()
+        self._real_roots: dict[str, str] = {}
 
     # -- the one hook ------------------------------------------------------------------
 
@@ -193,7 +194,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
                 self._refuse(vpath, op, Refusal.DENIED, "the job's results are committed and can no longer change")
         real = os.path.join(root, *target.rest) if target.rest else root
         resolved = os.path.realpath(real)
-        real_root = os.path.realpath(root)
+        real_root = self._real_roots.get(root) or os.path.realpath(root)
+        if target.kind is Kind.DATASET:  # platform storage, fixed while served: resolved once per session
+            self._real_roots[root] = real_root
         if not within(real_root, resolved):
             self._refuse(vpath, op, Refusal.DENIED, "resolves outside its root (symlink)")
         if op in ("lstat", "remove", "rename") and os.path.islink(real):
