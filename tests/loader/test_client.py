@@ -97,6 +97,29 @@ def test_read_many_keeps_order_and_reads_shards(endpoint: Endpoint) -> None:
         assert loader.stats.verified >= 2 * len(FILES)
 
 
+def test_read_many_raises_a_failed_item_in_its_place(endpoint: Endpoint) -> None:
+    names = sorted(p for p in FILES if p.startswith("img/"))[:5]
+    items = [f"/datasets/xr/{n}" for n in names[:3]] + ["/datasets/xr/img/missing.bin"] + [f"/datasets/xr/{names[4]}"]
+    with Loader(endpoint, window=4) as loader:
+        got = loader.read_many(items)
+        assert [next(got) for _ in range(3)] == [FILES[n] for n in names[:3]]
+        with pytest.raises(FileNotFoundError, match="missing.bin"):
+            next(got)
+
+
+def test_a_consumer_that_stops_early_starts_no_more_reads(endpoint: Endpoint) -> None:
+    paths = [f"/datasets/xr/{n}" for n in sorted(FILES) if n.startswith("img/")] * 20
+    with Loader(endpoint, window=8) as loader:
+        got = loader.read_many(paths)
+        for _ in range(3):
+            next(got)
+        got.close()
+        time.sleep(0.3)
+        settled = loader.stats.files
+        time.sleep(0.3)
+        assert loader.stats.files == settled <= 3 + 8 + 2, "at most the window ahead was read; nothing started after the stop"
+
+
 def test_random_access_through_the_read_ahead_cache(endpoint: Endpoint) -> None:
     data = FILES["big/volume.raw"]
     with Loader(endpoint) as loader, loader.open("/datasets/xr/big/volume.raw", block=1 << 20, readahead=2) as f:

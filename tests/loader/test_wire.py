@@ -118,7 +118,19 @@ async def _wire() -> tuple[Wire, _Chan]:
 
 
 def _ids(chan: _Chan) -> list[tuple[int, int]]:
-    return [(m[4], struct.unpack(">I", m[5:9])[0]) for m in chan.sent[1:]]
+    """(type, id) of every request sent after INIT; one channel write may carry several."""
+    out, stream = [], b"".join(chan.sent[1:])
+    while stream:
+        (n,) = struct.unpack(">I", stream[:4])
+        out.append((stream[4], struct.unpack(">I", stream[5:9])[0]))
+        stream = stream[4 + n :]
+    return out
+
+
+async def _sent() -> None:
+    """Let the wire run and flush what it queued (requests of one pass leave in one write)."""
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 def test_replies_cut_at_every_byte_parse_the_same() -> None:
@@ -128,12 +140,13 @@ def test_replies_cut_at_every_byte_parse_the_same() -> None:
         wire, chan = await _wire()
         buf = Buffer(0, None)
         task = asyncio.ensure_future(wire.fill("/datasets/ct/a", buf, 1 << 20, 4))
-        await asyncio.sleep(0)
+        await _sent()
         ((kind, rid),) = _ids(chan)
         assert kind == OPEN
         wire.data_received(_reply(HANDLE, rid, _string(b"h1")), None)
-        await asyncio.sleep(0)
+        await _sent()
         (_, fstat), (_, read) = _ids(chan)[1:]
+        assert len(chan.sent) == 3, "INIT, OPEN, then fstat and the first read in one channel write"
         attrs = struct.pack(">IQ", 1, len(payload))
         stream = _reply(105, fstat, attrs) + _reply(DATA, read, _string(payload))
         for part in (stream[:cut], stream[cut:]):
@@ -208,10 +221,10 @@ def test_a_read_reply_longer_than_asked_is_refused_not_written() -> None:
 async def _opened(wire: Wire, chan: _Chan, buf: Buffer) -> tuple[asyncio.Future[None], list[tuple[int, int]]]:
     """Start ``fill`` and answer its open; the requests it sends next."""
     task = asyncio.ensure_future(wire.fill("/datasets/ct/a", buf, 4096, 4))
-    await asyncio.sleep(0)
+    await _sent()
     ((_, rid),) = _ids(chan)
     wire.data_received(_reply(HANDLE, rid, _string(b"h")), None)
-    await asyncio.sleep(0)
+    await _sent()
     return task, _ids(chan)[1:]
 
 

@@ -36,6 +36,7 @@ from medbridge.errors import AccessDenied, IntegrityError, PlatformUnavailable
 from medbridge.loader.cache import ReadAheadCache
 from medbridge.loader.wire import Buffer, Wire, open_wire
 from medbridge.policy.manifest import DATASET_MANIFEST, parse_manifest
+from medbridge.transport import coalesce
 
 # Recycling trusts sys.getrefcount; from 3.14 CPython may borrow references without
 # counting them, so a buffer still held could look free: recycle only where it is exact.
@@ -146,6 +147,7 @@ class _Pool:
                 raise PermissionError(str(exc)) from exc
             except PlatformUnavailable as exc:
                 raise ConnectionError(str(exc)) from exc
+            coalesce(slot.conn)
             try:
                 slot.wire = await open_wire(slot.conn)
             except BaseException:
@@ -245,6 +247,64 @@ class _Pool:
         self.recycler.clear()
 
 
+class _Pending:
+    """One read's outcome, handed from the loop thread to the consumer without a lock unless it must wait.
+
+    A ``concurrent.futures.Future`` per sample cost a condition variable's notify per
+    read, and ``run_coroutine_threadsafe`` a loop wake-up per read: 12-18% of the
+    loader's CPU for small files.  Here the consumer sets ``waiter`` before it checks
+    ``done`` and the loop sets ``done`` before it reads ``waiter``, so no wake-up is lost.
+    """
+
+    __slots__ = ("done", "error", "task", "value", "waiter")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.value: bytearray | None = None
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[bytearray] | None = None
+        self.waiter: threading.Lock | None = None
+
+    def settle(self, task: asyncio.Task[bytearray]) -> None:
+        """Loop thread: record the task's outcome and wake the consumer if it waits."""
+        if task.cancelled():
+            self.error = asyncio.CancelledError()
+        else:
+            self.error = task.exception()
+            self.value = None if self.error else task.result()
+        self.task = None
+        self.done = True
+        waiter = self.waiter
+        if waiter is not None:
+            waiter.release()
+
+    def result(self) -> bytearray:
+        """Consumer thread: the bytes, or the read's exception."""
+        if not self.done:
+            lock = threading.Lock()
+            lock.acquire()
+            self.waiter = lock
+            if not self.done:
+                lock.acquire()
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None
+        return self.value
+
+
+def _start(pool: _Pool, batch: list[tuple[_Pending, Sample]], verify: bool) -> None:
+    loop = asyncio.get_running_loop()
+    for pending, sample in batch:
+        pending.task = loop.create_task(pool.read_verified(sample, verify))
+        pending.task.add_done_callback(pending.settle)
+
+
+def _cancel(pendings: list[_Pending]) -> None:
+    for pending in pendings:
+        if pending.task is not None:
+            pending.task.cancel()
+
+
 def _split(path: str) -> tuple[str | None, str]:
     parts = path.strip("/").split("/", 2)
     if len(parts) == 3 and parts[0] == "datasets":
@@ -315,26 +375,40 @@ class Loader:
         An item the consumer no longer holds two items later is recycled as the buffer of
         a later read (keep a reference, or a copy, to keep its bytes).
         """
-        _, pool = self._runtime()
-        ahead: deque[Future[bytearray]] = deque()
+        loop, pool = self._runtime()
         width = window or self.window
+        refill = max(1, width // 4)  # reads start in batches: one loop wake-up per batch, not per item
+        ahead: deque[_Pending] = deque()
+        batch: list[tuple[_Pending, Sample]] = []
         handed: deque[bytearray] = deque()  # handed over, not yet judged: a loop variable still holds the last
+
+        def start() -> None:
+            loop.call_soon_threadsafe(_start, pool, list(batch), self.verify)
+            batch.clear()
+
         try:
             for item in items:
-                sample = item if isinstance(item, Sample) else Sample(item)
-                ahead.append(self._submit(pool.read_verified(sample, self.verify)))
+                pending = _Pending()
+                batch.append((pending, item if isinstance(item, Sample) else Sample(item)))
+                ahead.append(pending)
+                if len(batch) >= refill:
+                    start()
                 if len(ahead) >= width:
+                    if batch:
+                        start()
                     yield self._hand_over(ahead.popleft(), handed, pool)
+            if batch:
+                start()
             while ahead:
                 yield self._hand_over(ahead.popleft(), handed, pool)
             self._release(handed, pool, keep=1)
         finally:
-            for fut in ahead:
-                fut.cancel()
+            if ahead and not loop.is_closed():  # batches already sent start before this runs, then stop
+                loop.call_soon_threadsafe(_cancel, list(ahead))
 
     @classmethod
-    def _hand_over(cls, fut: Future[bytearray], handed: deque[bytearray], pool: _Pool) -> bytearray:
-        data = fut.result()
+    def _hand_over(cls, pending: _Pending, handed: deque[bytearray], pool: _Pool) -> bytearray:
+        data = pending.result()
         handed.append(data)
         cls._release(handed, pool, keep=2)
         return data

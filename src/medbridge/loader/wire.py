@@ -195,6 +195,7 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         self._handles: OrderedDict[str, asyncio.Future[bytes]] = OrderedDict()
         self.keep_handles = 32
         self._users: Counter[str] = Counter()  # reads now using a kept handle
+        self._out: list[bytes] = []  # requests of this loop pass, sent as one channel write
 
     # -- asyncssh callbacks ------------------------------------------------------------
 
@@ -356,8 +357,16 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         rid = next(self._ids) & 0xFFFFFFFF
         req = _Request(self._loop.create_future(), _ANSWERS[kind], **fields)
         self._pending[rid] = req
-        self._chan.write(_U32.pack(len(body) + 5) + bytes([kind]) + _U32.pack(rid) + body)
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(_U32.pack(len(body) + 5) + bytes([kind]) + _U32.pack(rid) + body)
         return req.future
+
+    def _flush(self) -> None:
+        """One channel write for the requests of a pass: one SSH packet to encrypt and decrypt, not one each."""
+        out, self._out = self._out, []
+        if self._chan is not None and self._lost is None:
+            self._chan.write(b"".join(out))
 
     async def start(self) -> None:
         """Wait for the server's version; learn how much one read may ask for."""
