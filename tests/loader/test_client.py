@@ -103,7 +103,7 @@ def test_read_many_raises_a_failed_item_in_its_place(endpoint: Endpoint) -> None
     with Loader(endpoint, window=4) as loader:
         got = loader.read_many(items)
         assert [next(got) for _ in range(3)] == [FILES[n] for n in names[:3]]
-        with pytest.raises(FileNotFoundError, match="missing.bin"):
+        with pytest.raises(FileNotFoundError, match=r"missing\.bin"):
             next(got)
 
 
@@ -117,7 +117,9 @@ def test_a_consumer_that_stops_early_starts_no_more_reads(endpoint: Endpoint) ->
         time.sleep(0.3)
         settled = loader.stats.files
         time.sleep(0.3)
-        assert loader.stats.files == settled <= 3 + 8 + 2, "at most the window ahead was read; nothing started after the stop"
+        assert loader.stats.files == settled <= 3 + 8 + 2, (
+            "at most the window ahead was read; nothing started after the stop"
+        )
 
 
 def test_random_access_through_the_read_ahead_cache(endpoint: Endpoint) -> None:
