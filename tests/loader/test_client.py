@@ -122,6 +122,27 @@ def test_a_consumer_that_stops_early_starts_no_more_reads(endpoint: Endpoint) ->
         )
 
 
+def test_closing_the_loader_mid_epoch_fails_the_epoch_instead_of_hanging(endpoint: Endpoint) -> None:
+    loader = Loader(endpoint, window=12)
+    epoch = loader.read_many(["/datasets/xr/big/volume.raw"] * 12)  # all started at once: 240 MiB in flight
+    assert next(epoch) == FILES["big/volume.raw"]
+    loader.close()
+    outcome: list[str] = []
+
+    def drain() -> None:
+        try:
+            for _ in epoch:
+                pass
+            outcome.append("finished")
+        except OSError as exc:
+            outcome.append(str(exc))
+
+    consumer = threading.Thread(target=drain, daemon=True)
+    consumer.start()
+    consumer.join(20)
+    assert outcome and "loader was closed" in outcome[0]
+
+
 def test_random_access_through_the_read_ahead_cache(endpoint: Endpoint) -> None:
     data = FILES["big/volume.raw"]
     with Loader(endpoint) as loader, loader.open("/datasets/xr/big/volume.raw", block=1 << 20, readahead=2) as f:

@@ -136,6 +136,7 @@ class _Pool:
         self._manifests: dict[str, dict[str, str]] = {}
         self._visible: set[str] | None = None
         self.recycler = _Recycler(self.stats)
+        self.reads: set[asyncio.Task[bytearray]] = set()  # started by read_many, not yet done
 
     async def _wire(self, slot: _Slot) -> Wire:
         async with slot.lock:
@@ -239,6 +240,11 @@ class _Pool:
         return data
 
     async def close(self) -> None:
+        """Stop the reads still in flight (their consumers get an error, not a hang), then the connections."""
+        reads = list(self.reads)
+        for task in reads:
+            task.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
         for slot in self.slots:
             if slot.conn is not None:
                 slot.conn.close()
@@ -267,8 +273,8 @@ class _Pending:
 
     def settle(self, task: asyncio.Task[bytearray]) -> None:
         """Loop thread: record the task's outcome and wake the consumer if it waits."""
-        if task.cancelled():
-            self.error = asyncio.CancelledError()
+        if task.cancelled():  # the consumer stopped early (nobody waits), or the loader was closed
+            self.error = OSError("read cancelled: the loader was closed")
         else:
             self.error = task.exception()
             self.value = None if self.error else task.result()
@@ -295,8 +301,10 @@ class _Pending:
 def _start(pool: _Pool, batch: list[tuple[_Pending, Sample]], verify: bool) -> None:
     loop = asyncio.get_running_loop()
     for pending, sample in batch:
-        pending.task = loop.create_task(pool.read_verified(sample, verify))
-        pending.task.add_done_callback(pending.settle)
+        pending.task = task = loop.create_task(pool.read_verified(sample, verify))
+        pool.reads.add(task)
+        task.add_done_callback(pool.reads.discard)
+        task.add_done_callback(pending.settle)
 
 
 def _cancel(pendings: list[_Pending]) -> None:
@@ -383,6 +391,8 @@ class Loader:
         handed: deque[bytearray] = deque()  # handed over, not yet judged: a loop variable still holds the last
 
         def start() -> None:
+            if loop.is_closed():
+                raise OSError("read_many: the loader was closed")
             loop.call_soon_threadsafe(_start, pool, list(batch), self.verify)
             batch.clear()
 

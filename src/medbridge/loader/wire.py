@@ -366,7 +366,11 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         """One channel write for the requests of a pass: one SSH packet to encrypt and decrypt, not one each."""
         out, self._out = self._out, []
         if self._chan is not None and self._lost is None:
-            self._chan.write(b"".join(out))
+            try:
+                self._chan.write(b"".join(out))
+            except (OSError, asyncssh.Error) as exc:  # the channel went away since: its requests fail, none hangs
+                self._fail(asyncssh.SFTPConnectionLost(f"SFTP channel lost: {exc}"))
+                self._chan.abort()
 
     async def start(self) -> None:
         """Wait for the server's version; learn how much one read may ask for."""
