@@ -17,6 +17,10 @@ from medbridge.errors import InvalidInput, NotInitialised
 #: than asyncssh's default chacha20-poly1305; see shared/reference/facts.md).
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com")
 
+#: The platform's SFTP extension for whole small files (medbridge.platform.sftp.read_file);
+#: its VERSION value is the most bytes one request returns.
+READ_FILE_EXTENSION = b"read-file@medbridge"
+
 
 @dataclass(frozen=True, kw_only=True)
 class PlatformSettings:

@@ -26,6 +26,8 @@ from typing import Any, cast
 
 import asyncssh
 
+from medbridge.config import READ_FILE_EXTENSION
+
 INIT, VERSION, OPEN, CLOSE, READ, FSTAT, OPENDIR, READDIR, STAT, EXTENDED = 1, 2, 3, 4, 5, 8, 11, 12, 17, 200
 STATUS, HANDLE, DATA, NAME, ATTRS, EXTENDED_REPLY = 101, 102, 103, 104, 105, 201
 FX_OK, FX_EOF, FX_NO_SUCH_FILE, FX_PERMISSION_DENIED = 0, 1, 2, 3
@@ -196,6 +198,7 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         self.keep_handles = 32
         self._users: Counter[str] = Counter()  # reads now using a kept handle
         self._out: list[bytes] = []  # requests of this loop pass, sent as one channel write
+        self.read_file_max = 0  # the platform's whole-file read (0: not offered, e.g. OpenSSH)
 
     # -- asyncssh callbacks ------------------------------------------------------------
 
@@ -355,7 +358,7 @@ class Wire(asyncssh.SSHClientSession[bytes]):
             raise self._lost
         assert self._chan is not None
         rid = next(self._ids) & 0xFFFFFFFF
-        req = _Request(self._loop.create_future(), _ANSWERS[kind], **fields)
+        req = _Request(self._loop.create_future(), fields.pop("expect", _ANSWERS[kind]), **fields)
         self._pending[rid] = req
         if not self._out:
             self._loop.call_soon(self._flush)
@@ -380,6 +383,8 @@ class Wire(asyncssh.SSHClientSession[bytes]):
             raise asyncssh.SFTPConnectionLost("the platform did not start SFTP within 30 s") from None
         if version != 3:
             raise asyncssh.SFTPBadMessage(f"the platform answered SFTP version {version}, not 3")
+        if READ_FILE_EXTENSION in ext:
+            self.read_file_max = int(ext[READ_FILE_EXTENSION].decode() or 0)
         if b"limits@openssh.com" in ext:
             reply = await self._send(EXTENDED, _string(b"limits@openssh.com"))
             r = _Reader(reply)
@@ -450,6 +455,9 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         fstat sizes the buffer before the first block's bytes are parsed.
         """
         block = max(1, min(block, self.max_read))
+        whole = buf.size is None and not buf.got and not keep_open and self.read_file_max > 0
+        if whole and await self._read_file(path, buf, min(block, self.read_file_max)):
+            return  # the whole file came in one request
         if keep_open:
             self._users[path] += 1
         try:
@@ -461,7 +469,8 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         try:
             if buf.size is None:
                 stat = self.fstat(handle, lambda a: buf.sized(max(0, (a.size or 0) - buf.offset)))
-                inflight.add(self._block(handle, buf, 0, block))
+                if not buf.got:
+                    inflight.add(self._block(handle, buf, 0, block))
                 await stat
             assert buf.size is not None
             todo = [
@@ -487,6 +496,29 @@ class Wire(asyncssh.SSHClientSession[bytes]):
                 self._users[path] -= 1
             else:
                 self.close_handle(handle)
+
+    async def _read_file(self, path: str, buf: Buffer, want: int) -> bool:
+        """The platform's whole-file read: one request, and the reply streams into the buffer.
+
+        A reply shorter than asked ends at the file's end, so it sizes the buffer before
+        its bytes land; a full one leaves the rest (and the size) to the handle path.
+        """
+
+        def sink(n: int) -> memoryview:
+            if n < want:
+                buf.sized(n)
+            return buf.sink(0, n)
+
+        body = _string(READ_FILE_EXTENSION) + _string(path.encode()) + _U64.pack(buf.offset) + _U32.pack(want)
+        n: int = await self._send(EXTENDED, body, expect=DATA, sink=sink, want=want)
+        if n < want:
+            if buf.size is None:  # nothing to sink: an empty file, or an offset past its end
+                buf.sized(0)
+            buf.got[0] = n
+            return True
+        buf.landed(0)
+        buf.got[0] = n
+        return False
 
     def _block(self, handle: bytes, buf: Buffer, rel: int, length: int) -> asyncio.Future[int]:
         """Read one block; a short read (the server may give less) asks again for the rest."""

@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
+from asyncssh.channel import SSHChannel
 
 from medbridge.config import CIPHERS, Home, PlatformSettings
 from medbridge.control.audit import AuditEvent
@@ -23,7 +24,7 @@ from medbridge.errors import AddressInUse, MedbridgeError, PlatformUnavailable
 from medbridge.platform.issuer import ISSUE_COMMAND, MAX_REQUEST, REPORT_COMMAND, Issuer
 from medbridge.platform.keys import fingerprint, load_private_key
 from medbridge.platform.listener import accept_forever, parse_networks
-from medbridge.platform.sftp import JobSFTPServer, Results
+from medbridge.platform.sftp import JobSFTPServer, PlatformSession, Results
 from medbridge.policy.credentials import serial_from_principals, serial_principal
 from medbridge.policy.manifest import format_manifest
 from medbridge.policy.paths import View
@@ -244,6 +245,14 @@ class PlatformConnection(asyncssh.SSHServer):
 
     # -- what an authenticated connection may open --------------------------------------
 
+    def session_requested(self) -> PlatformSession:
+        """Commands go to :meth:`process`; the sftp subsystem to :meth:`sftp` under our handler."""
+
+        def sftp(chan: SSHChannel[bytes]) -> JobSFTPServer:
+            return self.sftp(cast(asyncssh.SSHServerChannel[bytes], chan))
+
+        return PlatformSession(self.process, sftp, 3, False)
+
     def sftp(self, chan: asyncssh.SSHServerChannel[bytes]) -> JobSFTPServer:
         if self.session is None:
             self.platform.sink.record(
@@ -405,17 +414,9 @@ class Platform:
         """Listen and return the bound address (port 0 picks a free one)."""
         proxies = parse_networks([*self.settings.trusted_proxies, *trusted_proxies])
 
-        def sftp_factory(chan: asyncssh.SSHServerChannel[bytes]) -> JobSFTPServer:
-            return _owner(chan).sftp(chan)
-
-        async def process_factory(process: asyncssh.SSHServerProcess[bytes]) -> None:
-            await _owner(process.channel).process(process)
-
         options = asyncssh.SSHServerConnectionOptions(
             server_host_keys=[self.host_key],
             encryption_algs=list(CIPHERS),
-            sftp_factory=sftp_factory,
-            process_factory=process_factory,
             encoding=None,
             allow_scp=False,
             agent_forwarding=False,
@@ -491,12 +492,6 @@ class Platform:
         self._enforcer.shutdown(wait=True)
         self.results.close()
         self.sink.close()
-
-
-def _owner(chan: asyncssh.SSHServerChannel[bytes]) -> PlatformConnection:
-    owner = chan.get_connection().get_owner()
-    assert isinstance(owner, PlatformConnection)
-    return owner
 
 
 async def serve(

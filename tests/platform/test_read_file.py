@@ -1,0 +1,93 @@
+"""The platform's whole-file read extension: one request per small file, decided and audited like ``open``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import asyncssh
+import pytest
+
+from medbridge.loader import Loader
+from medbridge.loader.wire import Buffer, Wire, open_wire
+from medbridge.testing import RunningPlatform
+from tests.conftest import CHEST
+
+
+async def _wire(p: RunningPlatform) -> tuple[asyncssh.SSHClientConnection, Wire]:
+    key, cred = await p.credential("alice")
+    conn = await p.connect("alice", [(key, cred.certificate)])
+    return conn, await open_wire(conn)
+
+
+def _read_file(p: RunningPlatform, path: str, offset: int = 0, want: int = 1 << 20) -> tuple[bool, bytes]:
+    """(whole, bytes) of one extension request, straight on the wire."""
+
+    async def go() -> tuple[bool, bytes]:
+        conn, wire = await _wire(p)
+        async with conn:
+            assert wire.read_file_max >= want
+            buf = Buffer(offset, None)
+            whole = await wire._read_file(path, buf, want)
+            return whole, bytes(buf.result()) if whole else b""
+
+    return asyncio.run(go())
+
+
+def test_a_small_file_is_one_request_and_one_audit_row(platform: RunningPlatform) -> None:
+    before = len(platform.audit("sftp.open"))
+    with platform.job_endpoint("alice") as ep, Loader(ep, connections=1) as loader:
+        assert loader.read("/datasets/chest/scan-001.bin") == CHEST["scan-001.bin"]
+    reads = [r for r in platform.audit("sftp.read") if r.subject == "/datasets/chest/scan-001.bin"]
+    assert len(reads) == 1 and reads[0].as_dict()["detail"]["bytes_read"] == len(CHEST["scan-001.bin"])
+    assert reads[0].as_dict()["detail"]["job"] == "job-1"
+    assert len(platform.audit("sftp.open")) == before, "no handle was opened for it"
+
+
+def test_short_reply_means_the_end_and_offsets_count_from_it(platform: RunningPlatform) -> None:
+    data = CHEST["scan-001.bin"]
+    assert _read_file(platform, "/datasets/chest/scan-001.bin", offset=150_000) == (True, data[150_000:])
+    assert _read_file(platform, "/datasets/chest/scan-001.bin", offset=len(data) + 5) == (True, b"")
+    assert _read_file(platform, "/datasets/chest/scan-001.bin", want=len(data)) == (False, b""), "full: maybe more"
+
+
+def test_a_file_larger_than_one_request_reads_on_by_handle(platform: RunningPlatform) -> None:
+    with platform.job_endpoint("alice") as ep, Loader(ep, connections=1, block_size=64 << 10) as loader:
+        assert loader.read("/datasets/chest/scan-001.bin") == CHEST["scan-001.bin"]
+    assert any(r.subject == "/datasets/chest/scan-001.bin" for r in platform.audit("sftp.open"))
+
+
+def test_refusals_are_the_same_as_for_open(platform: RunningPlatform) -> None:
+    storage = platform.home.datasets / "chest"
+    os.chmod(storage, 0o750)
+    (storage / "escape").symlink_to("/etc/passwd")
+    with pytest.raises(asyncssh.SFTPPermissionDenied):
+        _read_file(platform, "/datasets/chest/escape")
+    with pytest.raises(asyncssh.SFTPNoSuchFile):
+        _read_file(platform, "/datasets/knee/knee-001.bin")
+    with pytest.raises(asyncssh.SFTPNoSuchFile):  # climbs out of the namespace: nothing there
+        _read_file(platform, "/datasets/chest/../../etc/passwd")
+    with pytest.raises(asyncssh.SFTPFailure, match="not a regular file"):
+        _read_file(platform, "/datasets/chest/labels")
+    refused = {(r.subject, r.as_dict()["detail"]["op"]) for r in platform.audit("sftp.refused")}
+    assert ("/datasets/chest/escape", "read-file") in refused
+    assert ("/datasets/knee/knee-001.bin", "read-file") in refused
+
+
+def test_the_manifest_reads_whole_through_it(platform: RunningPlatform) -> None:
+    whole, manifest = _read_file(platform, "/datasets/chest/.manifest")
+    assert whole and b"scan-001.bin" in manifest
+
+
+def test_openssh_style_servers_without_it_still_serve_the_loader(platform: RunningPlatform) -> None:
+    """The loader falls back to open/fstat/read when a server does not offer the extension."""
+
+    async def go() -> bytes:
+        conn, wire = await _wire(platform)
+        async with conn:
+            wire.read_file_max = 0
+            buf = Buffer(0, None)
+            await wire.fill("/datasets/chest/scan-002.bin", buf, 1 << 20, 4)
+            return bytes(buf.result())
+
+    assert asyncio.run(go()) == CHEST["scan-002.bin"]
