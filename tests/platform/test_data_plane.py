@@ -104,6 +104,24 @@ def test_dotdot_cannot_leave_the_namespace(platform: RunningPlatform) -> None:
     assert any("climbs above the root" in r for r in reasons)
 
 
+def test_ranged_reads_are_exact_and_past_the_end_is_eof(platform: RunningPlatform) -> None:
+    """READs of stored files are answered in place (read into the reply); the edges still behave."""
+    data = CHEST["scan-001.bin"]
+    ranges = [(0, 1), (0, 32768), (1, 32768), (len(data) - 10, 32768), (100_000, 65536), (0, len(data))]
+
+    async def go() -> tuple[list[bytes], bytes]:
+        conn, sftp = await job_sftp(platform)
+        async with conn, sftp.open("/datasets/chest/scan-001.bin", "rb") as f:
+            got = [await f.read(size, offset) for offset, size in ranges]
+            return got, await f.read(10, len(data))
+
+    got, past = asyncio.run(go())
+    assert got == [data[o : o + n] for o, n in ranges]
+    assert past == b"", "reading at the end is EOF"
+    closes = [r.as_dict()["detail"] for r in platform.audit("sftp.close")]
+    assert closes[-1]["bytes_read"] == sum(len(g) for g in got), "bytes read are still counted for the audit"
+
+
 def test_symlink_pointing_outside_is_refused(platform: RunningPlatform) -> None:
     storage = platform.home.datasets / "chest"
     os.chmod(storage, 0o750)

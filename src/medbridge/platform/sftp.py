@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import stat
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +29,9 @@ from asyncssh.constants import (
     FILEXFER_TYPE_SPECIAL,
     FILEXFER_TYPE_SYMLINK,
     FXP_DATA,
+    FXP_READ,
 )
-from asyncssh.packet import SSHPacket
+from asyncssh.packet import PacketDecodeError, SSHPacket
 from asyncssh.sftp import SFTPServerHandler
 
 from medbridge.config import READ_FILE_EXTENSION
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 #: audit row instead of four requests (open, fstat, read, close) and two rows.
 READ_FILE = READ_FILE_EXTENSION
 MAX_READ_FILE = 4 << 20
+_DATA_HEAD = struct.Struct(">IBII")  # SFTP DATA reply: length, type, request id, payload length
 _WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_APPEND | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
 _NO_WRITE_BITS = ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
 
@@ -532,6 +535,43 @@ class SFTPHandler(SFTPServerHandler):
     asyncssh has no public way to add an extension, so this extends its handler's tables;
     ``tests/platform/test_read_file.py`` fails if a release changes them.
     """
+
+    async def _process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        if pkttype == FXP_READ and self._read_in_place(pktid, SSHPacket(packet.get_remaining_payload())):
+            return
+        await super()._process_packet(pkttype, pktid, packet)
+
+    def _read_in_place(self, pktid: int, request: SSHPacket) -> bool:
+        """Answer a READ of a stored file with the bytes read straight into the reply being sent.
+
+        asyncssh's generic path copies each byte four times (into a string, a payload, a
+        packet, a frame) before its channel layer copies it again; here ``preadv`` fills
+        the reply in place.  Anything else (a virtual file, the end of a file, an error, a
+        malformed request) returns False and takes the generic path, which answers it.
+        """
+        try:
+            handle = request.get_string()
+            offset = request.get_uint64()
+            length = request.get_uint32()
+            request.check_end()
+        except PacketDecodeError:
+            return False
+        f = self._file_handles.get(handle)
+        if not isinstance(f, OpenFile) or f.data is not None or not 0 < length <= MAX_READ_FILE:
+            return False
+        reply = bytearray(_DATA_HEAD.size + length)
+        try:
+            n = os.preadv(f.fd, [memoryview(reply)[_DATA_HEAD.size :]], offset)
+        except OSError:
+            return False
+        if n == 0:
+            return False
+        _DATA_HEAD.pack_into(reply, 0, 9 + n, FXP_DATA, pktid, n)
+        f.bytes_read += n
+        writer = self._writer
+        if writer is not None and not writer.channel.is_closing():
+            writer.write(reply if n == length else memoryview(reply)[: _DATA_HEAD.size + n])  # type: ignore[arg-type]
+        return True
 
     async def _process_read_file(self, packet: SSHPacket) -> tuple[bytes, bool]:
         path = packet.get_string()
