@@ -19,6 +19,7 @@ import json
 import os
 import posixpath
 import sys
+import sysconfig
 import threading
 import time
 from collections import deque
@@ -39,8 +40,9 @@ from medbridge.policy.manifest import DATASET_MANIFEST, parse_manifest
 from medbridge.transport import coalesce
 
 # Recycling trusts sys.getrefcount; from 3.14 CPython may borrow references without
-# counting them, so a buffer still held could look free: recycle only where it is exact.
-_REFCOUNT_EXACT = sys.version_info < (3, 14)
+# counting them, and free-threaded builds count them per thread, so a buffer still held
+# could look free: recycle only where the count is exact (3.13 and older, with the GIL).
+_REFCOUNT_EXACT = sys.version_info < (3, 14) and not sysconfig.get_config_var("Py_GIL_DISABLED")
 _DROPPED = (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.SFTPConnectionLost, OSError, TimeoutError)
 
 
