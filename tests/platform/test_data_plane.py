@@ -122,6 +122,22 @@ def test_ranged_reads_are_exact_and_past_the_end_is_eof(platform: RunningPlatfor
     assert closes[-1]["bytes_read"] == sum(len(g) for g in got), "bytes read are still counted for the audit"
 
 
+def test_an_absurd_offset_is_an_error_and_the_session_goes_on(platform: RunningPlatform) -> None:
+    async def go() -> tuple[type[BaseException] | None, bytes]:
+        conn, sftp = await job_sftp(platform)
+        async with conn, sftp.open("/datasets/chest/scan-002.bin", "rb") as f:
+            try:
+                await f.read(10, 1 << 63)
+                error = None
+            except asyncssh.SFTPError as exc:
+                error = type(exc)
+            return error, await f.read(10, 0)
+
+    error, after = asyncio.run(go())
+    assert error is asyncssh.SFTPFailure
+    assert after == CHEST["scan-002.bin"][:10]
+
+
 def test_symlink_pointing_outside_is_refused(platform: RunningPlatform) -> None:
     storage = platform.home.datasets / "chest"
     os.chmod(storage, 0o750)

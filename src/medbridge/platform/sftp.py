@@ -330,7 +330,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
             return self._opened(OpenFile(-1, vpath, False, True, data=self._manifest(target.name or "")))
         if real is None or target.kind is Kind.RESULTS_USER:
             raise asyncssh.SFTPFailure(f"{vpath}: is a directory")
-        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO must not block the event loop
         if writing:
             flags |= os.O_RDWR if pflags & asyncssh.FXF_READ else os.O_WRONLY
             for sftp_flag, os_flag in (
@@ -343,9 +343,10 @@ class JobSFTPServer(asyncssh.SFTPServer):
                     flags |= os_flag
         perms = 0o640 if attrs.permissions is None else attrs.permissions & 0o750
         fd = os.open(real, flags, perms)
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
             os.close(fd)
-            raise asyncssh.SFTPFailure(f"{vpath}: is a directory")
+            raise asyncssh.SFTPFailure(f"{vpath}: {'is a directory' if stat.S_ISDIR(mode) else 'not a regular file'}")
         self._open.add(fd)
         job_root = self._root(self._session, target) if writing and self._session is not None else None
         return self._opened(OpenFile(fd, vpath, writing, target.kind is Kind.DATASET, job_root=job_root))
@@ -385,6 +386,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         f = _handle(file_obj)
+        size = min(size, MAX_READ_FILE)  # a short read is allowed; a 4 GiB allocation per request is not
         data = f.data[offset : offset + size] if f.data is not None else os.pread(f.fd, size, offset)
         f.bytes_read += len(data)
         return data
@@ -562,7 +564,7 @@ class SFTPHandler(SFTPServerHandler):
         reply = bytearray(_DATA_HEAD.size + length)
         try:
             n = os.preadv(f.fd, [memoryview(reply)[_DATA_HEAD.size :]], offset)
-        except OSError:
+        except (OSError, OverflowError, ValueError):  # an offset past 2**63 is OverflowError, not OSError
             return False
         if n == 0:
             return False
