@@ -106,7 +106,9 @@ def test_certificate_bound_to_compute_nodes_fails_from_another_address(
         asyncio.run(read_via(bound_platform, gateway.port("prod"), OTHER_NODE))
     cert = bound_platform.store.certificates("alice")[-1]
     assert cert.key_id.startswith("medbridge:user=alice")
-    refused = [r for r in bound_platform.audit("login") if r.outcome == "refused"][-1]
+    refused = [
+        r for r in bound_platform.audit("login", until=lambda r: r.outcome == "refused") if r.outcome == "refused"
+    ][-1]
     assert f'"peer":"{OTHER_NODE}:' in refused.detail
 
 

@@ -9,9 +9,14 @@ from datetime import UTC, datetime, timedelta
 import asyncssh
 import pytest
 
+from medbridge.control.audit import Record
 from medbridge.errors import GrantMissing
 from medbridge.testing import RunningPlatform
 from tests.conftest import CHEST
+
+
+def _refused(r: Record) -> bool:
+    return r.outcome == "refused"
 
 
 def refusals(p: RunningPlatform) -> list[dict[str, object]]:
@@ -215,7 +220,7 @@ def test_no_account_is_refused_at_login(platform: RunningPlatform, tmp_path: obj
             await platform.connect("mallory", [stranger])
 
     asyncio.run(go())
-    failed = [r for r in platform.audit("login") if r.outcome == "refused" and r.actor == "mallory"]
+    failed = [r for r in platform.audit("login", until=_refused) if r.outcome == "refused" and r.actor == "mallory"]
     assert failed and "key not enrolled" in failed[-1].detail
 
 
@@ -247,7 +252,7 @@ def test_certificate_from_another_ca_is_refused(platform: RunningPlatform) -> No
             await platform.connect("alice", [(key, cert)])
 
     asyncio.run(go())
-    failed = [r for r in platform.audit("login") if r.outcome == "refused"]
+    failed = [r for r in platform.audit("login", until=_refused) if r.outcome == "refused"]
     assert failed and "signed by an unknown CA" in failed[-1].detail and '"serial":1' in failed[-1].detail
 
 
@@ -261,7 +266,7 @@ def test_expired_certificate_is_refused_at_login(platform: RunningPlatform) -> N
             await platform.connect("alice", [(key, cred.certificate)])
 
     asyncio.run(go())
-    failed = [r for r in platform.audit("login") if r.outcome == "refused"]
+    failed = [r for r in platform.audit("login", until=_refused) if r.outcome == "refused"]
     assert failed and "certificate expired" in failed[-1].detail and "medbridge:user=alice" in failed[-1].detail
 
 
@@ -274,7 +279,7 @@ def test_certificate_of_another_user_is_refused(platform: RunningPlatform) -> No
             await platform.connect("alice", [(key, cred.certificate)])
 
     asyncio.run(go())
-    failed = [r for r in platform.audit("login") if r.outcome == "refused"]
+    failed = [r for r in platform.audit("login", until=_refused) if r.outcome == "refused"]
     assert failed and "issued to 'bob'" in failed[-1].detail
 
 

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -116,11 +117,23 @@ class RunningPlatform:
 
     # -- observing ---------------------------------------------------------------------
 
-    def audit(self, action: str | None = None) -> list[Record]:
-        """Audit entries (flushed first), optionally of one action."""
-        if self.platform is not None and self.background.running:
-            self.call(self.platform.sink.flush())
-        return self.store.audit_records(action=action)
+    def audit(
+        self, action: str | None = None, until: Callable[[Record], bool] | None = None, timeout: float = 10
+    ) -> list[Record]:
+        """Audit entries (flushed first), optionally of one action.
+
+        With ``until``, waits (up to ``timeout``) for an entry it accepts: a refused login
+        is recorded when the server sees the connection end, which can be after the client
+        has already raised.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.platform is not None and self.background.running:
+                self.call(self.platform.sink.flush())
+            records = self.store.audit_records(action=action)
+            if until is None or any(until(r) for r in records) or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
 
     def live_sessions(self) -> int:
         assert self.platform is not None
