@@ -122,25 +122,35 @@ def test_a_consumer_that_stops_early_starts_no_more_reads(endpoint: Endpoint) ->
         )
 
 
-def test_closing_the_loader_mid_epoch_fails_the_epoch_instead_of_hanging(endpoint: Endpoint) -> None:
-    loader = Loader(endpoint, window=12)
-    epoch = loader.read_many(["/datasets/xr/big/volume.raw"] * 12)  # all started at once: 240 MiB in flight
-    assert next(epoch) == FILES["big/volume.raw"]
-    loader.close()
-    outcome: list[str] = []
+def test_closing_the_loader_mid_epoch_fails_the_epoch_instead_of_hanging(
+    platform: RunningPlatform, endpoint: Endpoint
+) -> None:
+    """Reads stalled on a cut link are stopped by close(); the consumer gets an error, not a hang."""
+    relay = CuttableRelay((platform.host, platform.port))
+    via = Endpoint(endpoint.host, relay.port, endpoint.user, endpoint.host_key, endpoint.agent)
+    try:
+        loader = Loader(via, window=12)
+        epoch = loader.read_many(["/datasets/xr/big/volume.raw"] * 12)  # 240 MiB, all started at once
+        outcome: list[str] = []
 
-    def drain() -> None:
-        try:
-            for _ in epoch:
-                pass
-            outcome.append("finished")
-        except OSError as exc:
-            outcome.append(str(exc))
+        def drain() -> None:
+            try:
+                for _ in epoch:
+                    pass
+                outcome.append("finished")
+            except OSError as exc:
+                outcome.append(str(exc))
 
-    consumer = threading.Thread(target=drain, daemon=True)
-    consumer.start()
-    consumer.join(20)
-    assert outcome and "loader was closed" in outcome[0]
+        consumer = threading.Thread(target=drain, daemon=True)
+        consumer.start()
+        time.sleep(0.05)
+        relay.cut()  # what is still in flight now stalls, reconnecting
+        time.sleep(0.5)
+        loader.close()
+        consumer.join(20)
+        assert outcome and "loader was closed" in outcome[0]
+    finally:
+        relay.close()
 
 
 def test_random_access_through_the_read_ahead_cache(endpoint: Endpoint) -> None:
