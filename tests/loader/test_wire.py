@@ -12,6 +12,7 @@ import asyncssh
 import pytest
 
 from medbridge.compute.session import Endpoint
+from medbridge.config import READ_FILE_EXTENSION
 from medbridge.loader import Loader
 from medbridge.loader.wire import DATA, FSTAT, HANDLE, OPEN, READ, STATUS, Buffer, Wire
 from medbridge.platform.storage import pack_dataset
@@ -131,6 +132,18 @@ async def _sent() -> None:
     """Let the wire run and flush what it queued (requests of one pass leave in one write)."""
     for _ in range(3):
         await asyncio.sleep(0)
+
+
+def test_the_platform_extension_is_used_only_where_offered() -> None:
+    async def run(ext: bytes) -> int:
+        wire, chan = Wire(), _Chan()
+        wire.connection_made(chan)  # type: ignore[arg-type]
+        wire.data_received(_reply(2, 3, ext), None)  # VERSION 3
+        await wire.start()
+        return wire.read_file_max
+
+    assert asyncio.run(run(b"")) == 0, "OpenSSH offers no read-file: handles are used"
+    assert asyncio.run(run(_string(READ_FILE_EXTENSION) + _string(b"4194304"))) == 4 << 20
 
 
 def test_replies_cut_at_every_byte_parse_the_same() -> None:

@@ -110,7 +110,7 @@ def test_dotdot_cannot_leave_the_namespace(platform: RunningPlatform) -> None:
 
 
 def test_ranged_reads_are_exact_and_past_the_end_is_eof(platform: RunningPlatform) -> None:
-    """READs of stored files are answered in place (read into the reply); the edges still behave."""
+    """Ranged READs (answered in place, read straight into the reply) are exact at the edges, and counted."""
     data = CHEST["scan-001.bin"]
     ranges = [(0, 1), (0, 32768), (1, 32768), (len(data) - 10, 32768), (100_000, 65536), (0, len(data))]
 

@@ -23,7 +23,7 @@ import sysconfig
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -139,6 +139,7 @@ class _Pool:
         self._visible: set[str] | None = None
         self.recycler = _Recycler(self.stats)
         self.reads: set[asyncio.Task[bytearray]] = set()  # started by read_many, not yet done
+        self.closed = False
 
     async def _wire(self, slot: _Slot) -> Wire:
         async with slot.lock:
@@ -243,6 +244,7 @@ class _Pool:
 
     async def close(self) -> None:
         """Stop the reads still in flight (their consumers get an error, not a hang), then the connections."""
+        self.closed = True
         reads = list(self.reads)
         for task in reads:
             task.cancel()
@@ -286,14 +288,19 @@ class _Pending:
         if waiter is not None:
             waiter.release()
 
-    def result(self) -> bytearray:
-        """Consumer thread: the bytes, or the read's exception."""
+    def result(self, closed: Callable[[], bool]) -> bytearray:
+        """Consumer thread: the bytes, or the read's exception; an error once ``closed()`` says the loader is gone.
+
+        A batch queued just as the loader closes may never run; waiting in slices and
+        asking ``closed`` is what keeps its consumer from waiting forever.
+        """
         if not self.done:
             lock = threading.Lock()
             lock.acquire()
             self.waiter = lock
-            if not self.done:
-                lock.acquire()
+            while not self.done and not lock.acquire(timeout=0.5):
+                if closed() and not self.done:
+                    raise OSError("read cancelled: the loader was closed")
         if self.error is not None:
             raise self.error
         assert self.value is not None
@@ -301,6 +308,8 @@ class _Pending:
 
 
 def _start(pool: _Pool, batch: list[tuple[_Pending, Sample]], verify: bool) -> None:
+    if pool.closed:  # a batch that raced close(): nothing starts (no reconnect after close)
+        return
     loop = asyncio.get_running_loop()
     for pending, sample in batch:
         pending.task = task = loop.create_task(pool.read_verified(sample, verify))
@@ -393,7 +402,7 @@ class Loader:
         handed: deque[bytearray] = deque()  # handed over, not yet judged: a loop variable still holds the last
 
         def start() -> None:
-            if loop.is_closed():
+            if pool.closed or loop.is_closed():
                 raise OSError("read_many: the loader was closed")
             loop.call_soon_threadsafe(_start, pool, list(batch), self.verify)
             batch.clear()
@@ -420,7 +429,7 @@ class Loader:
 
     @classmethod
     def _hand_over(cls, pending: _Pending, handed: deque[bytearray], pool: _Pool) -> bytearray:
-        data = pending.result()
+        data = pending.result(lambda: pool.closed)
         handed.append(data)
         cls._release(handed, pool, keep=2)
         return data

@@ -4,12 +4,13 @@ Why not asyncssh's own SFTP client: it awaits every request as a task of its own
 copies a read's bytes five times (stream join, packet slice, block reassembly, ...),
 and its file API costs four sequential round trips per file (open, stat, read, close).
 Here a read's payload is copied once, straight from the decrypted SSH packet into the
-caller's buffer; a file whose size is unknown is read as open, then fstat and the
-first block together, and the close is sent without waiting for it: two round trips
-and no idle requests.  Handles of files read by ranges (shards) stay open.
+caller's buffer.  A file smaller than a block is one request where the platform offers
+``read-file@medbridge``; otherwise a file whose size is unknown is read as open, then
+fstat and the next block together, and the close is sent without waiting for it.
+Handles of files read by ranges (shards) stay open.
 
 Only what the loader needs is spoken: open/close/read/fstat/stat/opendir/readdir and
-the ``limits@openssh.com`` extension.  Servers answer the requests of one channel in
+the ``limits@openssh.com`` and ``read-file@medbridge`` extensions.  Servers answer the requests of one channel in
 order (SFTP servers, ours and OpenSSH's, process them sequentially); nothing here
 depends on it for correctness, only for saving a buffer copy.
 """
@@ -451,13 +452,16 @@ class Wire(asyncssh.SSHClientSession[bytes]):
     async def fill(self, path: str, buf: Buffer, block: int, depth: int, keep_open: bool = False) -> None:
         """Read ``buf``'s range of ``path`` into it, skipping blocks it already has.
 
-        With the size unknown, fstat and the first block go out together; the reply to
-        fstat sizes the buffer before the first block's bytes are parsed.
+        A file smaller than a block may come whole in one request (:meth:`_read_file`).
+        Otherwise, with the size unknown, fstat and the next missing block go out
+        together; the reply to fstat sizes the buffer before that block's bytes are parsed.
         """
         block = max(1, min(block, self.max_read))
         whole = buf.size is None and not buf.got and not keep_open and self.read_file_max > 0
-        if whole and await self._read_file(path, buf, min(block, self.read_file_max)):
-            return  # the whole file came in one request
+        if whole:
+            block = min(block, self.read_file_max)  # so the part it brings is exactly block 0
+            if await self._read_file(path, buf, block):
+                return  # the whole file came in one request
         if keep_open:
             self._users[path] += 1
         try:
@@ -467,16 +471,20 @@ class Wire(asyncssh.SSHClientSession[bytes]):
             raise
         inflight: set[asyncio.Future[int]] = set()
         try:
+            ahead = -1  # the block sent with fstat, before the size was known
             if buf.size is None:
                 stat = self.fstat(handle, lambda a: buf.sized(max(0, (a.size or 0) - buf.offset)))
-                if not buf.got:
-                    inflight.add(self._block(handle, buf, 0, block))
+                ahead = buf.prefix()  # 0, or block 0 already came by read-file
+                if ahead % block:  # a block cut short before a reconnect: the block list below redoes it
+                    ahead = -1
+                else:
+                    inflight.add(self._block(handle, buf, ahead, block))
                 await stat
             assert buf.size is not None
             todo = [
                 rel
                 for rel in range(0, buf.size, block)
-                if buf.got.get(rel, 0) < min(block, buf.size - rel) and not (rel == 0 and inflight)
+                if buf.got.get(rel, 0) < min(block, buf.size - rel) and rel != ahead
             ]
             todo.reverse()
             while todo or inflight:

@@ -365,7 +365,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
-                    raise asyncssh.SFTPFailure(f"{vpath}: not a regular file")
+                    what = "is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                    raise asyncssh.SFTPFailure(f"{vpath}: {what}")
                 data = _read_upto(fd, offset, length, st.st_size)
             finally:
                 os.close(fd)
