@@ -14,15 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from medbridge.config import Home
-from medbridge.control.store import Store
+from medbridge.control.audit import Record
 from medbridge.testing import RunningPlatform
 from medbridge.testing.netns import Sites, available
 from tests.conftest import CHEST
@@ -121,20 +120,6 @@ def job(w: World, script: str, port: int = PROD, fingerprint: str | None = None,
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=w.root / "work", env=env)
 
 
-def audit(home: Home, action: str, want: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
-    """The ``action`` entries ``want`` accepts, waiting for them: each server process writes its batch every 0.2 s."""
-    deadline = time.monotonic() + 10
-    while True:
-        store = Store(home.database_url(home.settings()))
-        try:
-            found = [e for r in store.audit_records(action=action) if want(e := r.as_dict())]
-        finally:
-            store.close()
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
-
-
 def test_job_at_hpc_reads_via_gw_and_the_platform_sees_the_node(world: World) -> None:
     out = world.root / "copy.bin"
     r = job(
@@ -142,8 +127,11 @@ def test_job_at_hpc_reads_via_gw_and_the_platform_sees_the_node(world: World) ->
     )
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == CHEST["scan-001.bin"]
-    logins = audit(world.prod.home, "login", lambda e: e["subject"] == "certificate")
-    detail = logins[-1]["detail"]
+
+    def certificate(r: Record) -> bool:
+        return r.subject == "certificate"
+
+    detail = [r for r in world.prod.audit("login", until=certificate) if certificate(r)][-1].as_dict()["detail"]
     assert isinstance(detail, dict)
     assert str(detail["peer"]).startswith(f"{world.sites.node}:"), "the compute node, not the gateway"
     assert str(detail["via"]).startswith(f"{world.sites.gw_platform_side}:")
@@ -157,9 +145,11 @@ def test_certificate_bound_to_the_nodes_fails_from_another_address(world: World)
     )
     assert r.returncode != 0
     other = f"{world.sites.other_node}:"
-    refused = audit(
-        world.prod.home, "login", lambda e: e["outcome"] == "refused" and e["detail"]["peer"].startswith(other)
-    )
+
+    def from_other(r: Record) -> bool:
+        return r.outcome == "refused" and str(r.as_dict()["detail"]["peer"]).startswith(other)
+
+    refused = [r for r in world.prod.audit("login", until=from_other) if from_other(r)]
     assert refused, "the refused login is audited with the node's address"
 
 

@@ -15,9 +15,9 @@ import pytest
 from medbridge.compute.session import Endpoint
 from medbridge.errors import IntegrityError
 from medbridge.loader import Loader, Sample
-from medbridge.platform.storage import pack_dataset
 from medbridge.testing import RunningPlatform
 from medbridge.testing.relay import CuttableRelay
+from tests.loader.conftest import alice_reads
 
 FILES = {f"img/{i:03d}.bin": os.urandom(20_000 + 17 * i) for i in range(60)}
 FILES["big/volume.raw"] = os.urandom(20 << 20)
@@ -25,12 +25,8 @@ FILES["big/volume.raw"] = os.urandom(20 << 20)
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
-    p = RunningPlatform(tmp_path_factory.mktemp("loader"), enforcement_interval=0.25)
-    p.add_user("alice")
-    p.add_dataset("xr", FILES)
+    p = alice_reads(tmp_path_factory.mktemp("loader"), "xr", FILES, 256 << 10, enforcement_interval=0.25)
     p.add_dataset("secret", {"a.bin": b"no"})
-    p.grant("alice", "xr")
-    pack_dataset(p.home, p.store, "xr", 256 << 10, "test")
     with p:
         yield p
 

@@ -16,22 +16,17 @@ from torch.utils.data import DataLoader  # noqa: E402
 from medbridge.compute.session import Endpoint  # noqa: E402
 from medbridge.loader import Loader  # noqa: E402
 from medbridge.loader.torch import MedbridgeDataset, MedbridgeIterableDataset  # noqa: E402
-from medbridge.platform.storage import pack_dataset  # noqa: E402
 from medbridge.testing import RunningPlatform  # noqa: E402
 from medbridge.testing.delay import DelayRelay  # noqa: E402
+from tests.loader.conftest import alice_reads  # noqa: E402
 
 FILES = {f"cxr/{i:03d}.bin": os.urandom(4096 + i) for i in range(48)}
 
 
 @pytest.fixture(scope="module")
-def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
-    p = RunningPlatform(tmp_path_factory.mktemp("torch"))
-    p.add_user("alice")
-    p.add_dataset("cxr", FILES)
-    p.grant("alice", "cxr")
-    pack_dataset(p.home, p.store, "cxr", 64 << 10, "test")
-    with p, p.job_endpoint("alice") as ep:
-        yield ep
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
+    with alice_reads(tmp_path_factory.mktemp("torch"), "cxr", FILES, 64 << 10) as p:
+        yield p
 
 
 def collate(batch: list[dict[str, object]]) -> list[dict[str, object]]:

@@ -15,8 +15,8 @@ from medbridge.compute.session import Endpoint
 from medbridge.config import READ_FILE_EXTENSION
 from medbridge.loader import Loader
 from medbridge.loader.wire import DATA, FSTAT, HANDLE, OPEN, READ, STATUS, Buffer, Wire
-from medbridge.platform.storage import pack_dataset
 from medbridge.testing import RunningPlatform
+from tests.loader.conftest import alice_reads
 
 BLOCK = 4096
 SIZES = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 64 * BLOCK + 7]
@@ -26,12 +26,7 @@ FILES |= {f"v/{i}.raw": os.urandom((3 << 20) + 1000 * i) for i in range(6)}
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
-    p = RunningPlatform(tmp_path_factory.mktemp("wire"))
-    p.add_user("alice")
-    p.add_dataset("ct", FILES)
-    p.grant("alice", "ct")
-    pack_dataset(p.home, p.store, "ct", 1 << 20, "test")
-    with p:
+    with alice_reads(tmp_path_factory.mktemp("wire"), "ct", FILES, 1 << 20) as p:
         yield p
 
 

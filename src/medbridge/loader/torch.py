@@ -24,16 +24,31 @@ def _identity(data: bytearray) -> Any:
     return data
 
 
-class MedbridgeDataset(tud.Dataset[Any]):
-    """Map-style: item ``i`` is sample ``i`` read, decoded and transformed."""
+class _Samples:
+    """What both datasets share: the samples, the loader, and how an item is built from bytes."""
 
-    def __init__(self, samples: Sequence[str | Sample], loader: Loader | None = None, *,
-                 decode: Decode = _identity, transform: Transform | None = None, key: str = "image"):  # fmt: skip
+    def __init__(self, samples: Sequence[str | Sample], loader: Loader | None, decode: Decode,
+                 transform: Transform | None, key: str):  # fmt: skip
         self.samples = [s if isinstance(s, Sample) else Sample(s) for s in samples]
         self.loader = loader or Loader()
         self.decode = decode
         self.transform = transform
         self.key = key
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _item(self, sample: Sample, data: bytearray) -> Any:
+        item = {self.key: self.decode(data), "path": sample.path}
+        return self.transform(item) if self.transform else item
+
+
+class MedbridgeDataset(_Samples, tud.Dataset[Any]):
+    """Map-style: item ``i`` is sample ``i`` read, decoded and transformed."""
+
+    def __init__(self, samples: Sequence[str | Sample], loader: Loader | None = None, *,
+                 decode: Decode = _identity, transform: Transform | None = None, key: str = "image"):  # fmt: skip
+        super().__init__(samples, loader, decode, transform, key)
 
     @classmethod
     def from_platform(cls, dataset: str, *, shards: bool = False, loader: Loader | None = None,
@@ -43,16 +58,12 @@ class MedbridgeDataset(tud.Dataset[Any]):
         samples: Sequence[str | Sample] = loader.shard_samples(dataset) if shards else loader.files(dataset)
         return cls(samples, loader, **kw)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def __getitem__(self, index: int) -> Any:
         sample = self.samples[index]
-        item = {self.key: self.decode(self.loader.read_sample(sample)), "path": sample.path}
-        return self.transform(item) if self.transform else item
+        return self._item(sample, self.loader.read_sample(sample))
 
 
-class MedbridgeIterableDataset(tud.IterableDataset[Any]):
+class MedbridgeIterableDataset(_Samples, tud.IterableDataset[Any]):
     """Streams samples in the given order with a bounded window of reads in flight ahead of it.
 
     With several DataLoader workers, worker ``k`` of ``n`` takes every ``n``-th sample
@@ -61,19 +72,11 @@ class MedbridgeIterableDataset(tud.IterableDataset[Any]):
 
     def __init__(self, samples: Sequence[str | Sample], loader: Loader | None = None, *, window: int = 64,
                  decode: Decode = _identity, transform: Transform | None = None, key: str = "image"):  # fmt: skip
-        self.samples = [s if isinstance(s, Sample) else Sample(s) for s in samples]
-        self.loader = loader or Loader()
+        super().__init__(samples, loader, decode, transform, key)
         self.window = window
-        self.decode = decode
-        self.transform = transform
-        self.key = key
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __iter__(self) -> Iterator[Any]:
         info = tud.get_worker_info()
         mine = self.samples if info is None else self.samples[info.id :: info.num_workers]
         for sample, data in zip(mine, self.loader.read_many(mine, self.window), strict=True):
-            item = {self.key: self.decode(data), "path": sample.path}
-            yield self.transform(item) if self.transform else item
+            yield self._item(sample, data)

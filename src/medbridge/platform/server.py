@@ -247,13 +247,9 @@ class PlatformConnection(asyncssh.SSHServer):
 
     def session_requested(self) -> PlatformSession:
         """Commands go to :meth:`process`; the sftp subsystem to :meth:`sftp` under our handler."""
+        return PlatformSession(self.process, self.sftp, 3, False)
 
-        def sftp(chan: SSHChannel[bytes]) -> JobSFTPServer:
-            return self.sftp(cast(asyncssh.SSHServerChannel[bytes], chan))
-
-        return PlatformSession(self.process, sftp, 3, False)
-
-    def sftp(self, chan: asyncssh.SSHServerChannel[bytes]) -> JobSFTPServer:
+    def sftp(self, chan: SSHChannel[bytes]) -> JobSFTPServer:
         if self.session is None:
             self.platform.sink.record(
                 AuditEvent(
@@ -265,7 +261,11 @@ class PlatformConnection(asyncssh.SSHServer):
                 )
             )
         return self.platform.sftp_class(
-            chan, self.session, self.platform.sink.record, self.platform.results, self.platform.manifest
+            cast(asyncssh.SSHServerChannel[bytes], chan),  # a session channel: asyncssh's factory type is wider
+            self.session,
+            self.platform.sink.record,
+            self.platform.results,
+            self.platform.manifest,
         )
 
     async def process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:

@@ -43,11 +43,11 @@ from medbridge.policy.paths import Action, Kind, PathEscape, Refusal, Target, de
 if TYPE_CHECKING:
     from medbridge.platform.server import LiveSession
 
-#: The platform's one SFTP extension: ``length`` bytes of a file from ``offset`` in one request,
-#: fewer only where the file ends.  A small file then costs one request, one reply and one
-#: audit row instead of four requests (open, fstat, read, close) and two rows.
-READ_FILE = READ_FILE_EXTENSION
-MAX_READ_FILE = 4 << 20
+#: The platform's one SFTP extension (READ_FILE_EXTENSION): ``length`` bytes of a file from
+#: ``offset`` in one request, fewer only where the file ends.  A small file then costs one
+#: request, one reply and one audit row instead of four requests (open, fstat, read, close)
+#: and two rows.
+MAX_READ = 4 << 20  # the most bytes one request returns, by READ or by the extension
 _DATA_HEAD = struct.Struct(">IBII")  # SFTP DATA reply: length, type, request id, payload length
 _WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_APPEND | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
 _NO_WRITE_BITS = ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
@@ -328,9 +328,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         vpath = normalise(os.fsdecode(path))
         if _is_manifest(target):
             return self._opened(OpenFile(-1, vpath, False, True, data=self._manifest(target.name or "")))
-        if real is None or target.kind is Kind.RESULTS_USER:
-            raise asyncssh.SFTPFailure(f"{vpath}: is a directory")
-        flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO must not block the event loop
+        flags = 0
         if writing:
             flags |= os.O_RDWR if pflags & asyncssh.FXF_READ else os.O_WRONLY
             for sftp_flag, os_flag in (
@@ -342,31 +340,21 @@ class JobSFTPServer(asyncssh.SFTPServer):
                 if pflags & sftp_flag:
                     flags |= os_flag
         perms = 0o640 if attrs.permissions is None else attrs.permissions & 0o750
-        fd = os.open(real, flags, perms)
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            raise asyncssh.SFTPFailure(f"{vpath}: {'is a directory' if stat.S_ISDIR(mode) else 'not a regular file'}")
+        fd, _ = _open_regular(target, real, vpath, flags, perms)
         self._open.add(fd)
         job_root = self._root(self._session, target) if writing and self._session is not None else None
         return self._opened(OpenFile(fd, vpath, writing, target.kind is Kind.DATASET, job_root=job_root))
 
     def read_file(self, path: bytes, offset: int, length: int) -> bytes:
-        """:data:`READ_FILE`: decided by the same hook as ``open``, audited as one ``sftp.read``."""
+        """``read-file@medbridge``: decided by the same hook as ``open``, audited as one ``sftp.read``."""
         target, real = self._resolve(path, Action.READ, "read-file")
         vpath = normalise(os.fsdecode(path))
-        length = min(length, MAX_READ_FILE)
+        length = min(length, MAX_READ)
         if _is_manifest(target):
             data = self._manifest(target.name or "")[offset : offset + length]
-        elif real is None or target.kind is Kind.RESULTS_USER:
-            raise asyncssh.SFTPFailure(f"{vpath}: is a directory")
         else:
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd, st = _open_regular(target, real, vpath, os.O_RDONLY)
             try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    what = "is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-                    raise asyncssh.SFTPFailure(f"{vpath}: {what}")
                 data = _read_upto(fd, offset, length, st.st_size)
             finally:
                 os.close(fd)
@@ -387,7 +375,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         f = _handle(file_obj)
-        size = min(size, MAX_READ_FILE)  # a short read is allowed; a 4 GiB allocation per request is not
+        size = min(size, MAX_READ)  # a short read is allowed; a 4 GiB allocation per request is not
         data = f.data[offset : offset + size] if f.data is not None else os.pread(f.fd, size, offset)
         f.bytes_read += len(data)
         return data
@@ -519,6 +507,19 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self._open.clear()
 
 
+def _open_regular(target: Target, real: str | None, vpath: str, flags: int,
+                  perms: int = 0o640) -> tuple[int, os.stat_result]:  # fmt: skip
+    """Open a stored file: never through a final symlink, never blocking on a FIFO, regular files only."""
+    if real is None or target.kind is Kind.RESULTS_USER:
+        raise asyncssh.SFTPFailure(f"{vpath}: is a directory")
+    fd = os.open(real, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, perms)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise asyncssh.SFTPFailure(f"{vpath}: {'is a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}")
+    return fd, st
+
+
 def _read_upto(fd: int, offset: int, length: int, size: int) -> bytes:
     """``length`` bytes from ``offset``, fewer only at the end of the file (the reply's size says so).
 
@@ -533,7 +534,7 @@ def _read_upto(fd: int, offset: int, length: int, size: int) -> bytes:
 
 
 class SFTPHandler(SFTPServerHandler):
-    """asyncssh's SFTP server protocol, plus :data:`READ_FILE`.
+    """asyncssh's SFTP server protocol, plus ``read-file@medbridge`` (:meth:`JobSFTPServer.read_file`).
 
     asyncssh has no public way to add an extension, so this extends its handler's tables;
     ``tests/platform/test_read_file.py`` fails if a release changes them.
@@ -560,7 +561,7 @@ class SFTPHandler(SFTPServerHandler):
         except PacketDecodeError:
             return False
         f = self._file_handles.get(handle)
-        if not isinstance(f, OpenFile) or f.data is not None or not 0 < length <= MAX_READ_FILE:
+        if not isinstance(f, OpenFile) or f.data is not None or not 0 < length <= MAX_READ:
             return False
         reply = bytearray(_DATA_HEAD.size + length)
         try:
@@ -586,9 +587,9 @@ class SFTPHandler(SFTPServerHandler):
         return server.read_file(path, offset, length), False
 
     # asyncssh's own tables, extended (class attributes there too, never mutated)
-    _extensions = [*SFTPServerHandler._extensions, (READ_FILE, str(MAX_READ_FILE).encode())]  # noqa: RUF012
-    _packet_handlers = {**SFTPServerHandler._packet_handlers, READ_FILE: _process_read_file}  # type: ignore[dict-item]  # noqa: RUF012
-    _return_types = {**SFTPServerHandler._return_types, READ_FILE: FXP_DATA}  # noqa: RUF012
+    _extensions = [*SFTPServerHandler._extensions, (READ_FILE_EXTENSION, str(MAX_READ).encode())]  # noqa: RUF012
+    _packet_handlers = {**SFTPServerHandler._packet_handlers, READ_FILE_EXTENSION: _process_read_file}  # type: ignore[dict-item]  # noqa: RUF012
+    _return_types = {**SFTPServerHandler._return_types, READ_FILE_EXTENSION: FXP_DATA}  # noqa: RUF012
 
 
 class PlatformSession(asyncssh.SSHServerProcess[bytes]):

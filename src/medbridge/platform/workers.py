@@ -74,7 +74,7 @@ def run(home: Home, host: str, port: int, workers: int, trusted: Sequence[str],
             code = 0
             try:
                 _worker(home, host, port, trusted, w)
-            except BaseException:
+            except BaseException:  # a forked child must never unwind into the parent's code: log and exit
                 log.exception("worker %d failed", slot)
                 code = 1
             os._exit(code)
