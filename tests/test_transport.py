@@ -1,13 +1,21 @@
-"""Coalesced socket writes: the packets of one loop pass leave in one send, in order, and nothing is lost."""
+"""Coalesced socket writes and sealed channel data: in order, intact for real SSH clients, nothing lost."""
 
 from __future__ import annotations
 
 import asyncio
+import getpass
+import hashlib
 import os
+import random
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
 
 from medbridge.loader import Loader
 from medbridge.testing import RunningPlatform
-from medbridge.transport import CoalescingTransport
+from medbridge.transport import CoalescingTransport, SealingChannel, coalesce, sealing_channel
 from tests.conftest import CHEST
 
 
@@ -56,14 +64,149 @@ def test_close_and_abort_send_what_is_pending_first() -> None:
     assert asyncio.run(run("abort")) == b"last words"
 
 
-def test_platform_and_loader_connections_are_coalesced(platform: RunningPlatform) -> None:
-    """Guards the asyncssh attribute coalesce() replaces: if a release renames it, this fails."""
+def test_platform_and_loader_connections_are_coalesced_and_sealed(platform: RunningPlatform) -> None:
+    """Guards the asyncssh attributes coalesce() and SealingChannel use: if a release renames them, this fails."""
     names = ["scan-001.bin", "scan-002.bin", "labels/readme.txt"]
     with platform.job_endpoint("alice") as ep, Loader(ep, connections=1, verify=True) as loader:
         got = list(loader.read_many([f"/datasets/chest/{n}" for n in names * 5]))
         pool = loader._runtime()[1]
         client = [s.conn._transport for s in pool.slots if s.conn is not None]  # type: ignore[attr-defined]
         servers = [owner.transport for owner in platform.background.platform.sessions]
+        channels = [chan for owner in platform.background.platform.sessions for chan in owner.channels]
     assert [bytes(b) for b in got] == [CHEST[n] for n in names * 5]
     assert client and all(isinstance(t, CoalescingTransport) and t.packets > t.sends > 0 for t in client)
     assert servers and all(t is not None and t.packets > t.sends > 0 for t in servers)
+    # the replies were sealed in place (the session channels' data left through SealingChannel)
+    assert channels and all(isinstance(c, SealingChannel) for c in channels)
+    assert sum(c.sealed for c in channels) > sum(map(len, got))
+
+
+# -- sealed channel data --------------------------------------------------------------------
+
+
+class _Stream(asyncssh.SSHServerSession[bytes]):
+    """Writes ``data`` in pieces of uneven sizes (tiny, odd, several packets long), then exits."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+
+    def connection_made(self, chan: Any) -> None:
+        self._chan = chan
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        return True
+
+    def session_started(self) -> None:
+        rng, pos = random.Random(7), 0
+        while pos < len(self._data):
+            n = rng.choice([1, 13, 4_000, 32_768, 32_781, 100_000, 300_000])
+            self._chan.write(self._data[pos : pos + n])
+            pos += n
+        self._chan.exit(0)
+
+
+class _Server(asyncssh.SSHServer):
+    def __init__(self, data: bytes, channels: list[SealingChannel]):
+        self._data = data
+        self._channels = channels
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        coalesce(conn)
+        self._conn = conn
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def session_requested(self) -> Any:
+        chan = sealing_channel(self._conn)
+        assert isinstance(chan, SealingChannel)
+        self._channels.append(chan)
+        return chan, _Stream(self._data)
+
+
+async def _serve(tmp: Path, data: bytes, **options: Any) -> tuple[asyncssh.SSHAcceptor, list[SealingChannel], Path]:
+    """A real asyncssh server on loopback streaming ``data`` on every session; its client key is ``tmp/client``."""
+    client = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp / "client").write_bytes(client.export_private_key())
+    (tmp / "client").chmod(0o600)
+    host = asyncssh.generate_private_key("ssh-ed25519")
+    channels: list[SealingChannel] = []
+    acceptor = await asyncssh.listen(
+        "127.0.0.1", 0, server_host_keys=[host], authorized_client_keys=asyncssh.import_authorized_keys(
+            client.export_public_key().decode()), server_factory=lambda: _Server(data, channels), encoding=None,
+        **options,
+    )  # fmt: skip
+    port = acceptor.sockets[0].getsockname()[1]
+    (tmp / "known_hosts").write_text(f"[127.0.0.1]:{port} {host.export_public_key().decode()}")
+    return acceptor, channels, tmp / "client"
+
+
+def test_openssh_reads_sealed_data_intact_across_key_exchanges(tmp_path: Path) -> None:
+    """OpenSSH's own ssh checks every packet's tag and sequence: one wrong byte, nonce or count and it fails."""
+    data = os.urandom(12 << 20)
+
+    async def run() -> tuple[bytes, list[SealingChannel]]:
+        acceptor, channels, key = await _serve(tmp_path, data, rekey_bytes=2 << 20)
+        port = acceptor.sockets[0].getsockname()[1]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "ssh", "-F", "/dev/null", "-p", str(port), "-i", str(key), "-o", "IdentitiesOnly=yes",
+                "-o", "IdentityAgent=none", "-o", f"UserKnownHostsFile={tmp_path / 'known_hosts'}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "Ciphers=aes128-gcm@openssh.com",
+                f"{getpass.getuser()}@127.0.0.1", "stream",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err.decode()
+            return out, channels
+        finally:
+            acceptor.close()
+            await acceptor.wait_closed()
+
+    out, channels = asyncio.run(run())
+    assert hashlib.sha256(out).digest() == hashlib.sha256(data).digest() and len(out) == len(data)
+    (chan,) = channels
+    assert type(chan) is SealingChannel
+    # most of it; what was queued when a key exchange fell due took asyncssh's path
+    assert chan.sealed > len(data) * 0.75
+    assert chan.keys >= 4  # 12 MiB at a 2 MiB rekey limit: sealed under several keys in turn
+
+
+@pytest.mark.parametrize(
+    ("options", "sealed"),
+    [
+        # queued for the window, then sealed from the queue
+        ({"window": 64 * 1024, "max_pktsize": 4096, "encryption_algs": ["aes128-gcm@openssh.com"]}, True),
+        ({"encryption_algs": ["chacha20-poly1305@openssh.com"]}, False),  # another cipher: asyncssh's path
+        ({"encryption_algs": ["aes256-gcm@openssh.com"], "compression_algs": ["zlib"]}, False),
+    ],
+    ids=["small-window", "chacha20", "compressed"],
+)
+def test_data_arrives_in_order_whatever_the_path(tmp_path: Path, options: dict[str, Any], sealed: bool) -> None:
+    data = os.urandom(3 << 20)
+
+    async def run() -> tuple[bytes, list[SealingChannel], tuple[int, int]]:
+        server_options = {"compression_algs": ["zlib", "none"]}
+        acceptor, channels, key = await _serve(tmp_path, data, **server_options)
+        port = acceptor.sockets[0].getsockname()[1]
+        try:
+            async with asyncssh.connect(
+                "127.0.0.1", port, username="x", client_keys=[str(key)], known_hosts=str(tmp_path / "known_hosts"),
+                **options,
+            ) as conn:  # fmt: skip
+                result = await conn.run("stream", encoding=None, check=True)
+                # the channel is closed on both sides: every packet the server counted, the client counted
+                counts = (channels[0]._conn._send_seq, conn._recv_seq)  # type: ignore[attr-defined]
+            assert isinstance(result.stdout, bytes)
+            return result.stdout, channels, counts
+        finally:
+            acceptor.close()
+            await acceptor.wait_closed()
+
+    out, (chan,), (sent, received) = asyncio.run(run())
+    assert out == data
+    assert sent == received
+    assert (chan.sealed == len(data)) if sealed else (chan.sealed == 0), (chan.sealed, len(data))

@@ -28,7 +28,7 @@ from medbridge.platform.sftp import JobSFTPServer, PlatformSession, Results
 from medbridge.policy.credentials import serial_from_principals, serial_principal
 from medbridge.policy.manifest import format_manifest
 from medbridge.policy.paths import View
-from medbridge.transport import CoalescingTransport, coalesce
+from medbridge.transport import CoalescingTransport, coalesce, sealing_channel
 
 log = logging.getLogger("medbridge.platform")
 
@@ -135,6 +135,8 @@ class PlatformConnection(asyncssh.SSHServer):
         self.platform = platform
         self.conn: asyncssh.SSHServerConnection | None = None
         self.transport: CoalescingTransport | None = None
+        #: Session channels opened on this connection (their data is sealed in place, see medbridge.transport).
+        self.channels: list[asyncssh.SSHServerChannel[Any]] = []
         self.username = ""
         self.peer = ""
         #: The trusted gateway the connection came through (its PROXY header named ``peer``).
@@ -245,9 +247,12 @@ class PlatformConnection(asyncssh.SSHServer):
 
     # -- what an authenticated connection may open --------------------------------------
 
-    def session_requested(self) -> PlatformSession:
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[Any], PlatformSession]:
         """Commands go to :meth:`process`; the sftp subsystem to :meth:`sftp` under our handler."""
-        return PlatformSession(self.process, self.sftp, 3, False)
+        assert self.conn is not None
+        chan = sealing_channel(self.conn)
+        self.channels.append(chan)
+        return chan, PlatformSession(self.process, self.sftp, 3, False)
 
     def sftp(self, chan: SSHChannel[bytes]) -> JobSFTPServer:
         if self.session is None:

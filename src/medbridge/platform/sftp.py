@@ -592,6 +592,43 @@ class SFTPHandler(SFTPServerHandler):
     _return_types = {**SFTPServerHandler._return_types, READ_FILE_EXTENSION: FXP_DATA}  # noqa: RUF012
 
 
+class _CorkedWriter:
+    """Joins the replies of one event-loop pass into one channel write."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self, writer: asyncssh.SSHWriter[bytes], loop: asyncio.AbstractEventLoop):
+        self._writer = writer
+        self._loop = loop
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.channel = writer.channel
+
+    def write(self, data: bytes) -> None:
+        if not self._parts:
+            self._loop.call_soon(self.flush)
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= self.LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        parts, self._parts, self._size = self._parts, [], 0
+        if parts and not self.channel.is_closing():
+            self._writer.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._writer.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+
 class PlatformSession(asyncssh.SSHServerProcess[bytes]):
     """A session channel: commands go to the process factory, the sftp subsystem to :class:`SFTPHandler`."""
 
@@ -603,7 +640,8 @@ class PlatformSession(asyncssh.SSHServerProcess[bytes]):
         chan.set_encoding(None)
         server = self._sftp_factory(chan) if self._sftp_factory is not None else None
         assert isinstance(server, JobSFTPServer)
-        handler = SFTPHandler(server, asyncssh.SSHReader(self, chan), asyncssh.SSHWriter(self, chan), 3)
+        writer = _CorkedWriter(asyncssh.SSHWriter(self, chan), asyncio.get_running_loop())
+        handler = SFTPHandler(server, asyncssh.SSHReader(self, chan), writer, 3)  # type: ignore[arg-type]
         chan.get_connection().create_task(handler.run(), handler.logger)
 
 
