@@ -114,13 +114,16 @@ class SealingChannel(asyncssh.SSHServerChannel[Any]):
     none either).
     """
 
-    #: Channel data bytes sent through the sealed path, and the keys they were sealed under (tests, profiles).
+    #: Writes made, channel data bytes sent through the sealed path, and the keys they were sealed under
+    #: (for tests and profiles).
+    writes = 0
     sealed = 0
     keys = 0
     _aead: AESGCM | None = None
     _aead_key = b""
 
     def write(self, data: Any, datatype: asyncssh.DataType = None) -> None:
+        self.writes += 1
         if datatype is None and not self._send_buf and not self._encoding and self._send_state == "open" and data:
             sent = self._seal(memoryview(data).cast("B"))
             if sent == len(data):

@@ -12,6 +12,7 @@ import pytest
 from medbridge.control.audit import Record
 from medbridge.errors import GrantMissing
 from medbridge.testing import RunningPlatform
+from medbridge.transport import SealingChannel, coalesce
 from tests.conftest import CHEST
 
 
@@ -125,6 +126,26 @@ def test_ranged_reads_are_exact_and_past_the_end_is_eof(platform: RunningPlatfor
     assert past == b"", "reading at the end is EOF"
     closes = [r.as_dict()["detail"] for r in platform.audit("sftp.close")]
     assert closes[-1]["bytes_read"] == sum(len(g) for g in got), "bytes read are still counted for the audit"
+
+
+def test_replies_of_one_pass_share_one_channel_write(platform: RunningPlatform) -> None:
+    """64 reads sent together are answered in a few channel writes (joined per loop pass), each reply intact."""
+    data = CHEST["scan-001.bin"]
+    offsets = [i * 3_000 for i in range(64)]
+
+    async def go() -> tuple[list[bytes], int]:
+        conn, sftp = await job_sftp(platform)
+        async with conn, sftp.open("/datasets/chest/scan-001.bin", "rb") as f:
+            (chan,) = [c for owner in platform.background.platform.sessions for c in owner.channels]
+            assert isinstance(chan, SealingChannel)
+            before = chan.writes
+            coalesce(conn)  # the 64 requests leave in one send, so they arrive together
+            got = list(await asyncio.gather(*(f.read(3_000, o) for o in offsets)))
+            return got, chan.writes - before
+
+    got, writes = asyncio.run(go())
+    assert got == [data[o : o + 3_000] for o in offsets]
+    assert writes < 32, f"{writes} channel writes for 64 replies sent together"
 
 
 def test_an_absurd_offset_is_an_error_and_the_session_goes_on(platform: RunningPlatform) -> None:

@@ -593,7 +593,15 @@ class SFTPHandler(SFTPServerHandler):
 
 
 class _CorkedWriter:
-    """Joins the replies of one event-loop pass into one channel write."""
+    """The SFTP handler's writer: the replies of one event-loop pass go out in one channel write.
+
+    asyncssh's handler writes each reply on its own, and the channel sends each write
+    as its own packets: a 32 KiB read reply to sshfs is one full packet and one of 13
+    bytes.  Joined, the replies of a pass fill whole packets (half as many to seal, send
+    and decrypt); behind sshfs this took our server from 0.8x to ~0.95x OpenSSH's
+    throughput.  Nothing waits beyond the current pass, and at most ``LIMIT`` bytes
+    are held.  ``write_eof`` and ``close`` send what is held first.
+    """
 
     LIMIT = 1 << 20
 
