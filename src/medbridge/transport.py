@@ -125,10 +125,12 @@ class SealingChannel(asyncssh.SSHServerChannel[Any]):
     def write(self, data: Any, datatype: asyncssh.DataType = None) -> None:
         self.writes += 1
         if datatype is None and not self._send_buf and not self._encoding and self._send_state == "open" and data:
-            sent = self._seal(memoryview(data).cast("B"))
-            if sent == len(data):
-                return
-            data = memoryview(data).cast("B")[sent:]
+            view = memoryview(data)
+            if view.format == "B" and view.c_contiguous:  # counted in bytes, like the window
+                sent = self._seal(view)
+                if sent == view.nbytes:
+                    return
+                data = view[sent:]
         super().write(data, datatype)
 
     def _flush_send_buf(self) -> None:
@@ -214,8 +216,10 @@ def sealing_channel(conn: asyncssh.SSHServerConnection) -> asyncssh.SSHServerCha
     """
     chan = conn.create_server_channel()
     missing = [a for a in _CONN_STATE if not hasattr(conn, a)] + [a for a in _CHANNEL_STATE if not hasattr(chan, a)]
-    if missing or not callable(getattr(GCMCipher, "_update_iv", None)):
-        log.warning("cannot seal channel data in place: asyncssh lacks %s", ", ".join(missing) or "_update_iv")
+    missing += [] if callable(getattr(GCMCipher, "_update_iv", None)) else ["GCMCipher._update_iv"]
+    missing += [] if hasattr(AESGCM, "encrypt_into") else ["cryptography's AESGCM.encrypt_into"]
+    if missing:
+        log.warning("cannot seal channel data in place: missing %s", ", ".join(missing))
         return chan
     chan.__class__ = SealingChannel
     return chan

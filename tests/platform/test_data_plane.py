@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 from datetime import UTC, datetime, timedelta
 
 import asyncssh
 import pytest
+from asyncssh.constants import FXP_DATA, FXP_STATUS
 
 from medbridge.control.audit import Record
 from medbridge.errors import GrantMissing
+from medbridge.platform.sftp import _CorkedWriter
 from medbridge.testing import RunningPlatform
 from medbridge.transport import SealingChannel, coalesce
 from tests.conftest import CHEST
@@ -128,24 +131,33 @@ def test_ranged_reads_are_exact_and_past_the_end_is_eof(platform: RunningPlatfor
     assert closes[-1]["bytes_read"] == sum(len(g) for g in got), "bytes read are still counted for the audit"
 
 
-def test_replies_of_one_pass_share_one_channel_write(platform: RunningPlatform) -> None:
-    """64 reads sent together are answered in a few channel writes (joined per loop pass), each reply intact."""
+def test_replies_of_one_pass_share_channel_writes_in_order(platform: RunningPlatform) -> None:
+    """64 reads sent together: answered in one channel write per MiB (the cork's bound), in request order, intact."""
     data = CHEST["scan-001.bin"]
     offsets = [i * 3_000 for i in range(64)]
+    writes: list[bytes] = []
 
-    async def go() -> tuple[list[bytes], int]:
+    async def go() -> list[bytes]:
         conn, sftp = await job_sftp(platform)
         async with conn, sftp.open("/datasets/chest/scan-001.bin", "rb") as f:
             (chan,) = [c for owner in platform.background.platform.sessions for c in owner.channels]
             assert isinstance(chan, SealingChannel)
-            before = chan.writes
+            write = chan.write
+            chan.write = lambda d, datatype=None: (writes.append(bytes(d)), write(d, datatype))[1]  # type: ignore[method-assign]
             coalesce(conn)  # the 64 requests leave in one send, so they arrive together
-            got = list(await asyncio.gather(*(f.read(3_000, o) for o in offsets)))
-            return got, chan.writes - before
+            return list(await asyncio.gather(*(f.read(32_768, o) for o in offsets)))
 
-    got, writes = asyncio.run(go())
-    assert got == [data[o : o + 3_000] for o in offsets]
-    assert writes < 32, f"{writes} channel writes for 64 replies sent together"
+    got = asyncio.run(go())
+    assert got == [data[o : o + 32_768] for o in offsets]
+    assert 2 <= len(writes) <= 4, f"{len(writes)} channel writes for 64 replies (~1.9 MiB) sent together"
+    assert all(len(w) <= _CorkedWriter.LIMIT + 32_768 + 13 for w in writes)
+    stream, ids = b"".join(writes), []
+    while stream:
+        length, kind, pktid = struct.unpack_from(">IBI", stream)
+        assert kind in (FXP_DATA, FXP_STATUS)  # data, or the end of the file for a read past it
+        ids.append(pktid)
+        stream = stream[4 + length :]
+    assert len(ids) >= 64 and ids == sorted(ids), "replies leave in the order the requests came"
 
 
 def test_an_absurd_offset_is_an_error_and_the_session_goes_on(platform: RunningPlatform) -> None:

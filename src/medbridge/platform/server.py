@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ class PlatformConnection(asyncssh.SSHServer):
         self.conn: asyncssh.SSHServerConnection | None = None
         self.transport: CoalescingTransport | None = None
         #: Session channels opened on this connection (their data is sealed in place, see medbridge.transport).
-        self.channels: list[asyncssh.SSHServerChannel[Any]] = []
+        self.channels: weakref.WeakSet[asyncssh.SSHServerChannel[Any]] = weakref.WeakSet()
         self.username = ""
         self.peer = ""
         #: The trusted gateway the connection came through (its PROXY header named ``peer``).
@@ -251,7 +252,7 @@ class PlatformConnection(asyncssh.SSHServer):
         """Commands go to :meth:`process`; the sftp subsystem to :meth:`sftp` under our handler."""
         assert self.conn is not None
         chan = sealing_channel(self.conn)
-        self.channels.append(chan)
+        self.channels.add(chan)
         return chan, PlatformSession(self.process, self.sftp, 3, False)
 
     def sftp(self, chan: SSHChannel[bytes]) -> JobSFTPServer:

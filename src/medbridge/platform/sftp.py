@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import errno
 import hashlib
+import logging
 import os
 import stat
 import struct
@@ -39,6 +40,8 @@ from medbridge.control.audit import AuditEvent
 from medbridge.errors import InvalidInput
 from medbridge.policy.manifest import DATASET_MANIFEST, PARTIAL_SUFFIX, RESULTS_MANIFEST, parse_manifest
 from medbridge.policy.paths import Action, Kind, PathEscape, Refusal, Target, decide, normalise, parse, within
+
+log = logging.getLogger("medbridge.platform")
 
 if TYPE_CHECKING:
     from medbridge.platform.server import LiveSession
@@ -623,7 +626,11 @@ class _CorkedWriter:
     def flush(self) -> None:
         parts, self._parts, self._size = self._parts, [], 0
         if parts and not self.channel.is_closing():
-            self._writer.write(parts[0] if len(parts) == 1 else b"".join(parts))
+            try:
+                self._writer.write(parts[0] if len(parts) == 1 else b"".join(parts))
+            except OSError as exc:  # run from the loop, outside the handler: end the session, never hang it
+                log.warning("SFTP replies could not be sent (%s): closing the channel", exc)
+                self.channel.close()
 
     def write_eof(self) -> None:
         self.flush()
