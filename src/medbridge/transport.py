@@ -33,46 +33,71 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 log = logging.getLogger("medbridge.transport")
 
 
-class CoalescingTransport:
-    """Wraps a stream transport; everything but writing and closing passes through."""
+class PassJoiner:
+    """Holds what one event-loop pass writes to ``target`` and hands it on joined, once, after the pass.
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
-        self._transport = transport
+    Order is kept; nothing waits beyond the current pass, nor past ``limit`` held bytes
+    (0: no bound).  ``write_eof`` and ``close`` hand on what is held first; everything
+    else passes through to ``target``.  Subclasses say how a joined write is delivered.
+    """
+
+    limit = 0
+
+    def __init__(self, target: Any, loop: asyncio.AbstractEventLoop):
+        self._target = target
         self._loop = loop
         self._parts: list[bytes] = []
-        #: Socket writes made and SSH packets they carried, for tests and profiles.
-        self.sends = 0
-        self.packets = 0
+        self._size = 0
 
     def write(self, data: bytes) -> None:
         if not self._parts:
             self._loop.call_soon(self.flush)
         self._parts.append(data)
+        self._size += len(data)
+        if self.limit and self._size >= self.limit:
+            self.flush()
 
     def flush(self) -> None:
-        parts, self._parts = self._parts, []
-        if parts and not self._transport.is_closing():
-            self.sends += 1
-            self.packets += len(parts)
-            self._transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        parts, self._parts, self._size = self._parts, [], 0
+        if parts:
+            self._deliver(parts[0] if len(parts) == 1 else b"".join(parts), len(parts))
+
+    def _deliver(self, data: bytes, writes: int) -> None:
+        raise NotImplementedError
 
     def write_eof(self) -> None:
         self.flush()
-        self._transport.write_eof()
+        self._target.write_eof()
 
     def close(self) -> None:
         self.flush()
-        self._transport.close()
+        self._target.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+class CoalescingTransport(PassJoiner):
+    """Wraps a stream transport; everything but writing and closing passes through."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        super().__init__(transport, loop)
+        #: Socket writes made and SSH packets they carried, for tests and profiles.
+        self.sends = 0
+        self.packets = 0
+
+    def _deliver(self, data: bytes, writes: int) -> None:
+        if not self._target.is_closing():
+            self.sends += 1
+            self.packets += writes
+            self._target.write(data)
 
     def abort(self) -> None:
         self.flush()
-        self._transport.abort()
+        self._target.abort()
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(len(p) for p in self._parts)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+        return int(self._target.get_write_buffer_size()) + self._size
 
 
 def coalesce(conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection) -> CoalescingTransport | None:

@@ -150,7 +150,7 @@ def test_replies_of_one_pass_share_channel_writes_in_order(platform: RunningPlat
     got = asyncio.run(go())
     assert got == [data[o : o + 32_768] for o in offsets]
     assert 2 <= len(writes) <= 4, f"{len(writes)} channel writes for 64 replies (~1.9 MiB) sent together"
-    assert all(len(w) <= _CorkedWriter.LIMIT + 32_768 + 13 for w in writes)
+    assert all(len(w) <= _CorkedWriter.limit + 32_768 + 13 for w in writes)
     stream, ids = b"".join(writes), []
     while stream:
         length, kind, pktid = struct.unpack_from(">IBI", stream)

@@ -40,6 +40,7 @@ from medbridge.control.audit import AuditEvent
 from medbridge.errors import InvalidInput
 from medbridge.policy.manifest import DATASET_MANIFEST, PARTIAL_SUFFIX, RESULTS_MANIFEST, parse_manifest
 from medbridge.policy.paths import Action, Kind, PathEscape, Refusal, Target, decide, normalise, parse, within
+from medbridge.transport import PassJoiner
 
 log = logging.getLogger("medbridge.platform")
 
@@ -595,53 +596,30 @@ class SFTPHandler(SFTPServerHandler):
     _return_types = {**SFTPServerHandler._return_types, READ_FILE_EXTENSION: FXP_DATA}  # noqa: RUF012
 
 
-class _CorkedWriter:
+class _CorkedWriter(PassJoiner):
     """The SFTP handler's writer: the replies of one event-loop pass go out in one channel write.
 
     asyncssh's handler writes each reply on its own, and the channel sends each write
     as its own packets: a 32 KiB read reply to sshfs is one full packet and one of 13
     bytes.  Joined, the replies of a pass fill whole packets (half as many to seal, send
     and decrypt); behind sshfs this took our server from 0.8x to ~0.95x OpenSSH's
-    throughput.  Nothing waits beyond the current pass, and at most ``LIMIT`` bytes
+    throughput.  Nothing waits beyond the current pass, and at most ``limit`` bytes
     are held.  ``write_eof`` and ``close`` send what is held first.
     """
 
-    LIMIT = 1 << 20
+    limit = 1 << 20
 
     def __init__(self, writer: asyncssh.SSHWriter[bytes], loop: asyncio.AbstractEventLoop):
-        self._writer = writer
-        self._loop = loop
-        self._parts: list[bytes] = []
-        self._size = 0
+        super().__init__(writer, loop)
         self.channel = writer.channel
 
-    def write(self, data: bytes) -> None:
-        if not self._parts:
-            self._loop.call_soon(self.flush)
-        self._parts.append(data)
-        self._size += len(data)
-        if self._size >= self.LIMIT:
-            self.flush()
-
-    def flush(self) -> None:
-        parts, self._parts, self._size = self._parts, [], 0
-        if parts and not self.channel.is_closing():
+    def _deliver(self, data: bytes, writes: int) -> None:
+        if not self.channel.is_closing():
             try:
-                self._writer.write(parts[0] if len(parts) == 1 else b"".join(parts))
+                self._target.write(data)
             except OSError as exc:  # run from the loop, outside the handler: end the session, never hang it
                 log.warning("SFTP replies could not be sent (%s): closing the channel", exc)
                 self.channel.close()
-
-    def write_eof(self) -> None:
-        self.flush()
-        self._writer.write_eof()
-
-    def close(self) -> None:
-        self.flush()
-        self._writer.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._writer, name)
 
 
 class PlatformSession(asyncssh.SSHServerProcess[bytes]):
