@@ -36,6 +36,7 @@ from medbridge.compute.mount import Mount, unmount
 from medbridge.compute.session import Endpoint
 from medbridge.config import Home
 from medbridge.control.store import Store
+from medbridge.errors import PlatformUnavailable
 from medbridge.loader import Loader
 from medbridge.platform.keys import fingerprint, public_line
 from medbridge.platform.storage import add_dataset, init_home, pack_dataset
@@ -155,21 +156,40 @@ class World:
             store.grant("bench", name, None, now, "bench")
         pack_dataset(self.home, store, "small", 64 << 20, "bench")
         store.close()
+        self.server: subprocess.Popen[str] | None = None
+        self.start_server(plan.server_workers)
+        self.openssh = OpenSSH(root, key) if "openssh-sftp-server" in plan.paths and Path(SSHD).exists() else None
+
+    def start_server(self, workers: int) -> None:
+        """(Re)start the platform with ``workers`` processes on a fresh port; the data stays."""
+        self.stop_server()
         cmd = [sys.executable, "-m", "medbridge", "platform", "serve", "--home", str(self.home.root), "--listen",
-               "127.0.0.1:0", "--workers", str(plan.server_workers)]  # fmt: skip
-        self.server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert self.server.stdout is not None
-        line = self.server.stdout.readline()
+               "127.0.0.1:0", "--workers", str(workers)]  # fmt: skip
+        self.server = server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if "127.0.0.1:" not in line:
+            self.stop_server()
+            raise PlatformUnavailable(f"the benchmark's platform did not start (workers={workers})")
         self.port = int(line.split("127.0.0.1:")[1].split()[0])
         self.fingerprint = line.split("host key ")[1].split()[0]
-        self.openssh = OpenSSH(root, key) if "openssh-sftp-server" in plan.paths and Path(SSHD).exists() else None
+
+    @property
+    def server_pid(self) -> int:
+        assert self.server is not None
+        return self.server.pid
+
+    def stop_server(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            processes.stop(server, timeout=30)
+            if server.stdout:
+                server.stdout.close()
 
     def close(self) -> None:
         if self.openssh is not None:
             self.openssh.close()
-        processes.stop(self.server, timeout=30)
-        if self.server.stdout:
-            self.server.stdout.close()
+        self.stop_server()
 
 
 @contextmanager
@@ -280,7 +300,7 @@ def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, loca
                         path in ("sshfs-default", "sshfs-tuned", "openssh-sftp-server") and path not in mounts
                     ):
                         continue
-                    server_pid = world.server.pid
+                    server_pid = world.server_pid
                     path_relay = relay_pid
                     if path == "openssh-sftp-server" and world.openssh is not None and peer is not None:
                         server_pid, path_relay = world.openssh.proc.pid, peer[1]

@@ -13,7 +13,7 @@ from medbridge.cli import output
 
 @click.group()
 def bench() -> None:
-    """Measure: round trips between sites."""
+    """Measure: round trips, relay cost, reading by every path, worker scaling."""
 
 
 @bench.command("rtt")
@@ -111,3 +111,69 @@ def bench_io(quick: bool, rtts: str, repeats: int | None, server_workers: int | 
         for r in result["rows"]
     ]  # fmt: skip
     output.table("bench io (medians)", columns, rows)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1 or max(values) > 256:
+        from medbridge.errors import InvalidInput
+
+        raise InvalidInput(f"--workers {text!r}: use counts from 1 to 256 separated by commas, such as 1,2,4,8")
+    return values
+
+
+@bench.command("scale")
+@click.option("--quick", is_flag=True, help="Workers 1,2 and smaller data (about a minute here).")
+@click.option("--workers", "workers", default=None, help="Worker counts N to measure, comma-separated "
+              "(default: 1, 2, 4, ... up to half the cores).")  # fmt: skip
+@click.option("--clients-per-worker", type=click.IntRange(1, 64), default=None, help="Loader processes per worker.")
+@click.option("--connections", type=click.IntRange(1, 64), default=None, help="SSH connections per loader.")
+@click.option(
+    "--data", "data", default=None, help="What to read, comma-separated: shards, small, large (default: all)."
+)
+@click.option("--repeats", type=click.IntRange(1, 20), default=None)
+@click.option("--small-files", type=click.IntRange(1, 1_000_000), default=None, help="Number of ~100 KiB files.")
+@click.option("--large-files", type=click.IntRange(1, 1000), default=None, help="Number of large volumes.")
+@click.option("--large-mb", type=click.IntRange(1, 4096), default=None, help="Size of each large volume, MiB.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a chart (PNG).")
+def bench_scale(quick: bool, workers: str | None, clients_per_worker: int | None, connections: int | None,
+                data: str | None, repeats: int | None, small_files: int | None, large_files: int | None,
+                large_mb: int | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
+    """Aggregate throughput of N platform workers serving N loader processes on this machine."""
+    import dataclasses
+
+    from medbridge.bench import scale
+
+    plan = scale.Plan.quick() if quick else scale.Plan()
+    changes: dict[str, object] = {}
+    if workers is not None:
+        changes["workers"] = _counts(workers)
+    if data is not None:
+        changes["data"] = tuple(x.strip() for x in data.split(",") if x.strip())
+    for key, value in (("clients_per_worker", clients_per_worker), ("connections", connections),
+                       ("repeats", repeats), ("small_files", small_files), ("large_files", large_files),
+                       ("large_mb", large_mb)):  # fmt: skip
+        if value:
+            changes[key] = value
+    plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
+    plan.check()
+    result = scale.run(plan, progress=(lambda m: None) if as_json else (lambda m: output.err.print(m, highlight=False)))
+    if plot is not None:
+        scale.plot(result, plot)
+    if as_json:
+        output.emit_json(result)
+        return
+    columns = ["N", "clients", "data", "files/s", "MB/s", "scaling", "CPU-s srv/cli", "busy", "free"]
+    rows = [
+        (r["workers"], r["clients"], r["data"], r["files_per_s"], r["mb_per_s"], r["scaling"],
+         f"{r['cpu_s']['server']}/{r['cpu_s']['clients']}", r["cores_busy"], "yes" if r["cores_free"] else "no")
+        for r in result["rows"]
+    ]  # fmt: skip
+    output.table("bench scale (medians, loopback)", columns, rows)
+    output.table("against the targets", ["target", "measured", "workers", "met"],
+                 [(t["target"], t["measured"], t["workers"], {True: "yes", False: "no", None: "-"}[t["met"]])
+                  for t in result["targets"]])  # fmt: skip
