@@ -160,6 +160,67 @@ def test_replies_of_one_pass_share_channel_writes_in_order(platform: RunningPlat
     assert len(ids) >= 64 and ids == sorted(ids), "replies leave in the order the requests came"
 
 
+class _Raw(asyncssh.SSHClientSession[bytes]):
+    """The client side of an SFTP channel spoken byte by byte, so requests and EOF can leave together."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.grown = asyncio.Event()
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.data += data
+        self.grown.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set_result(None)
+
+    async def reply(self) -> tuple[int, bytes]:
+        """The next SFTP packet: its type and body (after the type byte)."""
+        while len(self.data) < 4 or len(self.data) < 4 + int.from_bytes(self.data[:4], "big"):
+            self.grown.clear()
+            await asyncio.wait_for(self.grown.wait(), 10)
+        n = int.from_bytes(self.data[:4], "big")
+        body, self.data[: 4 + n] = bytes(self.data[4 : 4 + n]), b""
+        return body[0], body[1:]
+
+
+def _sftp(kind: int, body: bytes) -> bytes:
+    return struct.pack(">IB", len(body) + 1, kind) + body
+
+
+def test_replies_held_when_the_client_ends_the_session_still_reach_it(platform: RunningPlatform) -> None:
+    """Eight reads and the EOF in one send: answered and ended in one pass; the cork sends its replies first."""
+    data = CHEST["scan-001.bin"]
+    path = b"/datasets/chest/scan-001.bin"
+
+    async def go() -> tuple[list[tuple[int, int, bytes]], bool]:
+        key, cred = await platform.credential("alice")
+        conn = await platform.connect("alice", [(key, cred.certificate)])
+        async with conn:
+            chan, raw = await conn.create_session(_Raw, subsystem="sftp", encoding=None)
+            chan.write(_sftp(1, struct.pack(">I", 3)))  # INIT, version 3
+            assert (await raw.reply())[0] == 2  # VERSION
+            chan.write(_sftp(3, struct.pack(">II", 1, len(path)) + path + struct.pack(">II", 1, 0)))  # OPEN, read
+            kind, body = await raw.reply()
+            assert kind == 102  # HANDLE
+            handle = body[4 : 8 + int.from_bytes(body[4:8], "big")]
+            coalesce(conn)  # the reads and the EOF leave in one send, and arrive together
+            chan.write(b"".join(_sftp(5, struct.pack(">I", 10 + i) + handle + struct.pack(">QI", i * 20_000, 20_000))
+                                for i in range(8)))  # fmt: skip
+            chan.write_eof()
+            await asyncio.wait_for(raw.closed, 10)
+            replies = []
+            while raw.data:
+                kind, body = await raw.reply()
+                replies.append((kind, int.from_bytes(body[:4], "big"), body[8:]))
+            return replies, chan.is_closing()
+
+    replies, closed = asyncio.run(go())
+    assert closed
+    assert replies == [(FXP_DATA, 10 + i, data[i * 20_000 : (i + 1) * 20_000]) for i in range(8)]
+
+
 def test_an_absurd_offset_is_an_error_and_the_session_goes_on(platform: RunningPlatform) -> None:
     async def go() -> tuple[type[BaseException] | None, bytes]:
         conn, sftp = await job_sftp(platform)
