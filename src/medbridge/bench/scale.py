@@ -11,40 +11,30 @@ and ``scaling`` = rate(N) / (N x rate(1)).  A row says whether the machine had t
 cores it needs (server N + clients), and how many cores the run kept busy, so a
 flattening curve can be told apart from a full machine.
 
-The clients are this module run as ``python -m medbridge.bench.scale``: a line of JSON
-on stdin says where the platform is, ``go DATA`` starts a pass, ``quit`` ends.
+The clients are :mod:`medbridge.bench.client` processes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import select
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import asyncssh
-
+from medbridge.bench import client
+from medbridge.bench.client import DATA
 from medbridge.bench.io import Plan as IOPlan
 from medbridge.bench.io import World, _cpu_tree, _machine, job
-from medbridge.compute.session import Endpoint
-from medbridge.errors import InvalidInput, MedbridgeError
+from medbridge.errors import InvalidInput
 
-DATA = ("shards", "small", "large")
 #: What the issue asks of a 16-core GPU host, aggregate: one H100's ResNet-50 inference
 #: rate in samples from shards, and 90% of the original platform's 10 Gbit/s link.
 TARGETS = {"shards": ("files_per_s", 8000.0), "large": ("mb_per_s", 1100.0)}
 SCALING_TARGET = 0.8
-CLIENT_TIMEOUT = 600.0
 
 
 def default_workers(cores: int | None = None) -> tuple[int, ...]:
@@ -82,17 +72,6 @@ class Plan:
             raise InvalidInput(f"--data: choose from {', '.join(DATA)}")
 
 
-@dataclass(frozen=True)
-class Pass:
-    """One client's pass over the data: what it read, when, and the CPU it spent."""
-
-    files: int
-    nbytes: int
-    start: float
-    end: float
-    cpu_s: float
-
-
 def run(plan: Plan, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     plan.check()
     root = Path(tempfile.mkdtemp(prefix="medbridge-bench-scale-"))
@@ -117,11 +96,14 @@ def _measure(world: World, n: int, plan: Plan, say: Callable[[str], None]) -> li
     count = n * plan.clients_per_worker
     say(f"{n} worker(s), {count} client(s)")
     runs: dict[str, list[tuple[float, int, int, float, float]]] = {}
-    with job(world, world.port) as (ep, _cfg), _clients(ep, count, plan) as clients:
+    with (
+        job(world, world.port) as (ep, _cfg),
+        client.clients(ep, count, connections=plan.connections, window=plan.window, data=plan.data) as running,
+    ):
         for rep in range(plan.repeats):
             for data in plan.data:
                 server0 = _cpu_tree(world.server_pid)
-                passes = _together(clients, data)
+                passes = client.together(running, data)
                 server = _cpu_tree(world.server_pid) - server0
                 wall = max(p.end for p in passes) - min(p.start for p in passes)
                 files, nbytes = sum(p.files for p in passes), sum(p.nbytes for p in passes)
@@ -175,114 +157,6 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-class _Client:
-    """One client process, spoken to a line at a time; its stderr kept for the line that says why it failed."""
-
-    def __init__(self, spec: str):
-        self.err = tempfile.TemporaryFile()  # noqa: SIM115  (closed in close())
-        self.proc = subprocess.Popen([sys.executable, "-m", "medbridge.bench.scale"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.err, text=True)  # fmt: skip
-        self.send(spec)
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(line + "\n")
-            self.proc.stdin.flush()
-        except OSError as exc:
-            raise MedbridgeError(f"a benchmark client has gone: {self.why()}") from exc
-
-    def answer(self) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], CLIENT_TIMEOUT)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            raise MedbridgeError(f"a benchmark client gave no answer: {self.why()}")
-        return line.strip()
-
-    def why(self) -> str:
-        self.stop()
-        self.err.seek(0)
-        last = [line for line in self.err.read().decode(errors="replace").splitlines() if line.strip()]
-        return last[-1] if last else f"exit status {self.proc.returncode}"
-
-    def stop(self, grace: float = 0.0) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=grace)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-        self.stop(grace=10)
-        for stream in (self.proc.stdin, self.proc.stdout, self.err):
-            with contextlib.suppress(OSError):
-                if stream is not None:
-                    stream.close()
-
-
-@contextlib.contextmanager
-def _clients(ep: Endpoint, count: int, plan: Plan) -> Iterator[list[_Client]]:
-    """``count`` client processes, each connected and holding its sample lists, ready for ``go``."""
-    spec = json.dumps({
-        "host": ep.host, "port": ep.port, "user": ep.user, "agent": ep.agent,
-        "host_key": ep.host_key.export_public_key().decode(), "connections": plan.connections,
-        "window": plan.window, "data": list(plan.data),
-    })  # fmt: skip
-    clients: list[_Client] = []
-    try:
-        for _ in range(count):
-            clients.append(_Client(spec))
-        for c in clients:
-            if c.answer() != "ready":
-                raise MedbridgeError("a benchmark client did not get ready")
-        yield clients
-    finally:
-        for c in clients:
-            c.close()
-
-
-def _together(clients: list[_Client], data: str) -> list[Pass]:
-    for c in clients:
-        c.send(f"go {data}")
-    return [Pass(**json.loads(c.answer())) for c in clients]
-
-
-# -- the client process --------------------------------------------------------------------
-
-
-def _client(stdin: IO[str], stdout: IO[str]) -> None:
-    from medbridge.loader import Loader
-
-    spec = json.loads(stdin.readline())
-    key = asyncssh.import_public_key(spec["host_key"])
-    ep = Endpoint(spec["host"], spec["port"], spec["user"], key, spec["agent"])
-    with Loader(ep, connections=spec["connections"], window=spec["window"]) as loader:
-        items: dict[str, list[Any]] = {
-            "shards": loader.shard_samples("small") if "shards" in spec["data"] else [],
-            "small": loader.files("small"),
-            "large": loader.files("large"),
-        }
-        for name in spec["data"]:  # every connection opened and warm before the first timed pass
-            sum(len(b) for b in loader.read_many(items[name][: 2 * spec["window"]]))
-        stdout.write("ready\n")
-        stdout.flush()
-        for line in stdin:
-            command, _, data = line.strip().partition(" ")
-            if command != "go":
-                break
-            cpu0, start = time.process_time(), time.monotonic()  # CLOCK_MONOTONIC: one clock for all processes
-            nbytes = sum(len(b) for b in loader.read_many(items[data]))
-            end = time.monotonic()
-            result = Pass(len(items[data]), nbytes, start, end, time.process_time() - cpu0)
-            stdout.write(json.dumps(asdict(result)) + "\n")
-            stdout.flush()
-
-
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -309,8 +183,3 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
-        _client(sys.stdin, sys.stdout)
