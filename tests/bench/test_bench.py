@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from medbridge.testing.netns import available
+
 
 def test_bench_relay_reports_both_relays() -> None:
     r = subprocess.run([sys.executable, "-m", "medbridge", "bench", "relay", "--mb", "16", "--repeats", "1", "--json"],
@@ -39,18 +43,40 @@ def test_bench_rtt_sftp_level_outside_a_job_is_a_clear_error() -> None:
     assert r.stderr.startswith("medbridge: error: not inside 'medbridge job run'")
 
 
-def test_bench_io_reads_by_every_path_and_reports_its_shape(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "network",
+    [
+        "loopback",
+        pytest.param("sites", marks=pytest.mark.skipif(available() is not None, reason=f"{available()}")),
+    ],
+)
+def test_bench_io_reads_by_every_path_and_reports_its_shape(network: str, tmp_path: Path) -> None:
     plot = tmp_path / "io.png"
     r = subprocess.run([sys.executable, "-m", "medbridge", "bench", "io", "--small-files", "20", "--large-files", "1",
                         "--large-mb", "2", "--repeats", "1", "--rtt-ms", "0,2", "--server-workers", "1", "--json",
-                        "--plot", str(plot)], capture_output=True, text=True, timeout=600)  # fmt: skip
+                        "--network", network, "--plot", str(plot)], capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
+    assert result["network"] == network
     paths = {(row["path"], row["data"], row["rtt_ms"]) for row in result["rows"]}
-    for path in ("sshfs-default", "sshfs-tuned", "native"):
+    for path in ("sshfs-default", "sshfs-tuned", "native", "openssh-sftp-server"):
         assert {(path, "small", 0.0), (path, "small", 2.0), (path, "large", 2.0)} <= paths
     assert ("native-shards", "small", 2.0) in paths and ("local", "small", 0.0) in paths
     for row in result["rows"]:
         assert row["files_per_s"] > 0 and row["ratio_to_local"] > 0
         assert set(row["cpu_s"]) == {"client", "server", "relay"}
+        if row["path"] != "local":
+            assert row["cpu_s"]["client"] > 0  # the reader's CPU: this process, sshfs and its ssh, or the loader's
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_io_sites_without_namespaces_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medbridge.bench import network
+    from medbridge.errors import InvalidInput
+
+    # stands in for a machine without namespaces (this one has them): only the check's answer is replaced
+    monkeypatch.setattr(network.netns, "available", lambda: "needs root for network namespaces")
+    with pytest.raises(InvalidInput, match=r"^--network sites: needs root for network namespaces$"):
+        network.choose("sites", Path("/nonexistent"))
+    assert isinstance(network.choose("auto", Path("/nonexistent")), network.Loopback)

@@ -1,14 +1,16 @@
 """Reading one dataset by every path, in one run: local disk, sshfs (default and tuned), the native loader.
 
-Everything runs on this machine: the platform as its own process (its CPU is read from
-/proc), a delay relay in front of it for the emulated round trip, the readers in this
-process (or sshfs's).  Paths are interleaved within each repeat; medians are reported,
-with the ratio to warm local disk and the CPU seconds each part spent.
+Everything runs on this machine, on the network :mod:`medbridge.bench.network` gives:
+the three sites where namespaces can be made (readers at ``hpc``, the gateway and the
+delay relay at ``gw``, the platform and OpenSSH's sshd at ``platform``), else loopback.
+The servers are processes of their own (their CPU is read from /proc); local and sshfs
+reads run in this process's threads, the loader in a client process of its own.  Paths
+are interleaved within each repeat; medians are reported, with the ratio to warm local
+disk and the CPU seconds each part spent.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import getpass
 import os
@@ -21,7 +23,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,14 +31,13 @@ from typing import Any
 import asyncssh
 
 from medbridge import processes
-from medbridge.compute.credentials import Enrolment, request_certificate
-from medbridge.compute.job import Agent, known_hosts_line, ssh_config
+from medbridge.bench import client
+from medbridge.bench.network import Loopback, Network, choose
 from medbridge.compute.mount import Mount, unmount
 from medbridge.compute.session import Endpoint
 from medbridge.config import Home
 from medbridge.control.store import Store
 from medbridge.errors import PlatformUnavailable
-from medbridge.loader import Loader
 from medbridge.platform.keys import fingerprint, public_line
 from medbridge.platform.storage import add_dataset, init_home, pack_dataset
 
@@ -81,9 +81,9 @@ def _cpu_tree(pid: int) -> float:
 
 
 class OpenSSH:
-    """OpenSSH's sshd (and through it sftp-server) serving the same storage, on loopback, as the peer."""
+    """OpenSSH's sshd (and through it sftp-server) serving the same storage, next to the platform, as the peer."""
 
-    def __init__(self, root: Path, key: asyncssh.SSHKey):
+    def __init__(self, root: Path, key: asyncssh.SSHKey, net: Network):
         self.dir = root / "openssh"
         self.dir.mkdir()
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / "host")], check=True)
@@ -92,11 +92,11 @@ class OpenSSH:
         self.key_file.chmod(0o600)
         (self.dir / "authorized_keys").write_bytes(key.export_public_key())
         self.host_key = (self.dir / "host.pub").read_text().split()
-        with socket.socket() as s:
+        with socket.socket() as s:  # a free port here; in a namespace of its own any port is free
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         (self.dir / "sshd_config").write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir / 'host'}\n"
+            f"Port {self.port}\nListenAddress {net.server_host}\nHostKey {self.dir / 'host'}\n"
             f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\nPidFile {self.dir / 'sshd.pid'}\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
             "UsePAM no\nStrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n"
@@ -104,20 +104,21 @@ class OpenSSH:
         )
         self.made_run_dir = not os.path.isdir("/run/sshd")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.dir / "sshd_config")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        for _ in range(200):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
+        log = self.dir / "sshd.log"
+        with open(log, "wb") as out:
+            cmd = [*net.prefix("platform"), SSHD, "-D", "-e", "-f", str(self.dir / "sshd_config")]
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
+        for _ in range(500):  # sshd says when it listens (its log, not a probe: the port may be in another namespace)
+            if b"Server listening" in log.read_bytes() or self.proc.poll() is not None:
+                break
             time.sleep(0.02)
 
-    def ssh_config(self, port: int) -> Path:
+    def ssh_config(self, host: str, port: int) -> Path:
         known = self.dir / f"known_hosts-{port}"
-        known.write_text(f"[127.0.0.1]:{port} {self.host_key[0]} {self.host_key[1]}\n")
+        known.write_text(f"[{host}]:{port} {self.host_key[0]} {self.host_key[1]}\n")
         cfg = self.dir / f"ssh_config-{port}"
         cfg.write_text(
-            f"Host openssh\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
+            f"Host openssh\n  HostName {host}\n  Port {port}\n  User {getpass.getuser()}\n"
             f"  IdentityFile {self.key_file}\n  IdentitiesOnly yes\n  IdentityAgent none\n"
             f"  UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
             "  Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com\n  LogLevel ERROR\n"
@@ -134,8 +135,9 @@ class OpenSSH:
 class World:
     """A platform home with the two datasets, served by a process of its own."""
 
-    def __init__(self, root: Path, plan: Plan, progress: Callable[[str], None]):
+    def __init__(self, root: Path, plan: Plan, progress: Callable[[str], None], net: Network | None = None):
         self.root, self.plan, self.say = root, plan, progress
+        self.net = net or Loopback()
         self.home = Home(root / "platform")
         init_home(self.home, "bench")
         store = Store(self.home.database_url(self.home.settings()))
@@ -157,21 +159,29 @@ class World:
         pack_dataset(self.home, store, "small", 64 << 20, "bench")
         store.close()
         self.server: subprocess.Popen[str] | None = None
-        self.start_server(plan.server_workers)
-        self.openssh = OpenSSH(root, key) if "openssh-sftp-server" in plan.paths and Path(SSHD).exists() else None
+        self.openssh: OpenSSH | None = None
+        try:
+            self.start_server(plan.server_workers)
+            if "openssh-sftp-server" in plan.paths and Path(SSHD).exists():
+                self.openssh = OpenSSH(root, key, self.net)
+        except BaseException:
+            self.close()
+            raise
 
     def start_server(self, workers: int) -> None:
         """(Re)start the platform with ``workers`` processes on a fresh port; the data stays."""
         self.stop_server()
-        cmd = [sys.executable, "-m", "medbridge", "platform", "serve", "--home", str(self.home.root), "--listen",
-               "127.0.0.1:0", "--workers", str(workers)]  # fmt: skip
+        host = self.net.server_host
+        cmd = [*self.net.prefix("platform"), sys.executable, "-m", "medbridge", "platform", "serve", "--home",
+               str(self.home.root), "--listen", f"{host}:0", "--workers", str(workers),
+               *self.net.serve_args]  # fmt: skip
         self.server = server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert server.stdout is not None
         line = server.stdout.readline()
-        if "127.0.0.1:" not in line:
+        if f"listening on {host}:" not in line:
             self.stop_server()
             raise PlatformUnavailable(f"the benchmark's platform did not start (workers={workers})")
-        self.port = int(line.split("127.0.0.1:")[1].split()[0])
+        self.port = int(line.split(f"listening on {host}:")[1].split()[0])
         self.fingerprint = line.split("host key ")[1].split()[0]
 
     @property
@@ -192,43 +202,6 @@ class World:
         self.stop_server()
 
 
-@contextmanager
-def relay(port: int, rtt_ms: float) -> Iterator[tuple[int, int | None]]:
-    """A delay relay process adding ``rtt_ms`` to every round trip (none for 0)."""
-    if rtt_ms <= 0:
-        yield port, None
-        return
-    cmd = [sys.executable, "-m", "medbridge.testing.delay", "--listen", "127.0.0.1:0", "--target",
-           f"127.0.0.1:{port}", "--delay-ms", str(rtt_ms / 2)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    try:
-        yield int(line.split()[2].rsplit(":", 1)[1]), proc.pid
-    finally:
-        processes.stop(proc, timeout=10)
-        proc.stdout.close()
-
-
-@contextmanager
-def job(world: World, port: int) -> Iterator[tuple[Endpoint, Path]]:
-    """An agent with a job certificate, and an OpenSSH config for sshfs, as `job run` would set up."""
-    folder = Path(tempfile.mkdtemp(prefix="medbridge-bench-job-"))
-    agent = Agent(folder)
-    try:
-        eph = asyncssh.generate_private_key("ssh-ed25519")
-        enrol = Enrolment("127.0.0.1", port, "bench", world.key, world.fingerprint)
-        cred = asyncio.run(request_certificate(enrol, eph, f"bench-{port}", 3600, None))
-        asyncio.run(agent.load(eph, cred.certificate, 3600))
-        (folder / "known_hosts").write_text(known_hosts_line("127.0.0.1", port, cred.host_key))
-        cfg = folder / "ssh_config"
-        cfg.write_text(ssh_config("127.0.0.1", port, "bench", agent.socket, folder / "known_hosts"))
-        yield Endpoint("127.0.0.1", port, "bench", cred.host_key, str(agent.socket)), cfg
-    finally:
-        agent.stop()
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def _read_files(paths: Sequence[Path], threads: int) -> int:
     def one(p: Path) -> int:
         with open(p, "rb") as f:
@@ -240,92 +213,83 @@ def _read_files(paths: Sequence[Path], threads: int) -> int:
         return sum(pool.map(one, paths))
 
 
-def run(plan: Plan, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+def run(plan: Plan, progress: Callable[[str], None] = lambda _m: None, network: str = "loopback") -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="medbridge-bench-io-"))
     rows: list[dict[str, Any]] = []
-    world = World(root, plan, progress)
     try:
-        local = {d: sorted((world.home.datasets / d).glob("f*.bin")) for d in ("small", "large")}
-        for d in local:
-            _read_files(local[d], 1)
-        for rtt in plan.rtts_ms:
-            with contextlib.ExitStack() as stack:
-                port, relay_pid = stack.enter_context(relay(world.port, rtt))
-                ep, cfg = stack.enter_context(job(world, port))
-                peer = None
-                if world.openssh is not None:
-                    sport, srelay_pid = stack.enter_context(relay(world.openssh.port, rtt))
-                    peer = (world.openssh.ssh_config(sport), srelay_pid)
-                rows += _measure(world, plan, rtt, ep, cfg, local, relay_pid, progress, peer)
+        net = choose(network, root)
+        try:
+            world = World(root, plan, progress, net)
+            try:
+                rows = _run(world, plan, progress)
+            finally:
+                world.close()
+        finally:
+            net.close()
     finally:
-        world.close()
         shutil.rmtree(root, ignore_errors=True)
     local_rate = {r["data"]: r["files_per_s"] for r in rows if r["path"] == "local"}
     for r in rows:
         r["ratio_to_local"] = round(r["files_per_s"] / local_rate[r["data"]], 4) if r["data"] in local_rate else None
-    return {"machine": _machine(), "plan": plan.__dict__, "rows": rows}
+    return {"machine": _machine(), "network": net.name, "plan": plan.__dict__, "rows": rows}
+
+
+def _run(world: World, plan: Plan, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    net, rows = world.net, []
+    local = {d: sorted((world.home.datasets / d).glob("f*.bin")) for d in ("small", "large")}
+    for d in local:
+        _read_files(local[d], 1)
+    for rtt in plan.rtts_ms:
+        with contextlib.ExitStack() as stack:
+            host, port, relays = stack.enter_context(net.route(world.port, rtt, proxy=True))
+            ep, cfg = stack.enter_context(net.job(world.key, world.fingerprint, host, port))
+            peer = None
+            if world.openssh is not None:
+                shost, sport, srelays = stack.enter_context(net.route(world.openssh.port, rtt, proxy=False))
+                peer = (world.openssh.ssh_config(shost, sport), srelays)
+            rows += _measure(world, plan, rtt, ep, cfg, local, relays, say, peer)
+    return rows
 
 
 def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, local: dict[str, list[Path]],
-             relay_pid: int | None, say: Callable[[str], None],
-             peer: tuple[Path, int | None] | None) -> list[dict[str, Any]]:  # fmt: skip
+             relays: list[int], say: Callable[[str], None],
+             peer: tuple[Path, list[int]] | None) -> list[dict[str, Any]]:  # fmt: skip
     samples: dict[tuple[str, str], list[tuple[float, int, dict[str, float]]]] = {}
-    mounts: dict[str, tuple[Path, Any]] = {}
-    loader = Loader(ep, connections=4, window=64)
-    try:
-        if "sshfs-default" in plan.paths:
-            point = world.root / f"mnt-default-{int(rtt)}"
-            point.mkdir()
-            proc = subprocess.Popen(["sshfs", "-f", "-F", str(cfg), "medbridge:/", str(point)],
-                                    stderr=subprocess.DEVNULL)  # fmt: skip
-            for _ in range(300):
-                if os.path.ismount(point):
-                    break
-                time.sleep(0.02)
-            mounts["sshfs-default"] = (point, proc)
-        if "sshfs-tuned" in plan.paths:
-            m = Mount(world.root / f"mnt-tuned-{int(rtt)}", cfg, "medbridge")
-            mounts["sshfs-tuned"] = (m.mountpoint, m)
-        if peer is not None and world.openssh is not None:
-            m = Mount(world.root / f"mnt-openssh-{int(rtt)}", peer[0], "openssh", remote=str(world.home.datasets))
-            mounts["openssh-sftp-server"] = (m.mountpoint, m)
-        shard_samples = loader.shard_samples("small")
+    with contextlib.ExitStack() as stack:
+        mounts = _mounts(world, plan, rtt, cfg, peer, stack)
+        kinds = [
+            k for p, k in (("native", "small"), ("native", "large"), ("native-shards", "shards")) if p in plan.paths
+        ]
+        native = None
+        if kinds:  # the loader reads from a process of its own, where a compute node's reader would run
+            (native,) = stack.enter_context(
+                client.clients(ep, 1, connections=4, window=64, data=kinds, prefix=world.net.prefix("hpc"))
+            )
         for rep in range(plan.repeats):
             for data in ("small", "large"):
                 names = [p.name for p in local[data]]
                 for path in plan.paths:
-                    if rtt > 0 and path == "local":
-                        continue
-                    if (path == "native-shards" and data != "small") or (
-                        path in ("sshfs-default", "sshfs-tuned", "openssh-sftp-server") and path not in mounts
+                    if (
+                        (rtt > 0 and path == "local")
+                        or (path == "native-shards" and data != "small")
+                        or (path in ("sshfs-default", "sshfs-tuned", "openssh-sftp-server") and path not in mounts)
                     ):
                         continue
-                    server_pid = world.server_pid
-                    path_relay = relay_pid
+                    server_pid, path_relays = world.server_pid, relays
                     if path == "openssh-sftp-server" and world.openssh is not None and peer is not None:
-                        server_pid, path_relay = world.openssh.proc.pid, peer[1]
-                    read = _reader(path, data, names, local, mounts, loader, shard_samples)
-                    before = {"client": time.process_time(), "server": _cpu_tree(server_pid),
-                              "relay": _cpu(path_relay) if path_relay else 0.0,
-                              "sshfs": _cpu(mounts[path][1].pid) if path in mounts else 0.0}  # fmt: skip
-                    start = time.perf_counter()
-                    nbytes = read()
-                    seconds = time.perf_counter() - start
-                    cpu = {"client": time.process_time() - before["client"],
-                           "server": _cpu_tree(server_pid) - before["server"],
-                           "relay": (_cpu(path_relay) - before["relay"]) if path_relay else 0.0}  # fmt: skip
-                    if path in mounts:
-                        cpu["client"] += _cpu(mounts[path][1].pid) - before["sshfs"]
+                        server_pid, path_relays = world.openssh.proc.pid, peer[1]
+                    server0, relay0 = _cpu_tree(server_pid), sum(_cpu(p) for p in path_relays)
+                    if native is not None and path in ("native", "native-shards"):
+                        (p,) = client.together([native], "shards" if path == "native-shards" else data)
+                        seconds, nbytes, client_cpu = p.end - p.start, p.nbytes, p.cpu_s
+                    else:
+                        seconds, nbytes, client_cpu = _timed(
+                            _reader(path, data, names, local, mounts), mounts.get(path)
+                        )
+                    cpu = {"client": client_cpu, "server": _cpu_tree(server_pid) - server0,
+                           "relay": sum(_cpu(p) for p in path_relays) - relay0}  # fmt: skip
                     samples.setdefault((path, data), []).append((seconds, nbytes, cpu))
                     say(f"rtt {rtt:g} ms, {data}, {path}, run {rep + 1}: {len(names) / seconds:.0f} files/s")
-    finally:
-        loader.close()
-        for point, handle in mounts.values():
-            if isinstance(handle, Mount):
-                handle.close()
-            else:
-                unmount(point)
-                processes.stop(handle, timeout=10)
     rows = []
     for (path, data), runs in samples.items():
         count = len(local[data])
@@ -342,16 +306,49 @@ def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, loca
     return rows
 
 
-def _reader(path: str, data: str, names: list[str], local: dict[str, list[Path]], mounts: dict[str, Any],
-            loader: Loader, shard_samples: list[Any]) -> Callable[[], int]:  # fmt: skip
-    """How ``path`` reads the ``data`` files: returns a function reading them all, giving the byte count."""
+def _mounts(world: World, plan: Plan, rtt: float, cfg: Path, peer: tuple[Path, list[int]] | None,
+            stack: contextlib.ExitStack) -> dict[str, tuple[Path, Any]]:  # fmt: skip
+    """The sshfs mounts this round trip's paths read through; each is undone by ``stack``."""
+    mounts: dict[str, tuple[Path, Any]] = {}
+    ssh = world.net.ssh_command
+    if "sshfs-default" in plan.paths:
+        point = world.root / f"mnt-default-{int(rtt)}"
+        point.mkdir()
+        cmd = ["sshfs", "-f", "-F", str(cfg), "medbridge:/", str(point), *(["-o", f"ssh_command={ssh}"] if ssh else [])]
+        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        stack.callback(processes.stop, proc, timeout=10)
+        stack.callback(unmount, point)
+        for _ in range(500):
+            if os.path.ismount(point):
+                break
+            time.sleep(0.02)
+        mounts["sshfs-default"] = (point, proc)
+    if "sshfs-tuned" in plan.paths:
+        m = Mount(world.root / f"mnt-tuned-{int(rtt)}", cfg, "medbridge", ssh_command=ssh)
+        stack.callback(m.close)
+        mounts["sshfs-tuned"] = (m.mountpoint, m)
+    if peer is not None and world.openssh is not None:
+        m = Mount(world.root / f"mnt-openssh-{int(rtt)}", peer[0], "openssh", remote=str(world.home.datasets),
+                  ssh_command=ssh)  # fmt: skip
+        stack.callback(m.close)
+        mounts["openssh-sftp-server"] = (m.mountpoint, m)
+    return mounts
+
+
+def _timed(read: Callable[[], int], mount: tuple[Path, Any] | None) -> tuple[float, int, float]:
+    """Seconds, bytes and client CPU of one read here: this process's, and the sshfs (and its ssh) it went through."""
+    cpu0 = time.process_time() + (_cpu_tree(mount[1].pid) if mount else 0.0)
+    start = time.perf_counter()
+    nbytes = read()
+    seconds = time.perf_counter() - start
+    return seconds, nbytes, time.process_time() + (_cpu_tree(mount[1].pid) if mount else 0.0) - cpu0
+
+
+def _reader(path: str, data: str, names: list[str], local: dict[str, list[Path]],
+            mounts: dict[str, Any]) -> Callable[[], int]:  # fmt: skip
+    """How ``path`` reads the ``data`` files through a mount (or local disk): a function giving the byte count."""
     if path == "local":
         return lambda: _read_files(local[data], 1)
-    if path == "native":
-        remote = [f"/datasets/{data}/{n}" for n in names]
-        return lambda: _total(loader.read_many(remote))
-    if path == "native-shards":
-        return lambda: _total(loader.read_many(shard_samples))
     point = mounts[path][0]
     folder = point / data if path == "openssh-sftp-server" else point / "datasets" / data
     files = [folder / n for n in names]

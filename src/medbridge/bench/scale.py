@@ -28,7 +28,8 @@ from typing import Any
 from medbridge.bench import client
 from medbridge.bench.client import DATA
 from medbridge.bench.io import Plan as IOPlan
-from medbridge.bench.io import World, _cpu_tree, _machine, job
+from medbridge.bench.io import World, _cpu_tree, _machine
+from medbridge.bench.network import job
 from medbridge.errors import InvalidInput
 
 #: What the issue asks of a 16-core GPU host, aggregate: one H100's ResNet-50 inference
@@ -97,7 +98,7 @@ def _measure(world: World, n: int, plan: Plan, say: Callable[[str], None]) -> li
     say(f"{n} worker(s), {count} client(s)")
     runs: dict[str, list[tuple[float, int, int, float, float]]] = {}
     with (
-        job(world, world.port) as (ep, _cfg),
+        job(world.key, world.fingerprint, world.port) as (ep, _cfg),
         client.clients(ep, count, connections=plan.connections, window=plan.window, data=plan.data) as running,
     ):
         for rep in range(plan.repeats):

@@ -75,10 +75,14 @@ def bench_relay(mb: int, repeats: int, as_json: bool) -> None:
 @click.option("--small-files", type=click.IntRange(1, 1_000_000), default=None, help="Number of ~100 KiB files.")
 @click.option("--large-files", type=click.IntRange(1, 1000), default=None, help="Number of large volumes.")
 @click.option("--large-mb", type=click.IntRange(1, 4096), default=None, help="Size of each large volume, MiB.")
+@click.option("--network", type=click.Choice(["auto", "loopback", "sites"]), default="auto", show_default=True,
+              help="sites: readers at hpc, gateway at gw, servers at platform (network namespaces, root); "
+              "loopback: all on 127.0.0.1; auto: sites where namespaces can be made.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a chart (PNG).")
 def bench_io(quick: bool, rtts: str, repeats: int | None, server_workers: int | None, small_files: int | None,
-             large_files: int | None, large_mb: int | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
+             large_files: int | None, large_mb: int | None, network: str, as_json: bool,
+             plot: Path | None) -> None:  # fmt: skip
     """Read the same data by every path in one run: local disk, sshfs default/tuned, native loader, shards."""
     import dataclasses
 
@@ -98,7 +102,8 @@ def bench_io(quick: bool, rtts: str, repeats: int | None, server_workers: int | 
         if value:
             changes[key] = value
     plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
-    result = io.run(plan, progress=(lambda m: None) if as_json else (lambda m: output.err.print(m, highlight=False)))
+    say = (lambda m: None) if as_json else (lambda m: output.err.print(m, highlight=False))
+    result = io.run(plan, progress=say, network=network)
     if plot is not None:
         io.plot(result, plot)
     if as_json:
@@ -110,7 +115,7 @@ def bench_io(quick: bool, rtts: str, repeats: int | None, server_workers: int | 
          "/".join(str(r["cpu_s"][k]) for k in io.CPU_PARTS))
         for r in result["rows"]
     ]  # fmt: skip
-    output.table("bench io (medians)", columns, rows)
+    output.table(f"bench io (medians, {result['network']})", columns, rows)
 
 
 def _counts(text: str) -> tuple[int, ...]:

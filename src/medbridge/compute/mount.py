@@ -47,7 +47,8 @@ def unmount(path: Path, *, lazy_if_busy: bool = True) -> bool:
 class Mount:
     """``sshfs -f`` of the job's view at ``mountpoint``."""
 
-    def __init__(self, mountpoint: Path, ssh_config: Path, host_alias: str, *, timeout: float = 30, remote: str = "/"):
+    def __init__(self, mountpoint: Path, ssh_config: Path, host_alias: str, *, timeout: float = 30, remote: str = "/",
+                 ssh_command: str | None = None):  # fmt: skip
         if shutil.which("sshfs") is None:
             raise JobFailed("sshfs is missing (apt-get install sshfs)")
         if not os.path.exists("/dev/fuse"):
@@ -66,6 +67,7 @@ class Mount:
             str(self.mountpoint),
             "-o",
             ",".join(SSHFS_OPTIONS),
+            *(["-o", f"ssh_command={ssh_command}"] if ssh_command else []),  # e.g. ssh from another namespace
         ]
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
