@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from medbridge.bench.io import _cpu_session, _cpu_tree
 from medbridge.testing.netns import available
 
 
@@ -80,3 +84,27 @@ def test_bench_io_sites_without_namespaces_is_a_clear_error(monkeypatch: pytest.
     with pytest.raises(InvalidInput, match=r"^--network sites: needs root for network namespaces$"):
         network.choose("sites", Path("/nonexistent"))
     assert isinstance(network.choose("auto", Path("/nonexistent")), network.Loopback)
+
+
+def test_a_readers_cpu_counts_what_it_detached() -> None:
+    """sshfs double-forks its ssh (its parent becomes init): counted by session, which a detached child keeps."""
+    script = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    if os.fork() == 0:\n"
+        "        t = time.process_time()\n"
+        "        while time.process_time() - t < 0.5: pass\n"
+        "        time.sleep(30)\n"
+        "    os._exit(0)\n"
+        "time.sleep(30)\n"
+    )
+    leader = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while _cpu_session(leader.pid) < 0.45 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _cpu_session(leader.pid) >= 0.45
+        assert _cpu_tree(leader.pid) < 0.3, "the detached child is outside the leader's tree"
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)  # the leader's own group: it, and the child it detached
+        leader.wait()

@@ -66,18 +66,39 @@ _cpu = processes.cpu_seconds
 
 
 def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants: the children of every thread (sshfs starts its ssh from a worker thread)."""
     out = [pid]
     try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
-    for c in children:
-        out += _tree(int(c))
+    for task in tasks:
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except OSError:
+            continue
+        for c in children:
+            out += _tree(int(c))
     return out
 
 
 def _cpu_tree(pid: int) -> float:
     return sum(_cpu(p) for p in _tree(pid))
+
+
+def _cpu_session(sid: int) -> float:
+    """CPU of every process in session ``sid``: sshfs (started as a session leader) detaches its ssh
+    processes from its tree (their parent is init) but not from its session."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                session = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[3])
+            except (OSError, IndexError, ValueError):
+                continue
+            if session == sid:
+                total += _cpu(int(entry))
+    return total
 
 
 class OpenSSH:
@@ -315,7 +336,7 @@ def _mounts(world: World, plan: Plan, rtt: float, cfg: Path, peer: tuple[Path, l
         point = world.root / f"mnt-default-{int(rtt)}"
         point.mkdir()
         cmd = ["sshfs", "-f", "-F", str(cfg), "medbridge:/", str(point), *(["-o", f"ssh_command={ssh}"] if ssh else [])]
-        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, start_new_session=True)  # its ssh: in its session
         stack.callback(processes.stop, proc, timeout=10)
         stack.callback(unmount, point)
         for _ in range(500):
@@ -337,11 +358,11 @@ def _mounts(world: World, plan: Plan, rtt: float, cfg: Path, peer: tuple[Path, l
 
 def _timed(read: Callable[[], int], mount: tuple[Path, Any] | None) -> tuple[float, int, float]:
     """Seconds, bytes and client CPU of one read here: this process's, and the sshfs (and its ssh) it went through."""
-    cpu0 = time.process_time() + (_cpu_tree(mount[1].pid) if mount else 0.0)
+    cpu0 = time.process_time() + (_cpu_session(mount[1].pid) if mount else 0.0)
     start = time.perf_counter()
     nbytes = read()
     seconds = time.perf_counter() - start
-    return seconds, nbytes, time.process_time() + (_cpu_tree(mount[1].pid) if mount else 0.0) - cpu0
+    return seconds, nbytes, time.process_time() + (_cpu_session(mount[1].pid) if mount else 0.0) - cpu0
 
 
 def _reader(path: str, data: str, names: list[str], local: dict[str, list[Path]],
