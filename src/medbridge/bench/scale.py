@@ -171,13 +171,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
         sel = sorted((r for r in rows if r["data"] == data), key=lambda r: r["workers"])
         key = "mb_per_s" if data == "large" else "files_per_s"
         ns = [r["workers"] for r in sel]
-        ax.plot(ns, [r[key] for r in sel], "o-", color="#4c72b0", label="measured")
+        ax.plot(ns, [r[key] for r in sel], "-", color="#4c72b0")
+        for free in (True, False):
+            pts = [(r["workers"], r[key]) for r in sel if r["cores_free"] is free]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o", color="#4c72b0", fillstyle="full" if free else "none",
+                        label="measured" if free else "measured, cores not free")  # fmt: skip
         one = next((r[key] for r in sel if r["workers"] == 1), None)
         if one is not None:
             ax.plot(ns, [one * n for n in ns], "--", color="#999999", label="N x one worker")
         if data in TARGETS:
             ax.axhline(TARGETS[data][1], color="#c44e52", linestyle=":", label="GPU-host target")
         ax.set_title(f"{data}: N workers + N clients")
+        ax.set_xticks(ns)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("N")
         ax.set_ylabel("MB/s" if data == "large" else "samples/s")
         ax.legend(fontsize=8)
