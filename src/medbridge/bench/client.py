@@ -54,7 +54,11 @@ class Client:
         cmd = [*prefix, sys.executable, "-m", "medbridge.bench.client"]
         pipe = subprocess.PIPE
         self.proc = subprocess.Popen(cmd, stdin=pipe, stdout=pipe, stderr=self.err, text=True)
-        self.send(json.dumps(spec))
+        try:
+            self.send(json.dumps(spec))
+        except BaseException:
+            self.close()
+            raise
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,12 +32,12 @@ import asyncssh
 
 from medbridge import processes
 from medbridge.bench import client
-from medbridge.bench.network import Loopback, Network, choose
+from medbridge.bench.network import Loopback, Network, choose, first_line
 from medbridge.compute.mount import Mount, unmount
 from medbridge.compute.session import Endpoint
 from medbridge.config import Home
 from medbridge.control.store import Store
-from medbridge.errors import PlatformUnavailable
+from medbridge.errors import JobFailed
 from medbridge.platform.keys import fingerprint, public_line
 from medbridge.platform.storage import add_dataset, init_home, pack_dataset
 
@@ -66,7 +66,8 @@ _cpu = processes.cpu_seconds
 
 
 def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants: the children of every thread (sshfs starts its ssh from a worker thread)."""
+    """``pid`` and its descendants, following the children of every thread (a child is listed under the thread
+    that forked it)."""
     out = [pid]
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -196,12 +197,10 @@ class World:
         cmd = [*self.net.prefix("platform"), sys.executable, "-m", "medbridge", "platform", "serve", "--home",
                str(self.home.root), "--listen", f"{host}:0", "--workers", str(workers),
                *self.net.serve_args]  # fmt: skip
-        self.server = server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        if f"listening on {host}:" not in line:
-            self.stop_server()
-            raise PlatformUnavailable(f"the benchmark's platform did not start (workers={workers})")
+        log = self.root / "platform.log"
+        with open(log, "wb") as err:
+            self.server = server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        line = first_line(server, f"listening on {host}:", f"the benchmark's platform (workers={workers})", log)
         self.port = int(line.split(f"listening on {host}:")[1].split()[0])
         self.fingerprint = line.split("host key ")[1].split()[0]
 
@@ -277,7 +276,7 @@ def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, loca
              peer: tuple[Path, list[int]] | None) -> list[dict[str, Any]]:  # fmt: skip
     samples: dict[tuple[str, str], list[tuple[float, int, dict[str, float]]]] = {}
     with contextlib.ExitStack() as stack:
-        mounts = _mounts(world, plan, rtt, cfg, peer, stack)
+        mounts = _mounts(world, plan, cfg, peer, stack)
         kinds = [
             k for p, k in (("native", "small"), ("native", "large"), ("native-shards", "shards")) if p in plan.paths
         ]
@@ -327,30 +326,33 @@ def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, loca
     return rows
 
 
-def _mounts(world: World, plan: Plan, rtt: float, cfg: Path, peer: tuple[Path, list[int]] | None,
+def _mounts(world: World, plan: Plan, cfg: Path, peer: tuple[Path, list[int]] | None,
             stack: contextlib.ExitStack) -> dict[str, tuple[Path, Any]]:  # fmt: skip
     """The sshfs mounts this round trip's paths read through; each is undone by ``stack``."""
     mounts: dict[str, tuple[Path, Any]] = {}
     ssh = world.net.ssh_command
     if "sshfs-default" in plan.paths:
-        point = world.root / f"mnt-default-{int(rtt)}"
-        point.mkdir()
+        point = Path(tempfile.mkdtemp(prefix="mnt-default-", dir=world.root))
+        log = point.with_suffix(".log")
         cmd = ["sshfs", "-f", "-F", str(cfg), "medbridge:/", str(point), *(["-o", f"ssh_command={ssh}"] if ssh else [])]
-        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, start_new_session=True)  # its ssh: in its session
+        with open(log, "wb") as err:  # its ssh: in its session (start_new_session), for the CPU count
+            proc = subprocess.Popen(cmd, stderr=err, start_new_session=True)
         stack.callback(processes.stop, proc, timeout=10)
         stack.callback(unmount, point)
-        for _ in range(500):
-            if os.path.ismount(point):
-                break
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(point):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                said = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+                raise JobFailed(f"sshfs (default options) could not mount: {said[-1] if said else 'timed out'}")
             time.sleep(0.02)
         mounts["sshfs-default"] = (point, proc)
     if "sshfs-tuned" in plan.paths:
-        m = Mount(world.root / f"mnt-tuned-{int(rtt)}", cfg, "medbridge", ssh_command=ssh)
+        m = Mount(Path(tempfile.mkdtemp(prefix="mnt-tuned-", dir=world.root)), cfg, "medbridge", ssh_command=ssh)
         stack.callback(m.close)
         mounts["sshfs-tuned"] = (m.mountpoint, m)
     if peer is not None and world.openssh is not None:
-        m = Mount(world.root / f"mnt-openssh-{int(rtt)}", peer[0], "openssh", remote=str(world.home.datasets),
-                  ssh_command=ssh)  # fmt: skip
+        m = Mount(Path(tempfile.mkdtemp(prefix="mnt-openssh-", dir=world.root)), peer[0], "openssh",
+                  remote=str(world.home.datasets), ssh_command=ssh)  # fmt: skip
         stack.callback(m.close)
         mounts["openssh-sftp-server"] = (m.mountpoint, m)
     return mounts
@@ -358,11 +360,12 @@ def _mounts(world: World, plan: Plan, rtt: float, cfg: Path, peer: tuple[Path, l
 
 def _timed(read: Callable[[], int], mount: tuple[Path, Any] | None) -> tuple[float, int, float]:
     """Seconds, bytes and client CPU of one read here: this process's, and the sshfs (and its ssh) it went through."""
-    cpu0 = time.process_time() + (_cpu_session(mount[1].pid) if mount else 0.0)
+    cpu0 = (_cpu_session(mount[1].pid) if mount else 0.0) + time.process_time()  # the /proc scan outside the window
     start = time.perf_counter()
     nbytes = read()
     seconds = time.perf_counter() - start
-    return seconds, nbytes, time.process_time() + (_cpu_session(mount[1].pid) if mount else 0.0) - cpu0
+    cpu1 = time.process_time() + (_cpu_session(mount[1].pid) if mount else 0.0)
+    return seconds, nbytes, cpu1 - cpu0
 
 
 def _reader(path: str, data: str, names: list[str], local: dict[str, list[Path]],
@@ -377,10 +380,6 @@ def _reader(path: str, data: str, names: list[str], local: dict[str, list[Path]]
         return lambda: _read_files(files, 1)
     os.listdir(folder)  # sshfs at its best: one listing first, then many threads
     return lambda: _read_files(files, 32)
-
-
-def _total(blobs: Iterator[bytearray]) -> int:
-    return sum(len(b) for b in blobs)
 
 
 def _machine() -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import select
 import shutil
@@ -35,18 +36,22 @@ from medbridge.compute.session import Endpoint, endpoint_from_job
 from medbridge.errors import InvalidInput, PlatformUnavailable
 from medbridge.testing import netns
 
+log = logging.getLogger("medbridge.bench")
+
 NETWORKS = ("auto", "loopback", "sites")
 _JOB_PAYLOAD = "import json, os, sys; print(json.dumps(dict(os.environ)), flush=True); sys.stdin.read()"
 
 
-def _first_line(proc: subprocess.Popen[str], words: str, what: str, timeout: float = 60) -> str:
-    """The first line ``proc`` prints, which must contain ``words``; else a clear error."""
+def first_line(proc: subprocess.Popen[str], words: str, what: str, log: Path | None = None,
+                timeout: float = 60) -> str:  # fmt: skip
+    """The first line ``proc`` prints, which must contain ``words``; else stop it and say why (its log's last line)."""
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     line = proc.stdout.readline() if ready else ""
     if words not in line:
         processes.stop(proc, timeout=10)
-        raise PlatformUnavailable(f"{what} did not start: {line.strip() or 'no answer'}")
+        said = [x for x in log.read_text(errors="replace").splitlines() if x.strip()] if log and log.exists() else []
+        raise PlatformUnavailable(f"{what} did not start: {(said[-1] if said else line.strip()) or 'no answer'}")
     return line
 
 
@@ -61,7 +66,7 @@ def relay(port: int, rtt_ms: float, host: str = "127.0.0.1", prefix: Sequence[st
            f"{host}:{port}", "--delay-ms", str(rtt_ms / 2)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        line = _first_line(proc, "delay relay", "the delay relay")
+        line = first_line(proc, "delay relay", "the delay relay")
         yield int(line.split()[2].rsplit(":", 1)[1]), proc.pid
     finally:
         processes.stop(proc, timeout=10)
@@ -120,7 +125,12 @@ class ThreeSites:
 
     def __init__(self, root: Path):
         self.root = root
-        self.sites = netns.Sites().start()
+        try:
+            self.sites = netns.Sites().start()  # removes what it made if it fails
+        except subprocess.CalledProcessError as exc:
+            err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr or "")
+            why = err.strip().splitlines()[-1] if err.strip() else str(exc)
+            raise PlatformUnavailable(f"the three sites could not be built: {why}") from exc
         self.server_host = self.sites.platform
         self.serve_args = ("--trusted-proxy", f"{self.sites.gw_platform_side}/32")
         self.ssh_command = f"ip netns exec {self.sites.ns['hpc']} ssh"
@@ -139,11 +149,12 @@ class ThreeSites:
             cfg = self.root / f"gateway-{listen}.toml"
             cfg.write_text(f'[[route]]\nname = "bench"\nlisten = "{s.gw_hpc_side}:{listen}"\nbackends = ["{backend}"]\n'
                            f'allow = ["{s.node}/32"]\nproxy_protocol = {"true" if proxy else "false"}\n')  # fmt: skip
-            gw = subprocess.Popen([*self.prefix("gw"), sys.executable, "-m", "medbridge", "gateway", "serve",
-                                   "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                  text=True)  # fmt: skip
+            log = cfg.with_suffix(".log")
+            with open(log, "wb") as err:
+                cmd = [*self.prefix("gw"), sys.executable, "-m", "medbridge", "gateway", "serve", "--config", str(cfg)]
+                gw = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
             try:
-                _first_line(gw, "route bench", "the gateway")
+                first_line(gw, "route bench", "the gateway", log)
                 yield s.gw_hpc_side, listen, [gw.pid, *([pid] if pid else [])]
             finally:
                 processes.stop(gw, timeout=10)
@@ -157,14 +168,20 @@ class ThreeSites:
         key_file.write_bytes(key.export_private_key())
         key_file.chmod(0o600)
         work = Path(tempfile.mkdtemp(prefix="medbridge-bench-work-", dir=self.root))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MEDBRIDGE_")}
+        # Not the job this process may run in: no Slurm id, its state kept here (not in the node's spool, where
+        # the enclosing job's is), nothing of ours (under $TMPDIR, say) to scan or purge at its end, and its
+        # agent's socket in the default temporary folder (a short path).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDBRIDGE_", "SLURM_")) and k != "TMPDIR"}
+        env["MEDBRIDGE_STATE_DIR"] = str(work)
         cmd = [*self.prefix("hpc"), sys.executable, "-m", "medbridge", "job", "run", "--platform", f"{host}:{port}",
-               "--key", str(key_file), "--user", "bench", "--host-key-fingerprint", fingerprint, "--",
-               sys.executable, "-c", _JOB_PAYLOAD]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True, cwd=work, env=env)  # fmt: skip
+               "--key", str(key_file), "--user", "bench", "--host-key-fingerprint", fingerprint, "--job-id",
+               f"bench-{port}", "--no-purge", "--", sys.executable, "-c", _JOB_PAYLOAD]  # fmt: skip
+        log = work.with_suffix(".log")
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                    cwd=work, env=env)  # fmt: skip
         try:
-            job_env = json.loads(_first_line(proc, "MEDBRIDGE_PLATFORM", "the benchmark's job"))
+            job_env = json.loads(first_line(proc, "MEDBRIDGE_PLATFORM", "the benchmark's job", log))
             yield endpoint_from_job(job_env), Path(job_env["MEDBRIDGE_SSH_CONFIG"])
         finally:
             assert proc.stdin is not None and proc.stdout is not None
@@ -189,4 +206,12 @@ def choose(name: str, root: Path) -> Network:
     why = netns.available() if name != "loopback" else None
     if name == "sites" and why is not None:
         raise InvalidInput(f"--network sites: {why}")
-    return Loopback() if name == "loopback" or why is not None else ThreeSites(root)
+    if name == "loopback" or why is not None:
+        return Loopback()
+    try:
+        return ThreeSites(root)
+    except PlatformUnavailable as exc:
+        if name == "sites":
+            raise
+        log.warning("%s; measuring on loopback", exc)
+        return Loopback()
