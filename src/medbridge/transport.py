@@ -17,6 +17,7 @@ this lays each packet out once and seals it straight into the buffer that is sen
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import os
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 log = logging.getLogger("medbridge.transport")
 
 
-class PassJoiner:
+class PassJoiner(abc.ABC):
     """Holds what one event-loop pass writes to ``target`` and hands it on joined, once, after the pass.
 
     Order is kept; nothing waits beyond the current pass, nor past ``limit`` held bytes
@@ -62,8 +63,9 @@ class PassJoiner:
         if parts:
             self._deliver(parts[0] if len(parts) == 1 else b"".join(parts), len(parts))
 
+    @abc.abstractmethod
     def _deliver(self, data: bytes, writes: int) -> None:
-        raise NotImplementedError
+        """Hand on one joined write of ``writes`` parts."""
 
     def write_eof(self) -> None:
         self.flush()

@@ -33,11 +33,10 @@ import asyncssh
 from medbridge import processes
 from medbridge.bench import client
 from medbridge.bench.network import Loopback, Network, choose, first_line
-from medbridge.compute.mount import Mount, unmount
+from medbridge.compute.mount import SSHFS_OPTIONS, Mount
 from medbridge.compute.session import Endpoint
 from medbridge.config import Home
 from medbridge.control.store import Store
-from medbridge.errors import JobFailed
 from medbridge.platform.keys import fingerprint, public_line
 from medbridge.platform.storage import add_dataset, init_home, pack_dataset
 
@@ -327,53 +326,37 @@ def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, loca
 
 
 def _mounts(world: World, plan: Plan, cfg: Path, peer: tuple[Path, list[int]] | None,
-            stack: contextlib.ExitStack) -> dict[str, tuple[Path, Any]]:  # fmt: skip
+            stack: contextlib.ExitStack) -> dict[str, Mount]:  # fmt: skip
     """The sshfs mounts this round trip's paths read through; each is undone by ``stack``."""
-    mounts: dict[str, tuple[Path, Any]] = {}
-    ssh = world.net.ssh_command
-    if "sshfs-default" in plan.paths:
-        point = Path(tempfile.mkdtemp(prefix="mnt-default-", dir=world.root))
-        log = point.with_suffix(".log")
-        cmd = ["sshfs", "-f", "-F", str(cfg), "medbridge:/", str(point), *(["-o", f"ssh_command={ssh}"] if ssh else [])]
-        with open(log, "wb") as err:  # its ssh: in its session (start_new_session), for the CPU count
-            proc = subprocess.Popen(cmd, stderr=err, start_new_session=True)
-        stack.callback(processes.stop, proc, timeout=10)
-        stack.callback(unmount, point)
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(point):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                said = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
-                raise JobFailed(f"sshfs (default options) could not mount: {said[-1] if said else 'timed out'}")
-            time.sleep(0.02)
-        mounts["sshfs-default"] = (point, proc)
-    if "sshfs-tuned" in plan.paths:
-        m = Mount(Path(tempfile.mkdtemp(prefix="mnt-tuned-", dir=world.root)), cfg, "medbridge", ssh_command=ssh)
-        stack.callback(m.close)
-        mounts["sshfs-tuned"] = (m.mountpoint, m)
+    wanted = [("sshfs-default", cfg, "medbridge", "/", ()), ("sshfs-tuned", cfg, "medbridge", "/", SSHFS_OPTIONS)]
     if peer is not None and world.openssh is not None:
-        m = Mount(Path(tempfile.mkdtemp(prefix="mnt-openssh-", dir=world.root)), peer[0], "openssh",
-                  remote=str(world.home.datasets), ssh_command=ssh)  # fmt: skip
-        stack.callback(m.close)
-        mounts["openssh-sftp-server"] = (m.mountpoint, m)
+        wanted.append(("openssh-sftp-server", peer[0], "openssh", str(world.home.datasets), SSHFS_OPTIONS))
+    mounts: dict[str, Mount] = {}
+    for path, config, alias, remote, options in wanted:
+        if path in plan.paths:
+            point = Path(tempfile.mkdtemp(prefix=f"mnt-{path}-", dir=world.root))
+            mounts[path] = m = Mount(point, config, alias, remote=remote, ssh_command=world.net.ssh_command,
+                                     options=options)  # fmt: skip
+            stack.callback(m.close)
     return mounts
 
 
-def _timed(read: Callable[[], int], mount: tuple[Path, Any] | None) -> tuple[float, int, float]:
+def _timed(read: Callable[[], int], mount: Mount | None) -> tuple[float, int, float]:
     """Seconds, bytes and client CPU of one read here: this process's, and the sshfs (and its ssh) it went through."""
-    cpu0 = (_cpu_session(mount[1].pid) if mount else 0.0) + time.process_time()  # the /proc scan outside the window
+    cpu0 = (_cpu_session(mount.pid) if mount else 0.0) + time.process_time()  # the /proc scan outside the window
     start = time.perf_counter()
     nbytes = read()
     seconds = time.perf_counter() - start
-    cpu1 = time.process_time() + (_cpu_session(mount[1].pid) if mount else 0.0)
+    cpu1 = time.process_time() + (_cpu_session(mount.pid) if mount else 0.0)
     return seconds, nbytes, cpu1 - cpu0
 
 
 def _reader(path: str, data: str, names: list[str], local: dict[str, list[Path]],
-            mounts: dict[str, Any]) -> Callable[[], int]:  # fmt: skip
+            mounts: dict[str, Mount]) -> Callable[[], int]:  # fmt: skip
     """How ``path`` reads the ``data`` files through a mount (or local disk): a function giving the byte count."""
     if path == "local":
         return lambda: _read_files(local[data], 1)
-    point = mounts[path][0]
+    point = mounts[path].mountpoint
     folder = point / data if path == "openssh-sftp-server" else point / "datasets" / data
     files = [folder / n for n in names]
     if path == "sshfs-default":

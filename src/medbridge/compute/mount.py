@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from medbridge import processes
@@ -48,7 +49,7 @@ class Mount:
     """``sshfs -f`` of the job's view at ``mountpoint``."""
 
     def __init__(self, mountpoint: Path, ssh_config: Path, host_alias: str, *, timeout: float = 30, remote: str = "/",
-                 ssh_command: str | None = None):  # fmt: skip
+                 ssh_command: str | None = None, options: Sequence[str] = SSHFS_OPTIONS):  # fmt: skip
         if shutil.which("sshfs") is None:
             raise JobFailed("sshfs is missing (apt-get install sshfs)")
         if not os.path.exists("/dev/fuse"):
@@ -65,8 +66,7 @@ class Mount:
             str(ssh_config),
             f"{host_alias}:{remote}",
             str(self.mountpoint),
-            "-o",
-            ",".join(SSHFS_OPTIONS),
+            *(["-o", ",".join(options)] if options else []),  # none: sshfs as the original system ran it
             *(["-o", f"ssh_command={ssh_command}"] if ssh_command else []),  # e.g. ssh from another namespace
         ]
         self._proc = subprocess.Popen(
