@@ -8,6 +8,7 @@ removes.  Needs root and Debian's ``slurmctld slurmd slurm-client munge``
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import grp
 import os
 import pwd
@@ -26,6 +27,9 @@ PARTITION = "bridge"
 ALLOWED_GROUP = "mbbridge"
 JOB_USER = "mbjob"
 OUTSIDER = "mboutsider"
+#: Held while a cluster runs: its Unix users and node name are machine-wide, so two test
+#: runs on one machine (parallel checkouts) take turns instead of deleting each other's users.
+LOCK_FILE = Path("/run/lock/medbridge-test-slurm.lock")
 
 
 def available() -> str | None:
@@ -67,6 +71,7 @@ class SlurmCluster:
         self._pids: dict[str, int] = {}
         self._created_users: list[str] = []
         self._created_groups: list[str] = []
+        self._lock: int | None = None
 
     # -- users ------------------------------------------------------------------------
 
@@ -160,6 +165,9 @@ class SlurmCluster:
         self._procs.append(proc)
 
     def start(self) -> SlurmCluster:
+        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)  # waits for another checkout's cluster on this machine
         try:
             self._ensure_group(ALLOWED_GROUP)
             self._ensure_user(JOB_USER, [ALLOWED_GROUP])
@@ -196,6 +204,9 @@ class SlurmCluster:
             subprocess.run(["groupdel", group], capture_output=True)
         self._created_users.clear()
         self._created_groups.clear()
+        if self._lock is not None:
+            os.close(self._lock)  # closing releases the flock
+            self._lock = None
 
     # -- jobs -------------------------------------------------------------------------
 
@@ -261,7 +272,7 @@ def job_python(base: Path) -> Iterator[tuple[str, dict[str, str]]]:
     checkout = src.parent
     exe = Path(sys.executable)
     if not _hidden_from_jobs(checkout) and not _hidden_from_jobs(exe):
-        yield sys.executable, {}
+        yield sys.executable, {"PYTHONPATH": str(src)}  # this checkout's code, even beside another's install
         return
     if checkout not in exe.parents:
         raise RuntimeError(f"{exe} is under /tmp outside the checkout; jobs in a private /tmp cannot run it")
