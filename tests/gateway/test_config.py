@@ -33,6 +33,7 @@ def test_good_config() -> None:
     assert prod.name == "production" and prod.proxy_protocol and len(prod.backends) == 2
     assert prod.admits("10.1.0.7") and not prod.admits("10.2.0.7") and not prod.admits("not-an-ip")
     assert exp.idle_timeout == 60 and not exp.proxy_protocol and exp.admits("fd00::7")
+    assert prod.banner_timeout == 5.0 and prod.max_per_source == 256, "the documented defaults"
     assert cfg.metrics is not None and cfg.metrics.port == 9101
 
 
@@ -49,6 +50,9 @@ def test_good_config() -> None:
         ("[metrics]\nlisten = '127.0.0.1:1'\n", "at least one [[route]]"),
         ("[[route]\n", "gateway config"),
         (GOOD + "\n[extra]\n", "unknown key 'extra'"),
+        (GOOD.replace("idle_timeout = 60", "max_per_source = 0"), "route[1].max_per_source: must be a positive"),
+        (GOOD.replace("idle_timeout = 60", "max_per_source = 2.5"), "route[1].max_per_source: must be a positive"),
+        (GOOD.replace("idle_timeout = 60", "banner_timeout = 0"), "route[1].banner_timeout"),
     ],
     ids=[
         "typo",
@@ -61,6 +65,9 @@ def test_good_config() -> None:
         "no-routes",
         "toml",
         "extra-table",
+        "per-source-zero",
+        "per-source-fraction",
+        "banner-timeout",
     ],
 )
 def test_bad_config_names_the_key(text: str, words: str) -> None:

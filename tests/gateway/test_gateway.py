@@ -8,7 +8,9 @@ namespaces (tests/gateway/test_three_sites.py does it across real network namesp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -16,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncssh
@@ -316,3 +318,126 @@ def test_idle_connections_are_closed(gateway: Gateway) -> None:
     while gateway.open_links and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gateway.open_links == 0
+
+
+def until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait for an event the gateway reports (a counter, a gauge); the timeout only bounds a hang."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def limited(cfg: str, **keys: object) -> str:
+    extra = "".join(f"\n{k} = {v}" for k, v in keys.items())
+    return cfg.replace("connect_timeout = 2", f"connect_timeout = 2{extra}")
+
+
+def test_a_stalled_ssh_banner_is_dropped_and_counted(bound_platform: RunningPlatform, gateway: Gateway) -> None:
+    """'SSH-' and then nothing: dropped after banner_timeout, never relayed to the platform."""
+    gateway.apply(parse(limited(config(("prod", [bound_platform.address], "127.0.0.0/8", True)), banner_timeout=1)))
+    m = gateway.metrics
+    with socket.create_connection(("127.0.0.1", gateway.port("prod")), timeout=20, source_address=(NODE, 0)) as c:
+        c.sendall(b"SSH-")
+        until(lambda: m.value("medbridge_gateway_pending_connections", route="prod") == 1, "the banner wait")
+        assert closed_by_peer(c)
+    assert m.value("medbridge_gateway_connections_total", route="prod", outcome="banner_timeout") == 1
+    assert m.value("medbridge_gateway_connections_total", route="prod", outcome="accepted") == 0
+    assert m.value("medbridge_gateway_pending_connections", route="prod") == 0
+
+
+def test_connections_per_source_are_capped_and_counted(bound_platform: RunningPlatform, gateway: Gateway) -> None:
+    gateway.apply(parse(limited(config(("prod", [bound_platform.address], "127.0.0.0/8", True)), max_per_source=3)))
+    m, port = gateway.metrics, gateway.port("prod")
+
+    def pending() -> float:
+        return m.value("medbridge_gateway_pending_connections", route="prod")
+
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(NODE, 0)) for _ in range(3)]
+    try:
+        for s in stalled:
+            s.sendall(b"SSH-2.0-")
+        until(lambda: pending() == 3, "three connections waiting")
+        with socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(NODE, 0)) as fourth:
+            assert closed_by_peer(fourth)
+        assert m.value("medbridge_gateway_connections_total", route="prod", outcome="refused_per_source") == 1
+        assert banner_through(port, OTHER_NODE) == b"SSH-", "other sources are served"
+    finally:
+        for s in stalled:
+            s.close()
+    until(lambda: pending() == 0, "the stalled connections to end")
+    assert asyncio.run(read_via(bound_platform, port, NODE)) == CHEST["scan-002.bin"], "places are given back"
+
+
+def banner_through(port: int, source: str) -> bytes:
+    """Send an SSH identification through the gateway from ``source``; the backend's first bytes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0)) as c:
+        c.sendall(b"SSH-2.0-test\r\n")
+        return c.recv(4)
+
+
+def test_descriptors_above_1023_are_served(bound_platform: RunningPlatform, gateway: Gateway) -> None:
+    """select() fails past descriptor 1023; the gateway must not care which numbers it gets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard descriptor limit ({hard}) leaves no room above 1023")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if soft != resource.RLIM_INFINITY else soft, hard))
+    filler: list[int] = []
+    try:
+        while not filler or filler[-1] < 1030:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        gateway.apply(parse(config(("prod", [bound_platform.address], "127.0.0.0/8", True))))
+        assert banner_through(gateway.port("prod"), NODE) == b"SSH-", "the platform's banner, through the gateway"
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_descriptor_exhaustion_is_refused_counted_and_survived(tmp_path: Path) -> None:
+    """The issue's attack: 200 stalled 'SSH-' connections from an allowed node against a gateway
+    limited to 64 descriptors.  The excess is refused and counted, the stalled ones are dropped,
+    and afterwards a job reads through the same route."""
+    p = RunningPlatform(tmp_path, trusted_proxies=["127.0.0.1/32"])
+    p.add_user("alice")
+    p.add_dataset("chest", CHEST)
+    p.grant("alice", "chest")
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(limited(config(("prod", ["PLATFORM"], "127.0.0.0/8", True), metrics=True), banner_timeout=2))
+    with p:
+        cfg.write_text(cfg.read_text().replace("PLATFORM", p.address))
+        cmd = ["prlimit", "--nofile=64:64", sys.executable, "-m", "medbridge", "gateway", "serve", "--config", str(cfg)]
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as gw:
+            try:
+                assert gw.stdout is not None
+                port = int(gw.stdout.readline().split(" -> ")[0].rsplit(":", 1)[1])
+                metrics_url = gw.stdout.readline().split()[-1]
+                flood = [
+                    socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(NODE, 0))
+                    for _ in range(200)
+                ]
+                try:
+                    for s in flood:
+                        with contextlib.suppress(OSError):  # refused ones may already be closed
+                            s.sendall(b"SSH-")
+                    assert all(closed_by_peer(s) for s in flood), "every stalled connection is dropped"
+                finally:
+                    for s in flood:
+                        s.close()
+                assert asyncio.run(asyncio.wait_for(read_via(p, port, NODE), 60)) == CHEST["scan-002.bin"]
+                body = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+            finally:
+                gw.terminate()
+                _, err = gw.communicate(timeout=20)
+    counts = {
+        outcome: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        for outcome in ("refused_descriptors", "banner_timeout", "accepted")
+        if line.startswith(f'medbridge_gateway_connections_total{{outcome="{outcome}",route="prod"}}')
+    }
+    assert counts.get("refused_descriptors", 0) > 0, body
+    assert counts.get("banner_timeout", 0) > 0, body
+    assert counts["refused_descriptors"] + counts["banner_timeout"] == 200
+    assert counts["accepted"] == 2, "issuer and data connections of the job"
+    assert 'medbridge_gateway_accept_errors_total{error="EMFILE",route="prod"}' in body
+    assert "out of descriptors (EMFILE)" in err

@@ -7,6 +7,8 @@
     allow = ["10.1.0.0/24"]
     proxy_protocol = true
     idle_timeout = 3600
+    banner_timeout = 5
+    max_per_source = 256
 
     [metrics]
     listen = "127.0.0.1:9101"
@@ -46,6 +48,10 @@ class RouteConfig:
     idle_timeout: float = 3600.0
     connect_timeout: float = 5.0
     require_ssh: bool = True
+    #: Seconds a client has to send its whole SSH identification line before it is dropped.
+    banner_timeout: float = 5.0
+    #: Connections at once from one source address (waiting for their banner or relayed).
+    max_per_source: int = 256
 
     def admits(self, host: str) -> bool:
         try:
@@ -62,7 +68,7 @@ class GatewayConfig:
 
 
 _ROUTE_KEYS = {"name", "listen", "backends", "allow", "proxy_protocol", "idle_timeout", "connect_timeout",
-               "require_ssh"}  # fmt: skip
+               "require_ssh", "banner_timeout", "max_per_source"}  # fmt: skip
 _METRICS_KEYS = {"listen"}
 
 
@@ -91,6 +97,13 @@ def _number(table: Mapping[str, Any], key: str, default: float, where: str) -> f
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise InvalidInput(f"{where}.{key}: must be a positive number of seconds")
     return float(value)
+
+
+def _count(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidInput(f"{where}.{key}: must be a positive whole number")
+    return value
 
 
 def _route(table: object, index: int) -> RouteConfig:
@@ -127,6 +140,8 @@ def _route(table: object, index: int) -> RouteConfig:
         idle_timeout=_number(table, "idle_timeout", 3600.0, where),
         connect_timeout=_number(table, "connect_timeout", 5.0, where),
         require_ssh=bool(table.get("require_ssh", True)),
+        banner_timeout=_number(table, "banner_timeout", 5.0, where),
+        max_per_source=_count(table, "max_per_source", 256, where),
     )
 
 

@@ -44,14 +44,37 @@ class Link:
         self._left = 2
         self._lock = threading.Lock()
         self.reason = "closed"
+        #: Each direction's pipe, made here so that a process out of descriptors fails before
+        #: anything starts (the caller refuses the connection) rather than inside a pump.
+        self._pipes: list[tuple[int, int]] = []
+        try:
+            for _ in range(2):
+                self._pipes.append(os.pipe())
+        except OSError:
+            for r, w in self._pipes:
+                os.close(r)
+                os.close(w)
+            raise
         self.threads = [
-            threading.Thread(target=self._pump, args=(client, backend, "up"), daemon=True, name="relay-up"),
-            threading.Thread(target=self._pump, args=(backend, client, "down"), daemon=True, name="relay-down"),
-        ]
+            threading.Thread(target=self._pump, args=(client, backend, "up", *self._pipes[0]), daemon=True,
+                             name="relay-up"),
+            threading.Thread(target=self._pump, args=(backend, client, "down", *self._pipes[1]), daemon=True,
+                             name="relay-down"),
+        ]  # fmt: skip
 
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
+    def start(self) -> bool:
+        """Start both pumps; False, with the link closed and finished, if a thread cannot start."""
+        for i, t in enumerate(self.threads):
+            try:
+                t.start()
+            except RuntimeError:  # "can't start new thread": the process is out of threads or memory
+                self.close("no thread for the relay")
+                for r, w in self._pipes[i:]:
+                    os.close(r)
+                    os.close(w)
+                    self._finish()
+                return False
+        return True
 
     def close(self, reason: str) -> None:
         """End both directions now (idle timeout, shutdown)."""
@@ -62,8 +85,7 @@ class Link:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
-        r, w = os.pipe()
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, r: int, w: int) -> None:
         try:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)

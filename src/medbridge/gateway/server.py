@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import heapq
 import itertools
 import logging
+import os
 import select
+import selectors
 import socket
 import threading
 import time
@@ -23,8 +27,6 @@ log = logging.getLogger("medbridge.gateway")
 
 #: How long a backend that refused a connection is skipped.
 UNHEALTHY_FOR = 5.0
-#: How long a client may take to send its SSH identification before it is dropped.
-BANNER_WAIT = 10.0
 
 
 class Metrics:
@@ -37,6 +39,10 @@ class Metrics:
         self.bytes = Counter("medbridge_gateway_bytes", "Bytes relayed", ["route", "direction"], registry=self.registry)
         self.active = Gauge("medbridge_gateway_active_connections", "Open relayed connections", ["route"],
                             registry=self.registry)  # fmt: skip
+        self.pending = Gauge("medbridge_gateway_pending_connections", "Connections waiting for their SSH banner",
+                             ["route"], registry=self.registry)  # fmt: skip
+        self.accept_errors = Counter("medbridge_gateway_accept_errors", "Failed accept() calls by errno",
+                                     ["route", "error"], registry=self.registry)  # fmt: skip
 
     def value(self, name: str, **labels: str) -> float:
         v = self.registry.get_sample_value(name, labels)
@@ -62,8 +68,68 @@ class _Backends:
         self._down_until[a] = time.monotonic() + UNHEALTHY_FOR
 
 
+#: accept() errors that mean this process (or the system) is out of descriptors or memory.
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: The longest identification line a client may send (RFC 4253 4.2: 255 bytes with CR LF).
+MAX_BANNER = 255
+#: The most waiting connections refused in one go (the listen backlog).
+SHED_AT_MOST = 512
+#: Back-off after running out of descriptors: first wait, and the longest.
+BACKOFF = (0.05, 1.0)
+
+
+class _Throttled:
+    """Logs a recurring problem at most once per ``every`` seconds, with how often it happened since."""
+
+    def __init__(self, every: float = 5.0):
+        self._every = every
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warn(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._since[key] = self._since.get(key, 0) + 1
+            if now - self._last.get(key, -self._every) < self._every:
+                return
+            self._last[key], times = now, self._since.pop(key)
+        log.warning(message + (f" ({times} times since the last such line)" if times > 1 else ""), *args)
+
+
+class _Client:
+    """An accepted connection, from accept to close: its source's place under ``max_per_source`` included."""
+
+    def __init__(self, listener: Listener, sock: socket.socket, peer: tuple[str, int]):
+        self.listener, self.sock, self.peer = listener, sock, peer
+        self.head = bytearray()
+        self.deadline = 0.0
+        self._released = False
+
+    def release(self) -> None:
+        """Give the source's place back (once, whatever ended the connection)."""
+        if not self._released:
+            self._released = True
+            self.listener.leave(self.peer[0])
+
+    def drop(self, outcome: str, why: str) -> None:
+        """Close before relaying: counted under ``outcome``, logged (throttled) with ``why``."""
+        route = self.listener.route.name
+        self.listener.gateway.metrics.connections.labels(route, outcome).inc()
+        self.listener.gateway.throttled.warn(f"{route}/{outcome}", "route %s: dropped %s:%s (%s)", route,
+                                             *self.peer[:2], why)  # fmt: skip
+        self.sock.close()
+        self.release()
+
+
 class Listener:
-    """One route's listening socket and accept thread; its route can be swapped live."""
+    """One route's listening socket and accept thread; its route can be swapped live.
+
+    Accepting never stops for good: out of descriptors (EMFILE/ENFILE), the waiting
+    connections are refused with the descriptor held in reserve, counted, logged, and the
+    thread backs off until descriptors free up; any other accept error is counted and
+    skipped.  Each source address may hold at most ``max_per_source`` connections.
+    """
 
     def __init__(self, route: RouteConfig, gateway: Gateway):
         self.route = route
@@ -80,8 +146,10 @@ class Listener:
                 raise AddressInUse(f"route {route.name!r}: {route.listen} is already in use") from exc
             raise PlatformUnavailable(f"route {route.name!r}: cannot listen on {route.listen}: {exc.strerror}") from exc
         self.sock.listen(512)
-        self.sock.settimeout(0.5)
+        self.sock.setblocking(False)
         self._stop = threading.Event()
+        self._sources: dict[str, int] = {}
+        self._sources_lock = threading.Lock()
         self.thread = threading.Thread(target=self._accept_loop, daemon=True, name=f"accept-{route.name}")
 
     def update(self, route: RouteConfig) -> None:
@@ -97,48 +165,115 @@ class Listener:
         self.thread.join(timeout=5)
         self.sock.close()
 
+    def enter(self, source: str) -> bool:
+        """Take a place for ``source``; False when it already holds ``max_per_source`` connections."""
+        with self._sources_lock:
+            held = self._sources.get(source, 0)
+            if held >= self.route.max_per_source:
+                return False
+            self._sources[source] = held + 1
+            return True
+
+    def leave(self, source: str) -> None:
+        with self._sources_lock:
+            held = self._sources.get(source, 0) - 1
+            if held > 0:
+                self._sources[source] = held
+            else:
+                self._sources.pop(source, None)
+
     def _accept_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        backoff = 0.0
         while not self._stop.is_set():
+            if not poller.poll(500):
+                continue
             try:
                 client, peer = self.sock.accept()
-            except TimeoutError:
+            except BlockingIOError:
                 continue
-            except OSError:
+            except OSError as exc:
                 if self._stop.is_set():
                     return
-                raise
-            threading.Thread(target=self._handle, args=(client, peer), daemon=True).start()
+                backoff = self._accept_failed(exc, backoff)
+                continue
+            backoff = 0.0
+            self._admit(client, (peer[0], peer[1]))
 
-    def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
+    def _accept_failed(self, exc: OSError, backoff: float) -> float:
+        """Count an accept error; out of descriptors, refuse what waits and back off.  The next wait."""
+        m, name = self.gateway.metrics, self.route.name
+        reason = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        m.accept_errors.labels(name, reason).inc()
+        if exc.errno not in _EXHAUSTED:  # ECONNABORTED, EPERM (a firewall), EPROTO: that one client only
+            self.gateway.throttled.warn(f"{name}/accept", "route %s: accept failed: %s", name, exc)
+            return backoff
+        refused = self.gateway.shed(self.sock)
+        m.connections.labels(name, "refused_descriptors").inc(refused)
+        self.gateway.throttled.warn(f"{name}/exhausted", "route %s: out of descriptors (%s): refused %d waiting "
+                                    "connection(s), accepting again in %.2f s", name, reason, refused,
+                                    backoff or BACKOFF[0])  # fmt: skip
+        wait = backoff or BACKOFF[0]
+        self._stop.wait(wait)
+        return min(wait * 2, BACKOFF[1])
+
+    def _admit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         route, m = self.route, self.gateway.metrics
-        client.settimeout(None)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not route.admits(peer[0]):
             m.connections.labels(route.name, "refused_source").inc()
-            log.warning("route %s: refused %s:%s (not in allow list)", route.name, *peer[:2])
-            client.close()
+            self.gateway.throttled.warn(f"{route.name}/source", "route %s: refused %s:%s (not in allow list)",
+                                        route.name, *peer[:2])  # fmt: skip
+            sock.close()
             return
-        if route.require_ssh and not _looks_like_ssh(client):
-            m.connections.labels(route.name, "protocol_error").inc()
-            log.warning("route %s: dropped %s:%s (not SSH)", route.name, *peer[:2])
-            client.close()
+        if not self.enter(peer[0]):
+            m.connections.labels(route.name, "refused_per_source").inc()
+            self.gateway.throttled.warn(f"{route.name}/per-source", "route %s: refused %s:%s (it already holds "
+                                        "max_per_source = %d connections)", route.name, *peer[:2],
+                                        route.max_per_source)  # fmt: skip
+            sock.close()
             return
-        backend = self._connect(route)
+        client = _Client(self, sock, peer)
+        if route.require_ssh:
+            self.gateway.admission.wait_for_banner(client, route.banner_timeout)
+        else:
+            self.relay(client)
+
+    def relay(self, client: _Client) -> None:
+        """Connect the client to a backend in a thread of its own (reaching a backend may take a while)."""
+        try:
+            threading.Thread(target=self._relay, args=(client,), daemon=True, name="relay-connect").start()
+        except RuntimeError:  # "can't start new thread"
+            client.drop("refused_threads", "no thread left to relay it")
+
+    def _relay(self, c: _Client) -> None:
+        route, m, peer = self.route, self.gateway.metrics, c.peer
+        client = c.sock
+        try:
+            client.setblocking(True)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            c.drop("protocol_error", "gone before it could be relayed")
+            return
+        try:
+            backend = self._connect(route)
+        except OSError as exc:  # out of descriptors here, not the backend's fault
+            c.drop("refused_descriptors", f"no descriptor for the backend connection: {exc.strerror}")
+            return
         if backend is None:
             m.connections.labels(route.name, "backend_unavailable").inc()
             log.error("route %s: no backend reachable for %s:%s", route.name, *peer[:2])
             client.close()
+            c.release()
             return
         try:
-            if route.proxy_protocol:
-                local = client.getsockname()
-                backend.sendall(proxy.encode((peer[0], peer[1]), (local[0], local[1])))
+            first = proxy.encode((peer[0], peer[1]), _local(client)) if route.proxy_protocol else b""
+            backend.sendall(first + bytes(c.head))
         except OSError:
             client.close()
             backend.close()
+            c.release()
             return
-        m.connections.labels(route.name, "accepted").inc()
-        m.active.labels(route.name).inc()
         name = route.name
 
         def count(direction: str, n: int) -> None:
@@ -147,16 +282,29 @@ class Listener:
         def done(link: Link) -> None:
             m.active.labels(name).dec()
             self.gateway.forget(link)
+            c.release()
 
-        link = Link(client, backend, route.idle_timeout, count, done)
+        try:
+            link = Link(client, backend, route.idle_timeout, count, done)
+        except OSError as exc:
+            backend.close()
+            c.drop("refused_descriptors", f"no descriptors for the relay's pipes: {exc.strerror}")
+            return
+        m.connections.labels(route.name, "accepted").inc()
+        m.active.labels(route.name).inc()
         self.gateway.remember(link)
-        link.start()
+        if not link.start():
+            m.connections.labels(route.name, "refused_threads").inc()
+            log.error("route %s: no thread left to relay %s:%s", route.name, *peer[:2])
 
     def _connect(self, route: RouteConfig) -> socket.socket | None:
+        """A connection to the first backend that answers; None if none does.  OSError: out of descriptors."""
         for address in self.backends.order():
             try:
                 s = socket.create_connection((address.host, address.port), timeout=route.connect_timeout)
-            except OSError:
+            except OSError as exc:
+                if exc.errno in _EXHAUSTED:
+                    raise
                 self.backends.failed(address)
                 continue
             s.settimeout(None)
@@ -165,21 +313,125 @@ class Listener:
         return None
 
 
-def _looks_like_ssh(client: socket.socket) -> bool:
-    """Peek (without consuming) at the client's first bytes: an SSH client starts with ``SSH-``."""
-    deadline = time.monotonic() + BANNER_WAIT
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([client], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            return False
+def _local(sock: socket.socket) -> tuple[str, int]:
+    local = sock.getsockname()
+    return local[0], local[1]
+
+
+class _Admission:
+    """Clients that have not yet sent their whole SSH identification line: one thread, one epoll, for all routes.
+
+    A client's bytes are read (at most :data:`MAX_BANNER`) until the line ends, then passed
+    on to the backend ahead of the rest.  Not ``SSH-``, too long, closed, or not done by the
+    route's ``banner_timeout``: dropped and counted.  Stalled clients cost one descriptor
+    each and no thread, and descriptors of any number work (no ``select``).
+    """
+
+    def __init__(self, gateway: Gateway):
+        self._gateway = gateway
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._inbox: list[_Client] = []
+        self._waiting: list[tuple[float, int, _Client]] = []  # a heap by deadline
+        self._order = itertools.count()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="gateway-banners")
+        self._thread.start()
+
+    def wait_for_banner(self, client: _Client, timeout: float) -> None:
+        client.deadline = time.monotonic() + timeout
+        with self._lock:
+            self._inbox.append(client)
+        with contextlib.suppress(BlockingIOError):  # already woken: the byte waiting does it
+            self._wake_w.send(b"x")
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join(timeout=5)
+        for key in list(self._selector.get_map().values()):
+            if isinstance(key.data, _Client):
+                key.data.sock.close()
+                key.data.release()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _pending(self, route: str, delta: int) -> None:
+        self._gateway.metrics.pending.labels(route).inc(delta)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            timeout = max(0.0, self._waiting[0][0] - time.monotonic()) if self._waiting else None
+            for key, _ in self._selector.select(timeout):
+                if key.data is None:
+                    self._take_inbox()
+                else:
+                    self._readable(key.data)
+            now = time.monotonic()
+            while self._waiting and self._waiting[0][0] <= now:
+                _, _, client = heapq.heappop(self._waiting)
+                if self._forget(client):
+                    client.drop(
+                        "banner_timeout", f"no SSH identification within {client.listener.route.banner_timeout:g} s"
+                    )
+
+    def _take_inbox(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
+        with self._lock:
+            arrived, self._inbox = self._inbox, []
+        for client in arrived:
+            try:
+                client.sock.setblocking(False)
+                self._selector.register(client.sock, selectors.EVENT_READ, client)
+            except (OSError, ValueError) as exc:  # epoll itself out of memory or descriptors: refuse this one
+                client.drop("refused_descriptors", f"cannot wait for its banner: {exc}")
+                continue
+            heapq.heappush(self._waiting, (client.deadline, next(self._order), client))
+            self._pending(client.listener.route.name, 1)
+
+    def _forget(self, client: _Client) -> bool:
+        """Stop watching ``client``; False if it was no longer watched (already passed on or dropped)."""
         try:
-            head = client.recv(4, socket.MSG_PEEK)
-        except OSError:
+            self._selector.unregister(client.sock)
+        except (KeyError, ValueError):
             return False
-        if len(head) == 4 or not head or not b"SSH-".startswith(head):
-            return head == b"SSH-"
-        time.sleep(0.01)
-    return False
+        self._pending(client.listener.route.name, -1)
+        return True
+
+    def _readable(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(MAX_BANNER - len(client.head))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._forget(client)
+            client.drop("protocol_error", f"failed before its SSH identification: {exc.strerror}")
+            return
+        client.head += data
+        if not data or not b"SSH-".startswith(bytes(client.head[:4])):
+            self._forget(client)
+            client.drop("protocol_error", "closed before its SSH identification" if not data else "not SSH")
+        elif b"\n" in client.head:
+            self._forget(client)
+            client.listener.relay(client)
+        elif len(client.head) >= MAX_BANNER:
+            self._forget(client)
+            client.drop("protocol_error", f"SSH identification longer than {MAX_BANNER} bytes")
+
+
+def _spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def _key(route: RouteConfig) -> tuple[Address, str]:
@@ -192,11 +444,36 @@ class Gateway:
 
     def __init__(self) -> None:
         self.metrics = Metrics()
+        self.throttled = _Throttled()
         self.listeners: dict[tuple[Address, str], Listener] = {}
         self._links: set[Link] = set()
         self._lock = threading.Lock()
         self._metrics_server: tuple[object, threading.Thread] | None = None
         self.metrics_address: tuple[str, int] | None = None
+        #: One descriptor held back so that, out of descriptors, waiting connections can still be
+        #: accepted and closed (refused) instead of filling the backlog.
+        self._reserve: int | None = _spare()
+        self._reserve_lock = threading.Lock()
+        self.admission = _Admission(self)
+
+    def shed(self, sock: socket.socket) -> int:
+        """Refuse the connections waiting on ``sock`` using the reserve descriptor; how many."""
+        refused = 0
+        with self._reserve_lock:
+            if self._reserve is not None:
+                os.close(self._reserve)
+                self._reserve = None
+            try:
+                while refused < SHED_AT_MOST:
+                    try:
+                        client, _ = sock.accept()
+                    except OSError:  # none left waiting, or the freed descriptor was taken meanwhile
+                        break
+                    client.close()
+                    refused += 1
+            finally:
+                self._reserve = _spare()
+        return refused
 
     def remember(self, link: Link) -> None:
         with self._lock:
@@ -247,6 +524,11 @@ class Gateway:
         for listener in self.listeners.values():
             listener.stop()
         self.listeners.clear()
+        self.admission.stop()
+        with self._reserve_lock:
+            if self._reserve is not None:
+                os.close(self._reserve)
+                self._reserve = None
         with self._lock:
             links = list(self._links)
         for link in links:
