@@ -65,8 +65,8 @@ def test_job_environment_and_nothing_secret_on_disk(platform: RunningPlatform) -
     lines = r.stdout.splitlines()
     assert lines[0] == f"alice 4242 {platform.address}"
     sock = Path(lines[1])
-    assert sorted(lines[2:5]) == ["agent.sock", "known_hosts", "ssh_config"]
-    assert "ED25519-CERT" in lines[5]
+    assert sorted(lines[2:6]) == ["agent.sock", "known_hosts", "scratch", "ssh_config"]
+    assert "ED25519-CERT" in lines[6]
     assert not sock.parent.exists(), "the job folder must be removed after the job"
     holders = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).find(str(sock)) >= 0]
     assert holders == [], "the job's ssh-agent must be gone after the job"
@@ -120,3 +120,33 @@ def test_sshfs_mount_reads_a_granted_file_byte_identical(platform: RunningPlatfo
     assert copy.read_bytes() == CHEST["scan-001.bin"]
     assert (tmp_path / "listing").read_text().split() == ["chest"]
     assert not os.path.ismount(mnt)
+
+
+FSSPEC_PAYLOAD = """
+import os, fsspec
+with fsspec.open("medbridge://datasets/chest/scan-001.bin", "rb") as f:
+    data = f.read()
+fs = fsspec.filesystem("medbridge")
+print(sorted(fs.ls("medbridge://datasets/chest", detail=False)))
+with fsspec.open(os.environ["MEDBRIDGE_RESULTS_URL"] + "/masks/scan-001.mask", "wb") as out:
+    out.write(data[::-1])
+fs.get("medbridge://datasets/chest/scan-002.bin", os.environ["MEDBRIDGE_SCRATCH"] + "/copy.bin")
+open("outputs/log.txt", "w").write("done")
+"""
+
+
+def test_fsspec_inside_job_run_reads_writes_and_commits_with_the_outputs(
+    platform: RunningPlatform, tmp_path: Path
+) -> None:
+    """No import of medbridge in the payload: fsspec finds medbridge:// by its entry point."""
+    (platform.root / "job" / "work" / "outputs").mkdir(parents=True, exist_ok=True)
+    script = tmp_path / "payload.py"
+    script.write_text(FSSPEC_PAYLOAD)
+    r = job_run(platform, f"{sys.executable} {script}", "--job-id", "j-fs", "--outputs", "outputs")
+    assert r.returncode == 0, r.stderr
+    assert "'/datasets/chest/scan-001.bin'" in r.stdout
+    results = platform.home.results / "alice" / "j-fs"
+    assert (results / "masks" / "scan-001.mask").read_bytes() == CHEST["scan-001.bin"][::-1]
+    committed = sorted(line.split("  ")[1] for line in (results / "MANIFEST.sha256").read_text().splitlines())
+    assert committed == ["log.txt", "masks/scan-001.mask"]
+    assert "2 output files" in r.stderr and "residue scan clean" in r.stderr

@@ -4,7 +4,8 @@ Run as ``python -m medbridge.bench.client`` (under ``ip netns exec`` to read fro
 site).  A line of JSON on stdin says where the platform is; the client opens its
 connections, fetches its sample lists, reads a warm-up window of each, and says
 ``ready``.  Then ``go DATA`` reads every sample of ``DATA`` (``shards``, ``small`` or
-``large``), verified against the manifest, and answers one line of JSON (a
+``large``; ``fsspec`` is ``small`` through ``medbridge://``'s ``cat_ranges``), verified
+against the manifest, and answers one line of JSON (a
 :class:`Pass`); ``quit`` or the end of stdin ends it.  Its own CPU time is in the
 answer, so a benchmark counts the reader's cost even when it cannot see its PID's tree.
 """
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
@@ -27,7 +28,7 @@ import asyncssh
 from medbridge.compute.session import Endpoint
 from medbridge.errors import MedbridgeError
 
-DATA = ("shards", "small", "large")
+DATA = ("shards", "small", "large")  # and "fsspec": small through medbridge:// (bench io)
 TIMEOUT = 600.0  # the longest a pass may take before the benchmark gives up on the client
 
 
@@ -137,8 +138,15 @@ def main(stdin: IO[str], stdout: IO[str]) -> None:
             "small": loader.files("small"),
             "large": loader.files("large"),
         }
+        items["fsspec"] = items["small"]
+        read: dict[str, Callable[[list[Any]], Iterable[Any]]] = {name: loader.read_many for name in (*DATA, "fsspec")}
+        if "fsspec" in spec["data"]:
+            from medbridge.loader.filesystem import MedbridgeFileSystem
+
+            fs = MedbridgeFileSystem(loader, environ={}, skip_instance_cache=True)
+            read["fsspec"] = lambda paths: fs.cat_ranges(paths, None, None, on_error="raise")
         for name in spec["data"]:  # every connection opened and warm before the first timed pass
-            sum(len(b) for b in loader.read_many(items[name][: 2 * spec["window"]]))
+            sum(len(b) for b in read[name](items[name][: 2 * spec["window"]]))
         stdout.write("ready\n")
         stdout.flush()
         for line in stdin:
@@ -146,7 +154,7 @@ def main(stdin: IO[str], stdout: IO[str]) -> None:
             if command != "go":
                 break
             cpu0, start = time.process_time(), time.monotonic()
-            nbytes = sum(len(b) for b in loader.read_many(items[data]))
+            nbytes = sum(len(b) for b in read[data](items[data]))
             end = time.monotonic()
             result = Pass(len(items[data]), nbytes, start, end, time.process_time() - cpu0)
             stdout.write(json.dumps(asdict(result)) + "\n")

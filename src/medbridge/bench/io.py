@@ -41,8 +41,10 @@ from medbridge.platform.keys import fingerprint, public_line
 from medbridge.platform.storage import add_dataset, init_home, pack_dataset
 
 SSHD = "/usr/sbin/sshd"
-PATHS = ("local", "sshfs-default", "sshfs-tuned", "native", "native-shards", "openssh-sftp-server")
+PATHS = ("local", "sshfs-default", "sshfs-tuned", "native", "native-shards", "native-fsspec", "openssh-sftp-server")
 CPU_PARTS = ("client", "server", "relay")
+# What the loader's client process reads for each of its paths (None: the data set of the row).
+_CLIENT_DATA = {"native": None, "native-shards": "shards", "native-fsspec": "fsspec"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,9 +278,8 @@ def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, loca
     samples: dict[tuple[str, str], list[tuple[float, int, dict[str, float]]]] = {}
     with contextlib.ExitStack() as stack:
         mounts = _mounts(world, plan, cfg, peer, stack)
-        kinds = [
-            k for p, k in (("native", "small"), ("native", "large"), ("native-shards", "shards")) if p in plan.paths
-        ]
+        kinds = [k for p, k in (("native", "small"), ("native", "large"), ("native-shards", "shards"),
+                                ("native-fsspec", "fsspec")) if p in plan.paths]  # fmt: skip
         native = None
         if kinds:  # the loader reads from a process of its own, where a compute node's reader would run
             (native,) = stack.enter_context(
@@ -290,7 +291,7 @@ def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, loca
                 for path in plan.paths:
                     if (
                         (rtt > 0 and path == "local")
-                        or (path == "native-shards" and data != "small")
+                        or (path in ("native-shards", "native-fsspec") and data != "small")
                         or (path in ("sshfs-default", "sshfs-tuned", "openssh-sftp-server") and path not in mounts)
                     ):
                         continue
@@ -298,8 +299,8 @@ def _measure(world: World, plan: Plan, rtt: float, ep: Endpoint, cfg: Path, loca
                     if path == "openssh-sftp-server" and world.openssh is not None and peer is not None:
                         server_pid, path_relays = world.openssh.proc.pid, peer[1]
                     server0, relay0 = _cpu_tree(server_pid), sum(_cpu(p) for p in path_relays)
-                    if native is not None and path in ("native", "native-shards"):
-                        (p,) = client.together([native], "shards" if path == "native-shards" else data)
+                    if native is not None and path in _CLIENT_DATA:
+                        (p,) = client.together([native], _CLIENT_DATA[path] or data)
                         seconds, nbytes, client_cpu = p.end - p.start, p.nbytes, p.cpu_s
                     else:
                         seconds, nbytes, client_cpu = _timed(

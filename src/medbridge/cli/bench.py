@@ -75,13 +75,20 @@ def bench_relay(mb: int, repeats: int, as_json: bool) -> None:
 @click.option("--small-files", type=click.IntRange(1, 1_000_000), default=None, help="Number of ~100 KiB files.")
 @click.option("--large-files", type=click.IntRange(1, 1000), default=None, help="Number of large volumes.")
 @click.option("--large-mb", type=click.IntRange(1, 4096), default=None, help="Size of each large volume, MiB.")
+@click.option(
+    "--paths",
+    "paths",
+    default=None,
+    help="Paths to measure, comma-separated (default: all): "
+    "local, sshfs-default, sshfs-tuned, native, native-shards, native-fsspec, openssh-sftp-server.",
+)
 @click.option("--network", type=click.Choice(["auto", "loopback", "sites"]), default="auto", show_default=True,
               help="sites: readers at hpc, gateway at gw, servers at platform (network namespaces, root); "
               "loopback: all on 127.0.0.1; auto: sites where namespaces can be made.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a chart (PNG).")
 def bench_io(quick: bool, rtts: str, repeats: int | None, server_workers: int | None, small_files: int | None,
-             large_files: int | None, large_mb: int | None, network: str, as_json: bool,
+             large_files: int | None, large_mb: int | None, paths: str | None, network: str, as_json: bool,
              plot: Path | None) -> None:  # fmt: skip
     """Read the same data by every path in one run: local disk, sshfs default/tuned, native loader, shards."""
     import dataclasses
@@ -95,6 +102,12 @@ def bench_io(quick: bool, rtts: str, repeats: int | None, server_workers: int | 
     except ValueError as exc:
         raise InvalidInput(f"--rtt-ms {rtts!r}: use numbers separated by commas") from exc
     changes: dict[str, object] = {"rtts_ms": rtt_values}
+    if paths is not None:
+        chosen = tuple(x.strip() for x in paths.split(",") if x.strip())
+        unknown = sorted(set(chosen) - set(io.PATHS))
+        if unknown or not chosen:
+            raise InvalidInput(f"--paths {paths!r}: choose from {', '.join(io.PATHS)}")
+        changes["paths"] = chosen
     if repeats:
         changes["repeats"] = repeats
     for key, value in (("server_workers", server_workers), ("small_files", small_files),

@@ -48,6 +48,7 @@ from medbridge.compute.session import Endpoint, fetch_manifests, upload_outputs,
 from medbridge.config import CIPHERS
 from medbridge.errors import AccessDenied, InvalidInput, JobFailed, MedbridgeError
 from medbridge.platform.keys import KEY_ALG, public_line, read_private_key_file
+from medbridge.policy.manifest import parse_manifest
 from medbridge.policy.names import check_name
 
 SSH_HOST_ALIAS = "medbridge"
@@ -343,8 +344,13 @@ class Job:
         config.write_text(ssh_config(e.host, e.port, cred.user, self.agent.socket, known))
         env = dict(self.environ)
         env.pop("SSH_AGENT_PID", None)
+        scratch = folder / "scratch"
+        scratch.mkdir(mode=0o700, exist_ok=True)
         env.update(
             {
+                "MEDBRIDGE_SCRATCH": str(scratch),
+                "MEDBRIDGE_RESULTS_LEDGER": str(folder / "results.ledger"),
+                "MEDBRIDGE_RESULTS_URL": f"medbridge://results/{cred.user}/{cred.job_id}",
                 "SSH_AUTH_SOCK": str(self.agent.socket),
                 "MEDBRIDGE_PLATFORM": f"{e.host}:{e.port}",
                 "MEDBRIDGE_USER": cred.user,
@@ -372,8 +378,9 @@ class Job:
             self.renewer.stop()
             o.renewals, o.renewal_refused = self.renewer.renewals, self.renewer.refused
         keep: list[Path] = []
-        if self.spec.outputs is not None and cred_ok and self.renewer is not None:
-            self.upload(keep)
+        written = self.written(folder)
+        if (self.spec.outputs is not None or written) and cred_ok and self.renewer is not None:
+            self.upload(keep, written)
         if self.mount is not None:
             o.unmounted = self.mount.close()
         if self.agent is not None:
@@ -393,21 +400,33 @@ class Job:
         if self.agent is not None:
             self.summarise()
 
-    def upload(self, keep: list[Path]) -> None:
+    def written(self, folder: Path) -> list[tuple[str, str]]:
+        """Results the payload wrote through ``medbridge://`` (the ledger its file systems appended to)."""
+        try:
+            return parse_manifest((folder / "results.ledger").read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError, InvalidInput) as exc:
+            self.outcome.upload_error = f"the results written through medbridge:// cannot be committed: {exc}"
+            return []
+
+    def upload(self, keep: list[Path], written: list[tuple[str, str]]) -> None:
         o = self.outcome
-        assert self.spec.outputs is not None and self.renewer is not None
+        assert self.renewer is not None
         outputs = self.spec.outputs
-        if not outputs.is_dir():
+        if outputs is not None and not outputs.is_dir():
             o.upload_error = f"--outputs {outputs} is not a folder"
             return
         try:
-            done = asyncio.run(upload_outputs(self.endpoint(self.renewer.current), self.job_id, outputs))
+            done = asyncio.run(upload_outputs(self.endpoint(self.renewer.current), self.job_id, outputs, written))
         except MedbridgeError as exc:
             o.upload_error = str(exc)
-            keep.append(outputs)
+            if outputs is not None:
+                keep.append(outputs)
             return
         o.uploaded_files, o.uploaded_bytes = done.files, done.bytes
-        wipe(outputs)
+        if outputs is not None:
+            wipe(outputs)
 
     def scan(self, keep: list[Path]) -> None:
         known = residue.load_manifests(self.manifests.values())
@@ -424,7 +443,7 @@ class Job:
             parts.append(f"payload exit {o.exit_code}")
         if o.renewals:
             parts.append(f"certificate renewed {o.renewals}x")
-        if self.spec.outputs is not None:
+        if self.spec.outputs is not None or o.uploaded_files or o.upload_error:
             parts.append(
                 f"outputs NOT uploaded ({o.upload_error})"
                 if o.upload_error

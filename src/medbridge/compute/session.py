@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,23 +100,28 @@ class Upload:
     manifest: str
 
 
-async def upload_outputs(ep: Endpoint, job_id: str, outputs: Path) -> Upload:
+async def upload_outputs(
+    ep: Endpoint, job_id: str, outputs: Path | None, written: Sequence[tuple[str, str]] = ()
+) -> Upload:
     """Upload every file under ``outputs`` to the job's results, then commit a manifest.
 
     Each file goes to a ``.medbridge-part`` name and is renamed into place when whole;
     the platform verifies the manifest against what it holds before accepting it.  An
     interrupted upload leaves no manifest, so it never looks complete; running it
-    again finishes it.
+    again finishes it.  ``written`` are ``(sha256, path)`` of results the payload already
+    wrote to the platform (through ``medbridge://``): committed with the outputs, unless
+    an output of the same name replaced them.
     """
-    files = sorted(p for p in outputs.rglob("*") if p.is_file() and not p.is_symlink())
+    files = [] if outputs is None else sorted(p for p in outputs.rglob("*") if p.is_file() and not p.is_symlink())
     root = f"/results/{ep.user}/{job_id}"
-    if not files:
+    if not files and not written:
         return Upload(0, 0, "")
     entries = []
     total = 0
     try:
         async with await connect(ep) as conn, conn.start_sftp_client() as sftp:
             for path in files:
+                assert outputs is not None
                 rel = path.relative_to(outputs).as_posix()
                 remote = posixpath.join(root, rel)
                 parent = posixpath.dirname(remote)
@@ -126,6 +131,9 @@ async def upload_outputs(ep: Endpoint, job_id: str, outputs: Path) -> Upload:
                 await sftp.posix_rename(remote + PARTIAL_SUFFIX, remote)
                 entries.append((sha256_file(path), rel))
                 total += path.stat().st_size
+            uploaded = {rel for _, rel in entries}
+            latest = {rel: sha for sha, rel in written}  # a result written twice: its last version
+            entries += [(sha, rel) for rel, sha in latest.items() if rel not in uploaded]
             manifest = format_manifest(entries)
             staged = posixpath.join(root, RESULTS_MANIFEST + PARTIAL_SUFFIX)
             async with sftp.open(staged, "wb") as f:

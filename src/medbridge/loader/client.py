@@ -23,19 +23,19 @@ import sysconfig
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
 from medbridge import processes
 from medbridge.compute.session import Endpoint, connect, endpoint_from_job
-from medbridge.errors import AccessDenied, IntegrityError, PlatformUnavailable
+from medbridge.errors import AccessDenied, IntegrityError, MedbridgeError, PlatformUnavailable
 from medbridge.loader.cache import ReadAheadCache
-from medbridge.loader.wire import Buffer, Wire, open_wire
+from medbridge.loader.wire import Attrs, Buffer, Wire, open_wire
 from medbridge.policy.manifest import DATASET_MANIFEST, parse_manifest
 from medbridge.transport import coalesce
 
@@ -43,6 +43,7 @@ from medbridge.transport import coalesce
 # counting them, and free-threaded builds count them per thread, so a buffer still held
 # could look free: recycle only where the count is exact (3.13 and older, with the GIL).
 _REFCOUNT_EXACT = sys.version_info < (3, 14) and not sysconfig.get_config_var("Py_GIL_DISABLED")
+T = TypeVar("T")
 _DROPPED = (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.SFTPConnectionLost, OSError, TimeoutError)
 
 
@@ -241,6 +242,48 @@ class _Pool:
             self.stats.verified += 1
         self.stats.files += 1
         return data
+
+    async def stat(self, path: str) -> Attrs:
+        wire = await self._wire(self.slots[0])
+        try:
+            return await wire.stat(path)
+        except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
+            raise await self._refusal(path, exc) from exc
+
+    async def scandir(self, path: str) -> list[tuple[str, Attrs]]:
+        wire = await self._wire(self.slots[0])
+        try:
+            entries = await wire.scandir(path)
+        except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
+            raise await self._refusal(path, exc) from exc
+        except asyncssh.SFTPFailure as exc:  # the server cannot list it: a file, not a folder
+            raise NotADirectoryError(f"{path}: not a folder") from exc
+        return [(name, attrs) for name, attrs in entries if name not in (".", "..")]
+
+    async def gather(self, samples: list[Sample], verify: bool, window: int) -> list[bytearray | Exception]:
+        """Read every sample with ``window`` readers, each taking the next sample as soon as it is done."""
+        out: list[bytearray | Exception] = [OSError("read cancelled: the loader was closed")] * len(samples)
+        todo = iter(enumerate(samples))
+
+        async def reader() -> None:
+            for i, sample in todo:
+                if self.closed:
+                    return
+                try:
+                    out[i] = await self.read_verified(sample, verify)
+                except (OSError, MedbridgeError) as exc:
+                    out[i] = exc
+
+        tasks = [asyncio.ensure_future(reader()) for _ in range(max(1, min(window, len(samples))))]
+        for task in tasks:  # close() cancels them as it does read_many's reads
+            self.reads.add(task)  # type: ignore[arg-type]
+            task.add_done_callback(self.reads.discard)
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        return out
 
     async def close(self) -> None:
         """Stop the reads still in flight (their consumers get an error, not a hang), then the connections."""
@@ -471,12 +514,42 @@ class Loader:
         return RemoteFile(path, cache)
 
     async def _size(self, path: str) -> int:
-        _, pool = self._runtime()
-        wire = await pool._wire(pool.slots[0])
+        return int((await self._runtime()[1].stat(path)).size or 0)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self._endpoint
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loader's event loop and wait for it (for clients built on its loop)."""
+        result: T = self._submit(coro).result()
+        return result
+
+    def stat(self, path: str) -> Attrs:
+        """A file's or folder's attributes (size, mode, modification time)."""
+        attrs: Attrs = self._submit(self._runtime()[1].stat(path)).result()
+        return attrs
+
+    def scandir(self, path: str) -> list[tuple[str, Attrs]]:
+        """A folder's entries with their attributes, ``.`` and ``..`` left out."""
+        entries: list[tuple[str, Attrs]] = self._submit(self._runtime()[1].scandir(path)).result()
+        return entries
+
+    def gather(self, items: Sequence[str | Sample], window: int | None = None) -> list[bytearray | Exception]:
+        """Every item's bytes or its error, in order, with up to ``window`` reads in flight.
+
+        Unlike :meth:`read_many`, one failed item does not end the others: its place
+        holds the exception (what fsspec's ``cat_ranges(on_error="return")`` needs).
+        """
+        pool = self._runtime()[1]
+        samples = [item if isinstance(item, Sample) else Sample(item) for item in items]
         try:
-            return int((await wire.stat(path)).size or 0)
-        except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
-            raise await pool._refusal(path, exc) from exc
+            out: list[bytearray | Exception] = self._submit(
+                pool.gather(samples, self.verify, window or self.window)
+            ).result()
+        except CancelledError:
+            raise OSError("read cancelled: the loader was closed") from None
+        return out
 
     def close(self) -> None:
         if self._pid == os.getpid() and self._loop is not None and self._pool is not None:

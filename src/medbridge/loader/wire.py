@@ -64,6 +64,7 @@ def _status_error(code: int, message: str) -> asyncssh.SFTPError:
 class Attrs:
     size: int | None
     permissions: int | None
+    mtime: int | None = None
 
 
 class _Reader:
@@ -96,13 +97,15 @@ class _Reader:
         if flags & _ATTR_UIDGID:
             self.pos += 8
         perms = self.u32() if flags & _ATTR_PERMISSIONS else None
+        mtime = None
         if flags & _ATTR_ACMODTIME:
-            self.pos += 8
+            self.u32()
+            mtime = self.u32()
         if flags & _ATTR_EXTENDED:
             for _ in range(self.u32()):
                 self.string()
                 self.string()
-        return Attrs(size, perms)
+        return Attrs(size, perms, mtime)
 
 
 class Buffer:
@@ -414,15 +417,19 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         return self._send(READ, _string(handle) + _U64.pack(offset) + _U32.pack(length), sink=sink, want=length)
 
     async def listdir(self, path: str) -> list[str]:
+        return [name for name, _ in await self.scandir(path)]
+
+    async def scandir(self, path: str) -> list[tuple[str, Attrs]]:
+        """Every entry of a folder with its attributes (``.`` and ``..`` included, as the server sends them)."""
         handle = await self._send(OPENDIR, _string(path.encode()))
-        names: list[str] = []
+        names: list[tuple[str, Attrs]] = []
         try:
             while True:
                 try:
                     batch = await self._send(READDIR, _string(handle))
                 except asyncssh.SFTPEOFError:
                     return names
-                names += [n for n, _ in batch]
+                names += batch
         finally:
             self.close_handle(handle)
 
