@@ -13,7 +13,8 @@
     ├── IntegrityError                  7  audit chain or manifest does not verify
     ├── PlatformUnavailable             8  the platform cannot be reached or served
     │   ├── AddressInUse                   the listen address is taken
-    │   └── HostKeyMismatch                the platform is not the one pinned
+    │   ├── HostKeyMismatch                the platform is not the one pinned
+    │   └── AuditUnavailable               the audit cannot record a decision, so it is refused
     └── JobFailed                       9  the job wrapper could not set up the job
 
 A payload started by ``medbridge job run`` passes its own exit code through;
@@ -93,6 +94,10 @@ class AddressInUse(PlatformUnavailable):
 
 class HostKeyMismatch(PlatformUnavailable):
     """The platform's host key is not the pinned one: possibly an impostor."""
+
+
+class AuditUnavailable(PlatformUnavailable):
+    """The audit could not record a decision: the request it would have allowed is refused."""
 
 
 class JobFailed(MedbridgeError):

@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
-from medbridge.control.audit import GENESIS, AuditEvent, Record, chain_hash, encode_detail, first_break
+from medbridge.control.audit import GENESIS, AuditEvent, Record, chain_hash, entry_fields, first_break
 from medbridge.control.models import (
     AuditEntry,
     Base,
@@ -517,14 +517,15 @@ class Store:
         rows = []
         for ev in events:
             seq += 1
+            actor, action, outcome, subject, detail = entry_fields(ev)
             rec = Record(
                 seq=seq,
                 at=(ev.at or now).astimezone(UTC),
-                actor=ev.actor,
-                action=ev.action,
-                outcome=ev.outcome,
-                subject=ev.subject,
-                detail=encode_detail(ev.detail),
+                actor=actor,
+                action=action,
+                outcome=outcome,
+                subject=subject,
+                detail=detail,
                 prev_hash=prev,
             )
             prev = chain_hash(rec)

@@ -22,6 +22,7 @@ from medbridge.config import CIPHERS, Home, PlatformSettings
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
 from medbridge.errors import AddressInUse, MedbridgeError, PlatformUnavailable
+from medbridge.platform.audit import AuditSink
 from medbridge.platform.issuer import ISSUE_COMMAND, MAX_REQUEST, REPORT_COMMAND, Issuer
 from medbridge.platform.keys import fingerprint, load_private_key
 from medbridge.platform.listener import accept_forever, parse_networks
@@ -56,51 +57,6 @@ class LiveSession:
 
     def identity(self) -> dict[str, Any]:
         return {"job": self.job, "serial": self.serial, "peer": self.peer, **({"via": self.via} if self.via else {})}
-
-
-class AuditSink:
-    """Collects audit events from the data plane and writes them in batches off the loop."""
-
-    def __init__(self, store: Store, interval: float = 0.2):
-        self._store = store
-        self._interval = interval
-        self._pending: list[AuditEvent] = []
-        self._lock = asyncio.Lock()
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="medbridge-audit")
-
-    def record(self, event: AuditEvent) -> None:
-        if event.at is None:
-            event = AuditEvent(
-                actor=event.actor,
-                action=event.action,
-                outcome=event.outcome,
-                subject=event.subject,
-                detail=event.detail,
-                at=_now(),
-            )
-        self._pending.append(event)
-
-    async def flush(self) -> None:
-        async with self._lock:
-            batch, self._pending = self._pending, []
-            if batch:
-                loop = asyncio.get_running_loop()
-                try:
-                    await loop.run_in_executor(self._writer, self._store.audit, batch, _now())
-                except BaseException:
-                    self._pending[:0] = batch  # nothing is lost: the next flush writes it
-                    raise
-
-    def close(self) -> None:
-        self._writer.shutdown(wait=True)
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.flush()
-            except Exception:  # a failed write is retried with the next batch; the sink must not die
-                log.exception("audit write failed, will retry")
 
 
 class _Gate(asyncssh.SSHAuthorizedKeys):
@@ -241,7 +197,7 @@ class PlatformConnection(asyncssh.SSHServer):
                     action="login",
                     outcome="refused",
                     subject="",
-                    detail={**self.where(), "attempts": self.attempts},
+                    detail={**self.where(), "attempts": self.attempts, **({"reason": str(exc)} if exc else {})},
                 )
             )
         self.platform.close_session(self, "connection closed")
@@ -298,12 +254,21 @@ class PlatformConnection(asyncssh.SSHServer):
                 handler, self.username, raw, {**self.where(), "fingerprint": self.enrolment}
             )
         except MedbridgeError as exc:
-            body = {"error": str(exc), "type": type(exc).__name__, "exit_code": exc.exit_code}
-            process.stdout.write(json.dumps(body).encode() + b"\n")
-            process.exit(exc.exit_code)
+            self._answer(process, {"error": str(exc), "type": type(exc).__name__}, exc.exit_code)
             return
-        process.stdout.write(json.dumps(reply).encode() + b"\n")
-        process.exit(0)
+        except Exception as exc:  # a bug or a failing store: the client gets a refusal, the log the cause
+            log.exception("%s from %s failed", command, self.peer)
+            self._answer(process, {"error": f"the platform could not answer ({type(exc).__name__})",
+                                   "type": "PlatformUnavailable"}, PlatformUnavailable.exit_code)  # fmt: skip
+            return
+        self._answer(process, reply, 0)
+
+    @staticmethod
+    def _answer(process: asyncssh.SSHServerProcess[bytes], body: dict[str, Any], code: int) -> None:
+        if code:
+            body = {**body, "exit_code": code}
+        process.stdout.write(json.dumps(body).encode() + b"\n")
+        process.exit(code)
 
 
 class Platform:
@@ -468,8 +433,8 @@ class Platform:
         listener.listen(512)
         listener.setblocking(False)
         self._listener = listener
+        self.sink.start()
         self._tasks = [
-            asyncio.create_task(self.sink.run()),
             asyncio.create_task(self._enforce_forever()),
             asyncio.create_task(accept_forever(listener, proxies, serve_one, refuse)),
         ]
@@ -494,10 +459,9 @@ class Platform:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.sink.record(AuditEvent(actor="platform", action="platform.stop", outcome="ok"))
-        await self.sink.flush()
+        await self.sink.close()
         self._enforcer.shutdown(wait=True)
         self.results.close()
-        self.sink.close()
 
 
 async def serve(

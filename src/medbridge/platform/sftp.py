@@ -36,7 +36,7 @@ from asyncssh.packet import PacketDecodeError, SSHPacket
 from asyncssh.sftp import SFTPServerHandler
 
 from medbridge.config import READ_FILE_EXTENSION
-from medbridge.control.audit import AuditEvent
+from medbridge.control.audit import AuditEvent, escape_text, needs_escape
 from medbridge.errors import InvalidInput
 from medbridge.policy.manifest import DATASET_MANIFEST, PARTIAL_SUFFIX, RESULTS_MANIFEST, parse_manifest
 from medbridge.policy.paths import Action, Kind, PathEscape, Refusal, Target, decide, normalise, parse, within
@@ -151,7 +151,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self,
         chan: asyncssh.SSHServerChannel[bytes],
         session: LiveSession | None,
-        record: Callable[[AuditEvent], None],
+        record: Callable[[AuditEvent], object],
         results: Results,
         manifest: Callable[[str], bytes],
     ):
@@ -178,17 +178,21 @@ class JobSFTPServer(asyncssh.SFTPServer):
                 detail={"op": op, "reason": reason, **(s.identity() if s else {})},
             )
         )
+        shown = escape_text(path) if needs_escape(path) else path  # the reply is UTF-8 too
         if refusal is Refusal.NOT_FOUND:
-            raise asyncssh.SFTPNoSuchFile(f"{path}: no such file")
-        raise asyncssh.SFTPPermissionDenied(f"{path}: permission denied ({reason})")
+            raise asyncssh.SFTPNoSuchFile(f"{shown}: no such file")
+        raise asyncssh.SFTPPermissionDenied(f"{shown}: permission denied ({reason})")
 
     def _resolve(self, raw: bytes, action: Action, op: str) -> tuple[Target, str | None]:
         """Decide and map one path; returns the target and its real path (None if virtual)."""
-        text = os.fsdecode(raw)
+        text = os.fsdecode(raw)  # bytes that are not UTF-8 stay recoverable in the audit (escaped there)
         s = self._session
         if s is None:
             self._refuse(text, op, Refusal.DENIED, "only job-certificate sessions get data")
             raise AssertionError("unreachable")
+        malformed = _malformed(raw)
+        if malformed:
+            self._refuse(text, op, Refusal.DENIED, malformed)
         try:
             vpath = normalise(text)
         except PathEscape as exc:
@@ -245,6 +249,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
     def realpath(self, path: bytes) -> bytes:
         if self._session is None:
             self._refuse(os.fsdecode(path), "realpath", Refusal.DENIED, "only job-certificate sessions get data")
+        malformed = _malformed(path)
+        if malformed:
+            self._refuse(os.fsdecode(path), "realpath", Refusal.DENIED, malformed)
         try:
             return os.fsencode(normalise(os.fsdecode(path)))
         except PathEscape as exc:
@@ -636,6 +643,24 @@ class PlatformSession(asyncssh.SSHServerProcess[bytes]):
         writer = _CorkedWriter(asyncssh.SSHWriter(self, chan), asyncio.get_running_loop())
         handler = SFTPHandler(server, asyncssh.SSHReader(self, chan), writer, 3)  # type: ignore[arg-type]
         chan.get_connection().create_task(handler.run(), handler.logger)
+
+
+#: Longest path and path component a request may name, in bytes (Linux's PATH_MAX and NAME_MAX).
+MAX_PATH = 4096
+MAX_NAME = 255
+
+
+def _malformed(raw: bytes) -> str:
+    """Why a client's path can name nothing here ('' if it can): checked before any storage call."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "path is not valid UTF-8"
+    if b"\0" in raw:
+        return "path contains a NUL byte"
+    if len(raw) > MAX_PATH or any(len(part) > MAX_NAME for part in raw.split(b"/")):
+        return "name too long"
+    return ""
 
 
 def _is_manifest(target: Target) -> bool:
