@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medbridge.errors import InvalidInput, NotInitialised
+from medbridge.net import parse_networks
 
-#: Ciphers offered by the data plane, fastest first (AES-GCM is 1.5x cheaper here
-#: than asyncssh's default chacha20-poly1305; see shared/reference/facts.md).
+#: Ciphers offered by the data plane, fastest first (AES-GCM costs asyncssh far less
+#: CPU than its default chacha20-poly1305).
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com")
 
 #: The platform's SFTP extension for whole small files (medbridge.platform.sftp.read_file);
 #: its VERSION value is the most bytes one request returns.
 READ_FILE_EXTENSION = b"read-file@medbridge"
+
+
+def check_keys(table: Mapping[str, Any], valid: Collection[str], where: str) -> None:
+    """Settings name only keys we know: an unknown one fails and lists the valid ones."""
+    unknown = sorted(set(table) - set(valid))
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        raise InvalidInput(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {names}; valid keys: {', '.join(sorted(valid))}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,10 +50,7 @@ class PlatformSettings:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, origin: str = "settings") -> PlatformSettings:
         """Build from parsed TOML; unknown keys fail and name the valid ones."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise InvalidInput(f"{origin}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        check_keys(data, {f.name for f in dataclasses.fields(cls)}, origin)
         values: dict[str, Any] = {}
         for key, raw in data.items():
             default = getattr(cls(), key)
@@ -59,11 +66,7 @@ class PlatformSettings:
                 values[key] = type(default)(raw)
         settings = cls(**values)
         for key in ("certificate_source_addresses", "trusted_proxies"):
-            for cidr in getattr(settings, key):
-                try:
-                    ipaddress.ip_network(cidr, strict=False)
-                except ValueError as exc:
-                    raise InvalidInput(f"{origin}: {key}: {exc}") from exc
+            parse_networks(getattr(settings, key), f"{origin}: {key}")
         if settings.max_certificate_lifetime <= 0 or settings.enforcement_interval <= 0:
             raise InvalidInput(f"{origin}: lifetimes and intervals must be positive")
         return settings

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-CHUNK = 1 << 20
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _tuned = False
 
@@ -21,9 +20,8 @@ def keep_freed_memory() -> bool:
     Why: every request of the data plane builds buffers of 100 KiB to a few MiB (SSH
     packets, read replies, samples).  By default glibc maps each of those afresh, or
     trims the heap under them once freed, so the next one faults in every page again;
-    on a virtual machine that costs more than encrypting the bytes.  Measured on dev-2c
-    (shard samples, server on one core): 1,700 -> 5,000 samples/s, server 5.4 -> 1.1
-    CPU-s/GB.  The price is that up to a few hundred MiB freed stay with the process.
+    on a virtual machine that costs more than encrypting the bytes (docs/benchmarks.md
+    has the figures).  The price is that up to a few hundred MiB freed stay with the process.
     Process-wide and idempotent; False where the C library is not glibc.
     """
     global _tuned
@@ -62,8 +60,6 @@ def cpu_seconds(pid: int) -> float:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
+    """The SHA-256 of a file's bytes, read in chunks (never the whole file in memory)."""
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

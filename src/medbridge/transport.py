@@ -3,8 +3,8 @@
 asyncssh writes every SSH packet to its transport on its own, and asyncio's
 transport sends each write at once when its buffer is empty: one system call per
 packet.  A 32 KiB SFTP read reply to sshfs is two packets, each after an
-``MSG_IGNORE`` asyncssh adds, and on a VM a ``send`` costs tens of microseconds.  The
-profile of the server behind sshfs put 37% of its CPU in those calls.  :func:`coalesce` puts a thin
+``MSG_IGNORE`` asyncssh adds, and on a VM a ``send`` costs more than sealing a small packet (docs/benchmarks.md has the
+profile).  :func:`coalesce` puts a thin
 layer under the connection that joins what one pass of the loop writes and sends it
 once, after the pass.  Order is kept, and nothing is delayed beyond the current pass.
 ``close``, ``abort`` and ``write_eof`` send what is pending first, as the plain

@@ -19,6 +19,7 @@ from typing import Any
 
 from medbridge.compute.session import Endpoint, connect
 from medbridge.errors import InvalidInput, PlatformUnavailable
+from medbridge.net import parse_address
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,9 @@ class Route:
 
 def parse_route(text: str) -> Route:
     name, sep, address = text.partition("=")
-    host, colon, port = address.rpartition(":")
-    if not sep or not name or not colon or not port.isdigit():
+    if not sep or not name:
         raise InvalidInput(f"--route {text!r}: use NAME=HOST:PORT")
-    return Route(name, host.strip("[]"), int(port))
+    return Route(name, *parse_address(address, f"--route {text!r}"))
 
 
 def tcp_samples(route: Route, samples: int, timeout: float = 5.0) -> list[float]:

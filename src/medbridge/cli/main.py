@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import ipaddress
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, time, timedelta
@@ -18,10 +16,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 
 from medbridge import __version__, processes
 from medbridge.cli import output
-from medbridge.compute.credentials import parse_address
 from medbridge.config import Home
 from medbridge.control.store import Store
 from medbridge.errors import InvalidInput, MedbridgeError
+from medbridge.net import parse_address, parse_networks, stop_event
 from medbridge.platform.keys import fingerprint, load_private_key, public_line, read_public_key_file
 from medbridge.policy.manifest import format_manifest
 
@@ -116,13 +114,9 @@ def platform_serve(home: Path | None, listen: str, trusted: Sequence[str], worke
 
     h = Home.resolve(home)
     h.require()
-    host, port = parse_address(listen)
+    host, port = parse_address(listen, "--listen")
     key = load_private_key(h.host_key)
-    for cidr in trusted:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError as exc:
-            raise InvalidInput(f"--trusted-proxy {cidr!r}: {exc}") from exc
+    parse_networks(trusted, "--trusted-proxy")
 
     count = workers or os.cpu_count() or 1
     processes.keep_freed_memory()  # before the workers fork: they inherit it
@@ -140,11 +134,7 @@ def platform_serve(home: Path | None, listen: str, trusted: Sequence[str], worke
         return
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(h, host, port, ready=ready, stop=stop, trusted_proxies=trusted)
+        await serve(h, host, port, ready=ready, stop=stop_event(), trusted_proxies=trusted)
 
     asyncio.run(main())
 

@@ -10,16 +10,8 @@ import asyncssh
 
 from medbridge import errors
 from medbridge.config import CIPHERS
-from medbridge.errors import HostKeyMismatch, InvalidInput, MedbridgeError, PlatformUnavailable
+from medbridge.errors import HostKeyMismatch, MedbridgeError, PlatformUnavailable
 from medbridge.platform.issuer import ISSUE_COMMAND, REPORT_COMMAND
-
-
-def parse_address(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a clear error."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise InvalidInput(f"address {value!r} must look like HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True)

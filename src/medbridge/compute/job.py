@@ -1,7 +1,7 @@
 """``medbridge job run``: a job's platform access, from certificate to residue scan.
 
 set up   enrolment key → job certificate for an in-memory key → private ssh-agent
-         → dataset manifests → optional sshfs mount → renewal thread
+         → dataset manifests → optional sshfs mount → renewal thread (compute.renewal)
 payload  runs with SSH_AUTH_SOCK and MEDBRIDGE_* set; SIGTERM/SIGINT/SIGHUP are
          forwarded and turn into an orderly teardown (exit 128+N)
 teardown (always) upload outputs and commit their manifest → unmount (lazy if busy)
@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -40,13 +39,14 @@ from medbridge.compute.credentials import (
     Enrolment,
     JobCredential,
     end_job,
-    parse_address,
     request_certificate,
 )
 from medbridge.compute.mount import Mount
+from medbridge.compute.renewal import Renewer, seconds_left
 from medbridge.compute.session import Endpoint, fetch_manifests, upload_outputs, wipe
 from medbridge.config import CIPHERS
-from medbridge.errors import AccessDenied, InvalidInput, JobFailed, MedbridgeError
+from medbridge.errors import InvalidInput, JobFailed, MedbridgeError
+from medbridge.net import format_address, parse_address
 from medbridge.platform.keys import KEY_ALG, public_line, read_private_key_file
 from medbridge.policy.manifest import parse_manifest
 from medbridge.policy.names import check_name
@@ -147,10 +147,6 @@ def known_hosts_line(host: str, port: int, key: asyncssh.SSHKey) -> str:
     return f"{name} {public_line(key)}\n"
 
 
-def seconds_left(valid_before: str) -> float:
-    return (datetime.fromisoformat(valid_before) - datetime.now(UTC)).total_seconds()
-
-
 class _Signals:
     """Forward SIGTERM/SIGINT/SIGHUP to the payload's process group, remember the first one.
 
@@ -190,39 +186,6 @@ class _Signals:
             signal.signal(s, old)
 
 
-class Renewer(threading.Thread):
-    """Renews the job certificate when a third of its life is left, while grants allow."""
-
-    def __init__(self, job: Job, first: JobCredential):
-        super().__init__(name="medbridge-renewal", daemon=True)
-        self.job = job
-        self.current = first
-        self.renewals = 0
-        self.refused: str | None = None
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        life = max(3.0, seconds_left(self.current.valid_before) + 30)
-        while not self._halt.wait(max(0.5, seconds_left(self.current.valid_before) - life / 3)):
-            try:
-                cred = asyncio.run(self.job.certify())
-            except AccessDenied as exc:
-                self.refused = str(exc)
-                self.job.say(f"certificate renewal refused: {exc}; data access ends at {self.current.valid_before}")
-                return
-            except MedbridgeError as exc:
-                self.job.say(f"certificate renewal failed, will retry: {exc}")
-                self._halt.wait(min(30.0, max(1.0, seconds_left(self.current.valid_before) / 4)))
-                continue
-            self.current = cred
-            self.renewals += 1
-
-    def stop(self) -> None:
-        self._halt.set()
-        if self.is_alive():
-            self.join(timeout=30)
-
-
 @dataclass
 class Outcome:
     """What happened, for the summary line, ``--report`` and the platform's audit log."""
@@ -255,7 +218,7 @@ class Job:
             )
         self.environ = environ
         self.say = say
-        host, port = parse_address(spec.platform)
+        host, port = parse_address(spec.platform, "--platform")
         user = check_name("user", spec.user or environ.get("MEDBRIDGE_USER") or getpass.getuser())
         self.job_id = check_name("job id", spec.job_id or default_job_id(environ))
         self.spec = spec = dataclasses.replace(
@@ -305,7 +268,7 @@ class Job:
                 self.write_state()
             except OSError as exc:
                 self.say(f"could not leave state for the Slurm epilog ({exc}); its safety net is weaker for this job")
-            self.renewer = Renewer(self, cred)
+            self.renewer = Renewer(cred, self.certify, self.say)
             self.renewer.start()
             if signals.received is None:
                 started = True
@@ -352,7 +315,7 @@ class Job:
                 "MEDBRIDGE_RESULTS_LEDGER": str(folder / "results.ledger"),
                 "MEDBRIDGE_RESULTS_URL": f"medbridge://results/{cred.user}/{cred.job_id}",
                 "SSH_AUTH_SOCK": str(self.agent.socket),
-                "MEDBRIDGE_PLATFORM": f"{e.host}:{e.port}",
+                "MEDBRIDGE_PLATFORM": format_address(e.host, e.port),
                 "MEDBRIDGE_USER": cred.user,
                 "MEDBRIDGE_JOB_ID": cred.job_id,
                 "MEDBRIDGE_SSH_CONFIG": str(config),

@@ -12,7 +12,8 @@ from typing import Any
 import asyncssh
 
 from medbridge.config import CIPHERS
-from medbridge.errors import AccessDenied, JobFailed, PlatformUnavailable
+from medbridge.errors import AccessDenied, InvalidInput, JobFailed, PlatformUnavailable
+from medbridge.net import parse_address
 from medbridge.policy.manifest import DATASET_MANIFEST, PARTIAL_SUFFIX, RESULTS_MANIFEST, format_manifest
 from medbridge.processes import sha256_file
 
@@ -31,16 +32,16 @@ class Endpoint:
 def endpoint_from_job(environ: Mapping[str, str]) -> Endpoint:
     """The job's data session from what ``job run`` put in the environment; nothing else to configure."""
     try:
-        host, _, port = environ["MEDBRIDGE_PLATFORM"].rpartition(":")
+        host, port = parse_address(environ["MEDBRIDGE_PLATFORM"], "MEDBRIDGE_PLATFORM")
         known = Path(environ["MEDBRIDGE_SSH_CONFIG"]).with_name("known_hosts").read_text().split()
         return Endpoint(
             host,
-            int(port),
+            port,
             environ["MEDBRIDGE_USER"],
             asyncssh.import_public_key(" ".join(known[1:3])),
             environ["SSH_AUTH_SOCK"],
         )
-    except (KeyError, ValueError, OSError, IndexError, asyncssh.KeyImportError) as exc:
+    except (KeyError, ValueError, OSError, IndexError, asyncssh.KeyImportError, InvalidInput) as exc:
         raise JobFailed(f"not inside 'medbridge job run' (job environment incomplete: {exc})") from exc
 
 

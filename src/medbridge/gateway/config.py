@@ -18,15 +18,14 @@ Parsing is pure: text in, a frozen :class:`GatewayConfig` out, or one clear erro
 
 from __future__ import annotations
 
-import ipaddress
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from medbridge.config import check_keys
 from medbridge.errors import InvalidInput
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from medbridge.net import Network, format_address, in_networks, parse_address, parse_networks
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,11 +53,7 @@ class RouteConfig:
     max_per_source: int = 256
 
     def admits(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.allow)
+        return in_networks(host, self.allow)
 
 
 @dataclass(frozen=True)
@@ -72,24 +67,8 @@ _ROUTE_KEYS = {"name", "listen", "backends", "allow", "proxy_protocol", "idle_ti
 _METRICS_KEYS = {"listen"}
 
 
-def parse_address(value: object, where: str) -> Address:
-    if not isinstance(value, str):
-        raise InvalidInput(f"{where}: must be a string HOST:PORT")
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise InvalidInput(f"{where}: {value!r} is not HOST:PORT")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError as exc:
-        raise InvalidInput(f"{where}: {host!r} is not an IP address") from exc
-    return Address(host, int(port))
-
-
-def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise InvalidInput(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(allowed))}")
+def _address(value: object, where: str) -> Address:
+    return Address(*parse_address(value, where, ip_only=True))
 
 
 def _number(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
@@ -110,21 +89,18 @@ def _route(table: object, index: int) -> RouteConfig:
     where = f"route[{index}]"
     if not isinstance(table, dict):
         raise InvalidInput(f"{where}: must be a table")
-    _check_keys(table, _ROUTE_KEYS, where)
+    check_keys(table, _ROUTE_KEYS, where)
     for required in ("listen", "backends", "allow"):
         if required not in table:
             raise InvalidInput(f"{where}: missing key {required!r}")
-    listen = parse_address(table["listen"], f"{where}.listen")
+    listen = _address(table["listen"], f"{where}.listen")
     backends = table["backends"]
     if not isinstance(backends, list) or not backends:
         raise InvalidInput(f"{where}.backends: must be a non-empty list of HOST:PORT")
     allow = table["allow"]
     if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
         raise InvalidInput(f"{where}.allow: must be a list of CIDRs")
-    try:
-        networks = tuple(ipaddress.ip_network(a, strict=False) for a in allow)
-    except ValueError as exc:
-        raise InvalidInput(f"{where}.allow: {exc}") from exc
+    networks = parse_networks(allow, f"{where}.allow")
     for flag in ("proxy_protocol", "require_ssh"):
         if flag in table and not isinstance(table[flag], bool):
             raise InvalidInput(f"{where}.{flag}: must be true or false")
@@ -134,7 +110,7 @@ def _route(table: object, index: int) -> RouteConfig:
     return RouteConfig(
         name=name,
         listen=listen,
-        backends=tuple(parse_address(b, f"{where}.backends[{i}]") for i, b in enumerate(backends)),
+        backends=tuple(_address(b, f"{where}.backends[{i}]") for i, b in enumerate(backends)),
         allow=networks,
         proxy_protocol=bool(table.get("proxy_protocol", False)),
         idle_timeout=_number(table, "idle_timeout", 3600.0, where),
@@ -157,7 +133,7 @@ def parse(text: str, origin: str = "gateway config") -> GatewayConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"{origin}: {exc}") from exc
-    _check_keys(data, {"route", "metrics"}, origin)
+    check_keys(data, {"route", "metrics"}, origin)
     routes_raw = data.get("route")
     if not isinstance(routes_raw, list) or not routes_raw:
         raise InvalidInput(f"{origin}: needs at least one [[route]]")
@@ -175,8 +151,8 @@ def parse(text: str, origin: str = "gateway config") -> GatewayConfig:
         m = data["metrics"]
         if not isinstance(m, dict):
             raise InvalidInput(f"{origin}: [metrics] must be a table")
-        _check_keys(m, _METRICS_KEYS, "metrics")
-        metrics = parse_address(m.get("listen"), "metrics.listen")
+        check_keys(m, _METRICS_KEYS, "metrics")
+        metrics = _address(m.get("listen"), "metrics.listen")
         if any(_overlap(metrics, r.listen) for r in routes):
             raise InvalidInput(f"{origin}: metrics.listen overlaps a route's port")
     return GatewayConfig(routes, metrics)

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from medbridge.errors import AddressInUse, PlatformUnavailable
 from medbridge.gateway import proxy
 from medbridge.gateway.config import Address, GatewayConfig, RouteConfig
 from medbridge.gateway.relay import Link
+from medbridge.net import bind
 
 log = logging.getLogger("medbridge.gateway")
 
@@ -135,16 +135,7 @@ class Listener:
         self.route = route
         self.backends = _Backends(route.backends)
         self.gateway = gateway
-        family = socket.AF_INET6 if ":" in route.listen.host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((route.listen.host, route.listen.port))
-        except OSError as exc:
-            self.sock.close()
-            if exc.errno == 98:
-                raise AddressInUse(f"route {route.name!r}: {route.listen} is already in use") from exc
-            raise PlatformUnavailable(f"route {route.name!r}: cannot listen on {route.listen}: {exc.strerror}") from exc
+        self.sock = bind(route.listen.host, route.listen.port, what=f"route {route.name!r}")
         self.sock.listen(512)
         self.sock.setblocking(False)
         self._stop = threading.Event()

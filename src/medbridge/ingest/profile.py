@@ -24,6 +24,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
+from medbridge.config import check_keys
 from medbridge.errors import InvalidInput
 
 BUILT_IN = "ps3-15-basic.toml"
@@ -160,7 +161,7 @@ def parse_profile(text: str, source: str = "<profile>") -> Profile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"profile {source}: not valid TOML: {exc}") from exc
-    _unknown(data, _PROFILE_KEYS, f"profile {source}")
+    check_keys(data, _PROFILE_KEYS, f"profile {source}")
     name = _string(data, "name", source, required=True)
     private = _string(data, "private_tags", source, default="forbidden")
     if private not in ("forbidden", "allowed"):
@@ -241,7 +242,7 @@ def _clean_in(ds: Dataset, profile: Profile, pseudonyms: Mapping[str, str], *, t
 
 def _rule(raw: dict[str, Any], number: int, source: str, default_pattern: re.Pattern[str]) -> Rule:
     where = f"profile {source}: rule {number}"
-    _unknown(raw, _RULE_KEYS, where)
+    check_keys(raw, _RULE_KEYS, where)
     tag_text = raw.get("tag")
     keyword = raw.get("keyword")
     if tag_text is None and keyword is None:
@@ -288,12 +289,6 @@ def _rule(raw: dict[str, Any], number: int, source: str, default_pattern: re.Pat
         raise InvalidInput(f"{where}: pattern is only for 'pseudonym' rules")
     name = keyword or (keyword_for_tag(pattern.value) if pattern.exact else "")
     return Rule(pattern, name, require, value, regex)
-
-
-def _unknown(data: Mapping[str, Any], valid: frozenset[str], where: str) -> None:
-    for key in data:
-        if key not in valid:
-            raise InvalidInput(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(valid))}")
 
 
 def _string(data: Mapping[str, Any], key: str, source: str, *, default: str = "", required: bool = False) -> str:

@@ -304,8 +304,8 @@ class _Pending:
     """One read's outcome, handed from the loop thread to the consumer without a lock unless it must wait.
 
     A ``concurrent.futures.Future`` per sample cost a condition variable's notify per
-    read, and ``run_coroutine_threadsafe`` a loop wake-up per read: 12-18% of the
-    loader's CPU for small files.  Here the consumer sets ``waiter`` before it checks
+    read, and ``run_coroutine_threadsafe`` a loop wake-up per read: a large share of the
+    loader's CPU for small files (docs/benchmarks.md).  Here the consumer sets ``waiter`` before it checks
     ``done`` and the loop sets ``done`` before it reads ``waiter``, so no wake-up is lost.
     """
 

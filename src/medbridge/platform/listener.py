@@ -11,16 +11,15 @@ Anyone else who sends a PROXY header is refused and audited.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
 from medbridge.gateway import proxy
+from medbridge.net import Network, in_networks
 
 log = logging.getLogger("medbridge.platform")
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 HEADER_TIMEOUT = 5.0
 #: How long to wait for a client's first bytes before deciding it sent no PROXY header.
 PEEK_TIMEOUT = 2.0
@@ -35,18 +34,6 @@ class CarriedPeerSocket(socket.socket):
 
     def getpeername(self) -> tuple[str, int]:
         return self._carried
-
-
-def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
-
-
-def trusted(address: str, networks: Sequence[Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in n for n in networks)
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
@@ -92,7 +79,7 @@ async def accept_forever(
 
     async def one(sock: socket.socket, peer: tuple[str, int]) -> None:
         try:
-            if trusted(peer[0], proxies):
+            if in_networks(peer[0], proxies):
                 try:
                     header = await asyncio.wait_for(_recv_exactly(loop, sock, proxy.HEADER_LEN), HEADER_TIMEOUT)
                     body = await asyncio.wait_for(_recv_exactly(loop, sock, proxy.body_length(header)), HEADER_TIMEOUT)

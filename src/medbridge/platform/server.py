@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
@@ -21,11 +20,12 @@ from asyncssh.channel import SSHChannel
 from medbridge.config import CIPHERS, Home, PlatformSettings
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
-from medbridge.errors import AddressInUse, MedbridgeError, PlatformUnavailable
+from medbridge.errors import MedbridgeError, PlatformUnavailable
+from medbridge.net import bind, parse_networks
 from medbridge.platform.audit import AuditSink
 from medbridge.platform.issuer import ISSUE_COMMAND, MAX_REQUEST, REPORT_COMMAND, Issuer
 from medbridge.platform.keys import fingerprint, load_private_key
-from medbridge.platform.listener import accept_forever, parse_networks
+from medbridge.platform.listener import accept_forever
 from medbridge.platform.sftp import JobSFTPServer, PlatformSession, Results
 from medbridge.policy.credentials import serial_from_principals, serial_principal
 from medbridge.policy.manifest import format_manifest
@@ -383,7 +383,7 @@ class Platform:
         self, host: str, port: int, trusted_proxies: Sequence[str] = (), reuse_port: bool = False
     ) -> tuple[str, int]:
         """Listen and return the bound address (port 0 picks a free one)."""
-        proxies = parse_networks([*self.settings.trusted_proxies, *trusted_proxies])
+        proxies = parse_networks([*self.settings.trusted_proxies, *trusted_proxies], "trusted proxies")
 
         options = asyncssh.SSHServerConnectionOptions(
             server_host_keys=[self.host_key],
@@ -418,18 +418,7 @@ class Platform:
                 )
             )
 
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            listener.bind((host, port))
-        except OSError as exc:
-            listener.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise AddressInUse(f"cannot listen on {host}:{port}: address already in use") from exc
-            raise PlatformUnavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        listener = bind(host, port, reuse_port=reuse_port)
         listener.listen(512)
         listener.setblocking(False)
         self._listener = listener

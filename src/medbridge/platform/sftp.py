@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPName
@@ -40,6 +40,7 @@ from medbridge.control.audit import AuditEvent, escape_text, needs_escape
 from medbridge.errors import InvalidInput
 from medbridge.policy.manifest import DATASET_MANIFEST, PARTIAL_SUFFIX, RESULTS_MANIFEST, parse_manifest
 from medbridge.policy.paths import Action, Kind, PathEscape, Refusal, Target, decide, normalise, parse, within
+from medbridge.processes import sha256_file
 from medbridge.transport import PassJoiner
 
 log = logging.getLogger("medbridge.platform")
@@ -167,7 +168,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     # -- the one hook ------------------------------------------------------------------
 
-    def _refuse(self, path: str, op: str, refusal: Refusal, reason: str) -> None:
+    def _refuse(self, path: str, op: str, refusal: Refusal, reason: str) -> NoReturn:
         s = self._session
         self._record(
             AuditEvent(
@@ -189,7 +190,6 @@ class JobSFTPServer(asyncssh.SFTPServer):
         s = self._session
         if s is None:
             self._refuse(text, op, Refusal.DENIED, "only job-certificate sessions get data")
-            raise AssertionError("unreachable")
         malformed = _malformed(raw)
         if malformed:
             self._refuse(text, op, Refusal.DENIED, malformed)
@@ -256,7 +256,6 @@ class JobSFTPServer(asyncssh.SFTPServer):
             return os.fsencode(normalise(os.fsdecode(path)))
         except PathEscape as exc:
             self._refuse(os.fsdecode(path), "realpath", Refusal.DENIED, str(exc))
-            raise AssertionError("unreachable") from exc
 
     def stat(self, path: bytes) -> SFTPAttrs:
         return self._stat(path, "stat", os.stat)
@@ -609,9 +608,9 @@ class _CorkedWriter(PassJoiner):
     asyncssh's handler writes each reply on its own, and the channel sends each write
     as its own packets: a 32 KiB read reply to sshfs is one full packet and one of 13
     bytes.  Joined, the replies of a pass fill whole packets (half as many to seal, send
-    and decrypt); behind sshfs this took our server from 0.8x to ~0.95x OpenSSH's
-    throughput.  Nothing waits beyond the current pass, and at most ``limit`` bytes
-    are held.  ``write_eof`` and ``close`` send what is held first.
+    and decrypt; docs/benchmarks.md has what it gained behind sshfs).  Nothing waits
+    beyond the current pass, and at most ``limit`` bytes are held.  ``write_eof`` and
+    ``close`` send what is held first.
     """
 
     limit = 1 << 20
@@ -687,12 +686,8 @@ def verify_results(job_root: str, manifest_file: str, max_entries: int) -> tuple
         path = os.path.realpath(os.path.join(job_root, rel))
         if not within(real_root, path) or not os.path.isfile(path) or rel.endswith(PARTIAL_SUFFIX):
             return f"{rel} is missing"
-        digest = hashlib.sha256()
-        with open(path, "rb") as data:
-            while chunk := data.read(1 << 20):
-                digest.update(chunk)
-                total += len(chunk)
-        if digest.hexdigest() != sha:
+        total += os.path.getsize(path)
+        if sha256_file(path) != sha:
             return f"{rel} does not match its SHA-256"
     return len(entries), total, hashlib.sha256(raw).hexdigest()
 

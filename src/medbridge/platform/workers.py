@@ -19,34 +19,25 @@ import time
 from collections.abc import Callable, Sequence
 
 from medbridge.config import Home
-from medbridge.errors import AddressInUse, PlatformUnavailable
+from medbridge.errors import PlatformUnavailable
+from medbridge.net import STOP_SIGNALS, bind, stop_event
 
 log = logging.getLogger("medbridge.platform")
 
 
 def reserve(host: str, port: int) -> socket.socket:
-    """Bind (not listen) with SO_REUSEPORT, so the port is ours and workers can share it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        s.bind((host, port))
-    except OSError as exc:
-        s.close()
-        if exc.errno == 98:
-            raise AddressInUse(f"cannot listen on {host}:{port}: address already in use") from exc
-        raise PlatformUnavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    return s
+    """Bind (not listen) with SO_REUSEPORT, so the port is ours and workers can share it.
+
+    No SO_REUSEADDR: with it, another process could bind the port while nothing listens yet.
+    """
+    return bind(host, port, reuse_addr=False, reuse_port=True)
 
 
 def _worker(home: Home, host: str, port: int, trusted: Sequence[str], ready_fd: int) -> None:
     from medbridge.platform.server import serve
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_event()
 
         def ready(_host: str, _port: int) -> None:
             os.write(ready_fd, b"r")
@@ -91,7 +82,7 @@ def run(home: Home, host: str, port: int, workers: int, trusted: Sequence[str],
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, stop)
     try:
         for slot in range(workers):

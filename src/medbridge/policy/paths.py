@@ -6,7 +6,7 @@
                                    its user's other job folders are readable
 
 Paths are parsed lexically here.  Resolving symlinks against the real storage is
-the server's job (``medbridge.platform.namespace``), and it must use the same
+the server's job (``medbridge.platform.sftp``, ``JobSFTPServer._resolve``), and it must use the same
 rule: whatever a name resolves to must stay inside the root it was parsed under.
 """
 

@@ -2,7 +2,7 @@
 
 ``tc netem`` is not available on these machines, so delay is added in user space.
 Each direction has a reader that stamps chunks with their release time and a writer
-that sleeps until then (``time.sleep`` is accurate to ~0.1 ms here, unlike asyncio's
+that sleeps until then (``time.sleep`` wakes far closer to its deadline than asyncio's
 millisecond-rounded timers), so a relay with one-way delay d adds 2d to a round trip.
 Optionally caps bandwidth per direction.
 
@@ -18,6 +18,8 @@ import socket
 import sys
 import threading
 import time
+
+from medbridge.net import parse_address
 
 
 class DelayRelay:
@@ -126,10 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay per direction")
     parser.add_argument("--rate-mbit", type=float, default=None, help="bandwidth cap per direction")
     args = parser.parse_args(argv)
-    lh, _, lp = args.listen.rpartition(":")
-    th, _, tp = args.target.rpartition(":")
     rate = args.rate_mbit * 1e6 / 8 if args.rate_mbit else None
-    relay = DelayRelay((lh, int(lp)), (th, int(tp)), args.delay_ms / 1000.0, rate)
+    listen, target = parse_address(args.listen, "--listen"), parse_address(args.target, "--target")
+    relay = DelayRelay(listen, target, args.delay_ms / 1000.0, rate)
     print(
         f"delay relay {relay.address[0]}:{relay.address[1]} -> {args.target} +{args.delay_ms} ms each way", flush=True
     )
