@@ -15,6 +15,7 @@ import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
 from medbridge import __version__, processes
+from medbridge.cli import ingest as ingest_cli
 from medbridge.cli import output
 from medbridge.config import Home
 from medbridge.control.store import Store
@@ -249,17 +250,17 @@ def dataset() -> None:
     default=None,
     help="Anonymisation profile (TOML); default: the built-in DICOM PS3.15 basic profile.",
 )
+@click.option("--pseudonym", "pseudonyms", multiple=True, metavar="KEYWORD=REGEX", help=ingest_cli.PSEUDONYM_HELP)
 @click.option(
     "--allow-report", is_flag=True, help="Administrator: accept the dataset although files fail the profile (audited)."
 )
 def dataset_add(home: Path | None, name: str, src: Path, provider: str, profile: Path | None,
-                allow_report: bool) -> None:  # fmt: skip
+                pseudonyms: tuple[str, ...], allow_report: bool) -> None:  # fmt: skip
     """Copy a folder into platform storage: anonymisation gate, SHA-256 manifest, all or nothing."""
     from medbridge.errors import NotAnonymised
-    from medbridge.ingest.profile import load_profile
     from medbridge.platform.storage import add_dataset, scan_source
 
-    rules = load_profile(profile)
+    rules = ingest_cli.gate_profile(profile, pseudonyms)
     h, store = _store(home)
     total = sum(f.stat().st_size for f in scan_source(src))
     try:

@@ -139,7 +139,7 @@ def check_dataset(ds: Dataset, profile: Profile) -> list[Issue]:
     issues: list[Issue] = []
     _judge(ds, profile, issues, "")
     for rule in profile.rules:
-        if rule.require is Requirement.EQUAL and rule.tag.exact and rule.tag.value not in ds:
+        if rule.require in (Requirement.EQUAL, Requirement.PRESENT) and rule.tag.exact and rule.tag.value not in ds:
             problem = rule.problem(False, True, None)
             assert problem is not None
             issues.append(Issue(_tag(rule.tag.value), rule.keyword, problem))
@@ -208,7 +208,7 @@ def _judge(ds: Dataset, profile: Profile, issues: list[Issue], where: str) -> No
                 issues.append(Issue(f"({tag.group:04X},xxxx)", None, f"private tags are forbidden{where}"))
             continue
         rule = profile.rule_for(tag)
-        if rule is not None and not (rule.require is Requirement.EQUAL and where):
+        if rule is not None and not (rule.require in (Requirement.EQUAL, Requirement.PRESENT) and where):
             state = _state(ds, tag)
             if state is None:
                 issues.append(Issue(_tag(tag), keyword, f"value cannot be decoded{where}"))

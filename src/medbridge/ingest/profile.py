@@ -12,7 +12,7 @@ import copy
 import enum
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -52,6 +52,7 @@ class Requirement(enum.StrEnum):
     PSEUDONYM = "pseudonym"
     EQUAL = "equal"
     NOT_EQUAL = "not-equal"
+    PRESENT = "present"
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class Rule:
             if not present or empty:
                 return f"must be {self.value!r}; it is missing"
             return None if _same(text, self.value) else f"must be {self.value!r}"
+        if self.require is Requirement.PRESENT:
+            return None if present and not empty else "must be present and not empty"
         if not present:
             return None
         if self.require is Requirement.ABSENT:
@@ -132,6 +135,8 @@ class Profile:
     pseudonym_pattern: re.Pattern[str]
     deidentification_method: str
     source: str
+    #: Pseudonyms declared for one dataset (keyword -> pattern), see :func:`with_pseudonyms`.
+    declared: Mapping[str, str] = field(default_factory=dict)
     _exact: dict[int, Rule] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -141,6 +146,64 @@ class Profile:
         """The rule that covers ``tag``: its own, else the first repeating-group rule that matches."""
         rule = self._exact.get(tag)
         return rule or next((r for r in self.rules if not r.tag.exact and r.tag.matches(tag)), None)
+
+
+#: Values a declared pseudonym pattern must refuse: real-looking names and record numbers.
+REAL_LOOKING = ("Smith^John", "DOE^JANE^A", "Müller^Anna", "John Smith", "SMITH", "123456", "0012345678",
+                "MRN123456", "19630512")  # fmt: skip
+
+
+def with_pseudonyms(profile: Profile, declared: Mapping[str, str]) -> Profile:
+    """``profile`` for one dataset whose identifying attributes hold declared pseudonyms.
+
+    ``declared`` maps keywords (``PatientID``, ``PatientName``) to regular expressions
+    that each value must match in full.  Only attributes the profile lets be replaced
+    (``pseudonym`` or ``empty`` rules: PS3.15's D and Z actions) can be declared, and a
+    pattern that would accept a real-looking name or record number is refused.  The
+    result also requires Patient Identity Removed = YES (from the profile) and a
+    De-identification Method (0012,0063): pseudonyms are only as good as their method.
+    """
+    if not declared:
+        return profile
+    replaced: dict[str, Rule] = {}
+    by_keyword = {r.keyword: r for r in profile.rules if r.keyword}
+    for keyword, text in declared.items():
+        rule = by_keyword.get(keyword)
+        if rule is None or rule.require not in (Requirement.PSEUDONYM, Requirement.EMPTY):
+            allowed = sorted(
+                k for k, r in by_keyword.items() if r.require in (Requirement.PSEUDONYM, Requirement.EMPTY)
+            )
+            raise InvalidInput(f"--pseudonym {keyword}: profile {profile.name} does not let {keyword} hold a "
+                               f"pseudonym (attributes it does: {', '.join(allowed)})")  # fmt: skip
+        pattern = _regex(text, profile.source, f"--pseudonym {keyword}")
+        accepted = [probe for probe in REAL_LOOKING if pattern.fullmatch(probe)]
+        if accepted or pattern.fullmatch(""):
+            raise InvalidInput(f"--pseudonym {keyword}={text}: accepts the real-looking value "
+                               f"{(accepted or [''])[0]!r}; declare the archive's own form")  # fmt: skip
+        replaced[keyword] = Rule(rule.tag, keyword, Requirement.PSEUDONYM, None, pattern)
+    method_tag = TagPattern(0x00120063)
+    rules = [replaced.get(r.keyword, r) for r in profile.rules if r.tag != method_tag]
+    rules.append(Rule(method_tag, "DeidentificationMethod", Requirement.PRESENT))
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(declared.items()))
+    return Profile(name=f"{profile.name} + pseudonyms ({summary})", description=profile.description,
+                   rules=tuple(rules), forbid_private_tags=profile.forbid_private_tags,
+                   require_pixel_data=profile.require_pixel_data, pseudonym_pattern=profile.pseudonym_pattern,
+                   deidentification_method=profile.deidentification_method, source=profile.source,
+                   declared=dict(declared))  # fmt: skip
+
+
+def parse_declarations(items: Sequence[str]) -> dict[str, str]:
+    """``KEYWORD=REGEX`` options into a mapping; each keyword once."""
+    out: dict[str, str] = {}
+    for item in items:
+        keyword, sep, pattern = item.partition("=")
+        keyword = keyword.strip()
+        if not sep or not keyword or not pattern:
+            raise InvalidInput(f"--pseudonym {item!r}: use KEYWORD=REGEX, e.g. PatientID='LIDC-IDRI-[0-9]{{4}}'")
+        if keyword in out:
+            raise InvalidInput(f"--pseudonym {keyword} is given twice")
+        out[keyword] = pattern
+    return out
 
 
 def load_profile(path: Path | None = None) -> Profile:
@@ -228,7 +291,7 @@ def _clean_in(ds: Dataset, profile: Profile, pseudonyms: Mapping[str, str], *, t
     for tag in list(ds.keys()):
         rule = profile.rule_for(tag)
         elem = ds[tag]
-        if rule is None or rule.require in (Requirement.EQUAL, Requirement.NOT_EQUAL):
+        if rule is None or rule.require in (Requirement.EQUAL, Requirement.NOT_EQUAL, Requirement.PRESENT):
             if elem.VR == "SQ":
                 for item in elem.value:
                     _clean_in(item, profile, pseudonyms, top=False)

@@ -133,6 +133,8 @@ def add_dataset(
     gate = {"profile": report.profile, "gate_passed": report.passed,
             "accepted_with_report": allow_report and not report.passed,
             "failed_files": [f.path for f in report.failed][:200]}  # fmt: skip
+    if profile is not None and profile.declared:
+        gate["pseudonyms"] = dict(profile.declared)
     try:
         store.add_dataset(name, provider, str(final), manifest, datetime.now(UTC), actor, gate=gate)
     except BaseException:
