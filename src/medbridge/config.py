@@ -111,6 +111,11 @@ class Home:
         return self.root / "storage" / "datasets"
 
     @property
+    def manifests(self) -> Path:
+        """Each dataset version's manifest files (medbridge.platform.catalogue), on the same storage."""
+        return self.root / "storage" / "manifests"
+
+    @property
     def results(self) -> Path:
         return self.root / "storage" / "results"
 

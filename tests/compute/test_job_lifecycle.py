@@ -54,7 +54,13 @@ def test_mount_compute_write_back_and_teardown(platform: RunningPlatform) -> Non
     digest = hashlib.sha256(CHEST["scan-001.bin"]).hexdigest()
     assert (results(platform, "m1") / "sum.txt").read_text().strip() == digest
     work = platform.root / "job" / "work"
-    assert (work / "listing.txt").read_text().split() == [".manifest", "labels", "scan-001.bin", "scan-002.bin"]
+    assert (work / "listing.txt").read_text().split() == [
+        ".manifest",
+        ".manifest.index",
+        "labels",
+        "scan-001.bin",
+        "scan-002.bin",
+    ]
     assert not os.path.ismount(mnt) and not mnt.exists()
     assert not Path((work / "sock.txt").read_text().strip()).exists()
     rep = report(platform)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from medbridge.control.store import Store
 from medbridge.errors import InvalidInput, MedbridgeError
 from medbridge.net import parse_address, parse_networks, stop_event
 from medbridge.platform.keys import fingerprint, load_private_key, public_line, read_public_key_file
-from medbridge.policy.manifest import format_manifest
+from medbridge.policy.manifest import manifest_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -341,11 +342,16 @@ def dataset_list(home: Path | None, as_json: bool) -> None:
 def dataset_manifest(home: Path | None, name: str, as_json: bool) -> None:
     """Print a dataset's manifest in sha256sum format (--json adds sizes and media types)."""
     _, store = _store(home)
-    entries = store.manifest(name)
-    if as_json:
-        output.emit_json({"dataset": name, "files": [m.__dict__ for m in entries]})
-        return
-    click.echo(format_manifest((m.sha256, m.path) for m in entries), nl=False)
+    out = sys.stdout
+    with store.manifest_rows(name) as (_info, rows):
+        if as_json:  # one entry per line, so memory stays flat however large the dataset
+            out.write(f'{{"dataset": {json.dumps(name)}, "files": [')
+            for i, m in enumerate(rows):
+                out.write(("\n  " if i == 0 else ",\n  ") + json.dumps(m.__dict__))
+            out.write("\n]}\n")
+            return
+        for m in rows:
+            out.write(manifest_line(m.sha256, m.path))
 
 
 # -- grants ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Table,
@@ -80,24 +81,52 @@ class Group(Base):
     members: Mapped[list[User]] = relationship(secondary=membership, back_populates="groups")
 
 
+#: Paths sort by code point everywhere (SQLite's BINARY; PostgreSQL's "C" collation), as Python sorts
+#: them: manifests are ranges of that order, and a locale's order would differ between databases.
+PATH = Text().with_variant(Text(collation="C"), "postgresql")
+
+
 class Dataset(Base):
+    """A dataset and its catalogue's counters, kept as files are recorded (never counted on a request)."""
+
     __tablename__ = "datasets"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     provider: Mapped[str] = mapped_column(String(128), default="")
     storage_path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    files: Mapped[list[DatasetFile]] = relationship(cascade="all, delete-orphan", order_by="DatasetFile.path")
+    #: The catalogue version readers see; 0 while a first ``dataset add`` is still recording it.
+    version: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+    file_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    byte_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: Who is writing the next version (``host:pid``), so two writers never interleave.
+    writer: Mapped[str | None] = mapped_column(String(256), nullable=True)
 
 
 class DatasetFile(Base):
     """One manifest line: the dataset's file, its size and SHA-256."""
 
     __tablename__ = "dataset_files"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "path"),
+        Index("ix_dataset_files_sha256", "sha256"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(PATH)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    media_type: Mapped[str] = mapped_column(String(64), default="application/octet-stream")
+
+
+class DatasetChange(Base):
+    """A file an update will record: staged in batches, applied to the catalogue in one transaction."""
+
+    __tablename__ = "dataset_changes"
     __table_args__ = (UniqueConstraint("dataset_id", "path"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(PATH)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     media_type: Mapped[str] = mapped_column(String(64), default="application/octet-stream")

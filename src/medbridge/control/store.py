@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table, create_engine, event, func, insert, select
+from sqlalchemy import Table, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
@@ -22,6 +25,7 @@ from medbridge.control.models import (
     Base,
     Certificate,
     Dataset,
+    DatasetChange,
     DatasetFile,
     EnrolmentKey,
     Grant,
@@ -36,6 +40,39 @@ from medbridge.policy.names import check_name
 
 _Named = TypeVar("_Named", User, Group, Dataset)
 _AUDIT_TABLE = cast(Table, AuditEntry.__table__)  # Core inserts skip the ORM bulk path
+_FILES_TABLE = cast(Table, DatasetFile.__table__)
+_CHANGES_TABLE = cast(Table, DatasetChange.__table__)
+_T = TypeVar("_T")
+#: Rows per transaction or fetch when files are recorded or manifests streamed: memory stays flat.
+BATCH = 5000
+
+
+def batched(items: Iterable[_T], n: int) -> Iterator[tuple[_T, ...]]:
+    """``items`` in tuples of at most ``n`` (itertools.batched is 3.12+)."""
+    it = iter(items)
+    while chunk := tuple(itertools.islice(it, n)):
+        yield chunk
+
+
+def writer_id() -> str:
+    """This process, as a dataset's writer claim names it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def writer_alive(writer: str | None) -> bool:
+    """Could the writer of a claim still be running?  Only a process of this host is known dead."""
+    if writer is None:
+        return False
+    host, _, pid = writer.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -54,6 +91,8 @@ class DatasetInfo:
     files: int
     bytes: int
     created_at: datetime
+    version: int = 1
+    id: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,8 +161,11 @@ class Store:
         self.engine.dispose()
 
     @contextmanager
-    def _tx(self, *, write: bool = True) -> Iterator[Session]:
+    def _tx(self, *, write: bool = True, snapshot: bool = False) -> Iterator[Session]:
+        """A transaction; ``snapshot`` reads every statement from one snapshot (SQLite's WAL does anyway)."""
         engine = self.engine.execution_options(medbridge_write=write)
+        if snapshot and self.engine.dialect.name == "postgresql":
+            engine = engine.execution_options(isolation_level="REPEATABLE READ")
         try:
             with Session(engine, expire_on_commit=False) as s, s.begin():
                 yield s
@@ -219,90 +261,238 @@ class Store:
         name: str,
         provider: str,
         storage_path: str,
-        files: Sequence[ManifestEntry],
+        files: Iterable[ManifestEntry],
         now: datetime,
         actor: str,
         gate: Mapping[str, Any] | None = None,
-    ) -> None:
+    ) -> DatasetInfo:
+        """Record a whole dataset: :meth:`begin_dataset`, :meth:`record_files` in batches, :meth:`finish_dataset`."""
+        ds_id = self.begin_dataset(name, provider, storage_path, now)
+        try:
+            for batch in batched(files, BATCH):
+                self.record_files(ds_id, batch)
+            return self.finish_dataset(ds_id, now, actor, gate)
+        except BaseException:
+            self.abandon_dataset(ds_id)
+            raise
+
+    def begin_dataset(self, name: str, provider: str, storage_path: str, now: datetime) -> int:
+        """Create a dataset nobody sees yet (version 0) and claim it for this process; return its id.
+
+        Files are then recorded in short transactions (a long one would hold SQLite's
+        write lock, and with it every audit write, for the whole add).  A claim left by a
+        process of this host that has died is taken over; its rows are removed.
+        """
         check_name("dataset", name)
         with self._tx() as s:
-            if s.scalar(select(Dataset).where(Dataset.name == name)):
-                raise AlreadyExists(f"dataset {name!r} already exists")
-            ds = Dataset(name=name, provider=provider, storage_path=storage_path, created_at=now)
-            ds.files = [DatasetFile(path=f.path, size=f.size, sha256=f.sha256, media_type=f.media_type) for f in files]
+            ds = s.scalar(select(Dataset).where(Dataset.name == name))
+            if ds is not None:
+                if ds.version > 0:
+                    raise AlreadyExists(f"dataset {name!r} already exists")
+                if writer_alive(ds.writer):
+                    raise AlreadyExists(f"dataset {name!r} is being added by {ds.writer}")
+                s.execute(delete(DatasetFile).where(DatasetFile.dataset_id == ds.id))
+                s.execute(delete(DatasetChange).where(DatasetChange.dataset_id == ds.id))
+                s.delete(ds)
+                s.flush()
+            ds = Dataset(name=name, provider=provider, storage_path=storage_path, created_at=now, version=0,
+                         file_count=0, byte_count=0, writer=writer_id())  # fmt: skip
             s.add(ds)
-            self._append(
-                s,
-                [
-                    AuditEvent(
-                        actor=actor,
-                        action="dataset.add",
-                        outcome="ok",
-                        subject=name,
-                        detail={
-                            "provider": provider,
-                            "files": len(files),
-                            "bytes": sum(f.size for f in files),
-                            **(gate or {}),
-                        },
-                    )
-                ],
-                now,
+            s.flush()
+            return ds.id
+
+    def record_files(self, dataset_id: int, files: Sequence[ManifestEntry]) -> None:
+        """One batch of a dataset being added (version 0): one executemany, counters kept with it."""
+        if not files:
+            return
+        with self._tx() as s:
+            s.execute(insert(_FILES_TABLE), [_row(dataset_id, f) for f in files])
+            s.execute(
+                update(Dataset)
+                .where(Dataset.id == dataset_id)
+                .values(
+                    file_count=Dataset.file_count + len(files),
+                    byte_count=Dataset.byte_count + sum(f.size for f in files),
+                )
+            )
+
+    def finish_dataset(
+        self, dataset_id: int, now: datetime, actor: str, gate: Mapping[str, Any] | None = None
+    ) -> DatasetInfo:
+        """Make a recorded dataset visible (version 1) and audit it, in one transaction."""
+        with self._tx() as s:
+            ds = s.get(Dataset, dataset_id)
+            if ds is None or ds.version != 0:
+                raise IntegrityError(f"dataset id {dataset_id} is not being added")
+            ds.version, ds.writer = 1, None
+            detail = {"provider": ds.provider, "files": ds.file_count, "bytes": ds.byte_count, **(gate or {})}
+            self._append(s, [AuditEvent(actor=actor, action="dataset.add", outcome="ok", subject=ds.name,
+                                        detail=detail)], now)  # fmt: skip
+            return _dataset_info(ds)
+
+    def abandon_dataset(self, dataset_id: int) -> None:
+        """Remove a dataset that was never made visible, with everything recorded for it."""
+        with self._tx() as s:
+            ds = s.get(Dataset, dataset_id)
+            if ds is None or ds.version != 0:
+                return
+            s.execute(delete(DatasetFile).where(DatasetFile.dataset_id == dataset_id))
+            s.delete(ds)
+
+    def claim(self, name: str) -> DatasetInfo:
+        """Claim a visible dataset for one writer (update, pack); a dead writer's claim on this host is taken over."""
+        with self._tx() as s:
+            ds = self._dataset(s, name)
+            if ds.writer is not None and ds.writer != writer_id() and writer_alive(ds.writer):
+                raise AlreadyExists(f"dataset {name!r} is being changed by {ds.writer}")
+            s.execute(delete(DatasetChange).where(DatasetChange.dataset_id == ds.id))
+            ds.writer = writer_id()
+            return _dataset_info(ds)
+
+    def stage_changes(self, dataset_id: int, files: Sequence[ManifestEntry]) -> None:
+        """One batch of new or changed files for a claimed dataset; readers see none of it until applied."""
+        if files:
+            with self._tx() as s:
+                s.execute(insert(_CHANGES_TABLE), [_row(dataset_id, f) for f in files])
+
+    def known_files(self, dataset_id: int, paths: Sequence[str]) -> dict[str, ManifestEntry]:
+        """The recorded entries of ``paths`` (one indexed query per batch)."""
+        out: dict[str, ManifestEntry] = {}
+        with self._tx(write=False) as s:
+            for batch in batched(paths, 500):
+                q = select(DatasetFile.path, DatasetFile.size, DatasetFile.sha256, DatasetFile.media_type).where(
+                    DatasetFile.dataset_id == dataset_id, DatasetFile.path.in_(batch)
+                )
+                out.update({r[0]: ManifestEntry(*r) for r in s.execute(q)})
+        return out
+
+    def apply_changes(
+        self, dataset_id: int, now: datetime, actor: str, action: str, detail: Mapping[str, Any] | None = None
+    ) -> DatasetInfo:
+        """Apply the staged files as the dataset's next version, set-wise, with its audit entry; release the claim."""
+        with self._tx() as s:
+            ds = s.get(Dataset, dataset_id)
+            if ds is None or ds.writer != writer_id():
+                raise IntegrityError(f"dataset id {dataset_id} is not claimed by this process")
+            staged = select(DatasetChange.path).where(DatasetChange.dataset_id == dataset_id)
+            replaced = DatasetFile.__table__.c
+            old_n, old_bytes = s.execute(
+                select(func.count(), func.coalesce(func.sum(DatasetFile.size), 0)).where(
+                    DatasetFile.dataset_id == dataset_id, DatasetFile.path.in_(staged)
+                )
+            ).one()
+            new_n, new_bytes = s.execute(
+                select(func.count(), func.coalesce(func.sum(DatasetChange.size), 0)).where(
+                    DatasetChange.dataset_id == dataset_id
+                )
+            ).one()
+            s.execute(delete(DatasetFile).where(DatasetFile.dataset_id == dataset_id, DatasetFile.path.in_(staged)))
+            columns = ["dataset_id", "path", "size", "sha256", "media_type"]
+            s.execute(
+                insert(_FILES_TABLE).from_select(
+                    [replaced[c] for c in columns],
+                    select(*(getattr(DatasetChange, c) for c in columns)).where(DatasetChange.dataset_id == dataset_id),
+                )
+            )
+            s.execute(delete(DatasetChange).where(DatasetChange.dataset_id == dataset_id))
+            ds.version += 1
+            ds.file_count += new_n - old_n
+            ds.byte_count += new_bytes - old_bytes
+            ds.writer = None
+            full = {"version": ds.version, "files": new_n, "bytes": new_bytes, "replaced": old_n, **(detail or {})}
+            self._append(s, [AuditEvent(actor=actor, action=action, outcome="ok", subject=ds.name, detail=full)], now)
+            return _dataset_info(ds)
+
+    def release(self, dataset_id: int) -> None:
+        """Give up a claim: staged files are dropped, the catalogue is as it was."""
+        with self._tx() as s:
+            s.execute(delete(DatasetChange).where(DatasetChange.dataset_id == dataset_id))
+            s.execute(
+                update(Dataset).where(Dataset.id == dataset_id, Dataset.writer == writer_id()).values(writer=None)
             )
 
     def dataset_exists(self, name: str) -> bool:
         with self._tx(write=False) as s:
-            return s.scalar(select(Dataset.id).where(Dataset.name == name)) is not None
+            return s.scalar(select(Dataset.id).where(Dataset.name == name, Dataset.version > 0)) is not None
+
+    def dataset(self, name: str) -> DatasetInfo:
+        with self._tx(write=False) as s:
+            return _dataset_info(self._dataset(s, name))
 
     def datasets(self) -> list[DatasetInfo]:
         with self._tx(write=False) as s:
-            stats = {
-                ds_id: (n, total)
-                for ds_id, n, total in s.execute(
-                    select(DatasetFile.dataset_id, func.count(), func.coalesce(func.sum(DatasetFile.size), 0)).group_by(
-                        DatasetFile.dataset_id
-                    )
-                )
-            }
             return [
-                DatasetInfo(d.name, d.provider, d.storage_path, *stats.get(d.id, (0, 0)), d.created_at)
-                for d in s.scalars(select(Dataset).order_by(Dataset.name))
+                _dataset_info(d) for d in s.scalars(select(Dataset).where(Dataset.version > 0).order_by(Dataset.name))
             ]
 
     def dataset_roots(self, names: Iterable[str]) -> dict[str, str]:
+        return {n: v.storage_path for n, v in self.dataset_versions(names).items()}
+
+    def dataset_versions(self, names: Iterable[str]) -> dict[str, DatasetInfo]:
+        """Storage and catalogue version of each named dataset that exists (one query)."""
         wanted = list(names)
         with self._tx(write=False) as s:
-            rows = s.execute(select(Dataset.name, Dataset.storage_path).where(Dataset.name.in_(wanted)))
-            return {n: p for n, p in rows}
+            rows = s.scalars(select(Dataset).where(Dataset.name.in_(wanted), Dataset.version > 0))
+            return {d.name: _dataset_info(d) for d in rows}
+
+    @contextmanager
+    def manifest_rows(self, name: str) -> Iterator[tuple[DatasetInfo, Iterator[ManifestEntry]]]:
+        """One version of a dataset's manifest, sorted by path, streamed in batches from one snapshot."""
+        with self._tx(write=False, snapshot=True) as s:
+            ds = self._dataset(s, name)
+            q = (
+                select(DatasetFile.path, DatasetFile.size, DatasetFile.sha256, DatasetFile.media_type)
+                .where(DatasetFile.dataset_id == ds.id)
+                .order_by(DatasetFile.path)
+                .execution_options(yield_per=BATCH)
+            )
+            yield _dataset_info(ds), (ManifestEntry(*r) for r in s.execute(q))
 
     def manifest(self, name: str) -> list[ManifestEntry]:
-        with self._tx(write=False) as s:
-            ds = self._dataset(s, name)
-            return [ManifestEntry(f.path, f.size, f.sha256, f.media_type) for f in ds.files]
+        """A whole manifest in memory: for small datasets and tests; everything else streams :meth:`manifest_rows`."""
+        with self.manifest_rows(name) as (_, rows):
+            return list(rows)
 
     def add_files(self, name: str, files: Sequence[ManifestEntry], now: datetime, actor: str, action: str) -> None:
-        """Add derived files (shards) to a dataset's manifest."""
-        with self._tx() as s:
-            ds = self._dataset(s, name)
-            known = {f.path for f in ds.files}
-            clash = sorted(f.path for f in files if f.path in known)
+        """Add derived files (shards) to a dataset's manifest, as its next version."""
+        ds = self.claim(name)
+        try:
+            clash = self.known_files(ds.id, [f.path for f in files])
             if clash:
-                raise AlreadyExists(f"dataset {name!r} already has {clash[0]}")
-            for f in files:
-                ds.files.append(DatasetFile(path=f.path, size=f.size, sha256=f.sha256, media_type=f.media_type))
-            self._append(
-                s,
-                [
-                    AuditEvent(
-                        actor=actor,
-                        action=action,
-                        outcome="ok",
-                        subject=name,
-                        detail={"files": len(files), "bytes": sum(f.size for f in files)},
-                    )
-                ],
-                now,
+                raise AlreadyExists(f"dataset {name!r} already has {min(clash)}")
+            for batch in batched(files, BATCH):
+                self.stage_changes(ds.id, batch)
+            self.apply_changes(ds.id, now, actor, action)
+        except BaseException:
+            self.release(ds.id)
+            raise
+
+    def find_hashes(self, user: str, job_id: str, hashes: Sequence[str], now: datetime) -> dict[str, tuple[str, str]]:
+        """Which of ``hashes`` are files of a dataset the user may read, or one the job's certificates named.
+
+        The residue scan's lookup: ``sha256 -> (dataset, path)``, through the SHA-256 index,
+        so a node checks its candidate files without holding any manifest.
+        """
+        with self._tx(write=False) as s:
+            u = self._user(s, user)
+            scope = set(self._rights(s, u, now))
+            named = s.scalars(
+                select(Certificate.datasets).where(Certificate.user_id == u.id, Certificate.job_id == job_id)
             )
+            for text in named:
+                scope.update(json.loads(text) if text else ())
+            if not scope:
+                return {}
+            out: dict[str, tuple[str, str]] = {}
+            for batch in batched(sorted(set(hashes)), 500):
+                q = (
+                    select(DatasetFile.sha256, Dataset.name, DatasetFile.path)
+                    .join(Dataset, Dataset.id == DatasetFile.dataset_id)
+                    .where(DatasetFile.sha256.in_(batch), Dataset.name.in_(sorted(scope)), Dataset.version > 0)
+                )
+                for sha, ds_name, path in s.execute(q):
+                    out.setdefault(sha, (ds_name, path))
+            return out
 
     # -- grants -----------------------------------------------------------------------
 
@@ -569,9 +759,12 @@ class Store:
     def _group(cls, s: Session, name: str) -> Group:
         return cls._named(s, Group, name)
 
-    @classmethod
-    def _dataset(cls, s: Session, name: str) -> Dataset:
-        return cls._named(s, Dataset, name)
+    @staticmethod
+    def _dataset(s: Session, name: str) -> Dataset:
+        row = s.scalar(select(Dataset).where(Dataset.name == name, Dataset.version > 0))
+        if row is None:
+            raise NotFound(f"no such dataset {name!r}")
+        return row
 
     @staticmethod
     def _rights(s: Session, u: User, now: datetime) -> dict[str, datetime | None]:
@@ -601,6 +794,14 @@ def _cert_info(c: Certificate) -> CertificateInfo:
         c.revoked_at is not None,
         None if c.datasets is None else tuple(json.loads(c.datasets)),
     )
+
+
+def _dataset_info(d: Dataset) -> DatasetInfo:
+    return DatasetInfo(d.name, d.provider, d.storage_path, d.file_count, d.byte_count, d.created_at, d.version, d.id)
+
+
+def _row(dataset_id: int, f: ManifestEntry) -> dict[str, Any]:
+    return {"dataset_id": dataset_id, "path": f.path, "size": f.size, "sha256": f.sha256, "media_type": f.media_type}
 
 
 def _record(r: AuditEntry) -> Record:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import asyncssh
@@ -23,12 +24,12 @@ from medbridge.control.store import Store
 from medbridge.errors import MedbridgeError, PlatformUnavailable
 from medbridge.net import bind, parse_networks
 from medbridge.platform.audit import AuditSink
+from medbridge.platform.catalogue import Catalogue
 from medbridge.platform.issuer import ISSUE_COMMAND, MAX_REQUEST, REPORT_COMMAND, Issuer
 from medbridge.platform.keys import fingerprint, load_private_key
 from medbridge.platform.listener import accept_forever
 from medbridge.platform.sftp import JobSFTPServer, PlatformSession, Results
 from medbridge.policy.credentials import serial_from_principals, serial_principal
-from medbridge.policy.manifest import format_manifest
 from medbridge.policy.paths import View
 from medbridge.transport import CoalescingTransport, coalesce, sealing_channel
 
@@ -50,6 +51,8 @@ class LiveSession:
     peer: str
     view: View
     roots: dict[str, str]
+    #: The catalogue version of each dataset, refreshed every enforcement tick.
+    versions: dict[str, int]
     ends_at: datetime | None
     conn: asyncssh.SSHServerConnection = field(repr=False)
 
@@ -227,7 +230,7 @@ class PlatformConnection(asyncssh.SSHServer):
             self.session,
             self.platform.sink.record,
             self.platform.results,
-            self.platform.manifest,
+            self.platform.manifest_files,
         )
 
     async def process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
@@ -283,6 +286,10 @@ class Platform:
         #: Enforcement has a thread of its own, so slow work elsewhere can never delay it.
         self._enforcer = ThreadPoolExecutor(1, thread_name_prefix="medbridge-enforce")
         self.sink = AuditSink(self.store)
+        self.catalogue = Catalogue(self.store, home.manifests)
+        #: Manifests are built here, never in the loop: a build is as long as the dataset.
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="medbridge-catalogue")
+        self._building: dict[str, asyncio.Future[tuple[int, Path, Path]]] = {}
         self.sessions: dict[PlatformConnection, LiveSession] = {}
         self.results = Results(str(home.results))
         #: The SFTP handler class; tests put small fault-injecting subclasses here.
@@ -290,9 +297,22 @@ class Platform:
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
-    def manifest(self, dataset: str) -> bytes:
-        """A dataset's manifest in sha256sum format, shards included once packed."""
-        return format_manifest((m.sha256, m.path) for m in self.store.manifest(dataset)).encode()
+    async def manifest_files(self, dataset: str, version: int) -> tuple[Path, Path]:
+        """The manifest and index files of a dataset (``version`` if built, else its current one).
+
+        Normally ``dataset add`` built them; otherwise one build runs in the catalogue's
+        thread while the loop goes on serving, and every request for it waits on that one.
+        """
+        built = self.catalogue.current(dataset, version)
+        if built is not None:
+            return built
+        job = self._building.get(dataset)
+        if job is None:
+            job = asyncio.get_running_loop().run_in_executor(self._builder, self.catalogue.build, dataset)
+            self._building[dataset] = job
+            job.add_done_callback(lambda _: self._building.pop(dataset, None))
+        _, manifest, index = await asyncio.shield(job)
+        return manifest, index
 
     # -- sessions -----------------------------------------------------------------------
 
@@ -305,6 +325,7 @@ class Platform:
             return
         results = self.home.results / cert.user / cert.job_id
         results.mkdir(parents=True, exist_ok=True, mode=0o750)
+        catalogue = self.store.dataset_versions(check.datasets)
         session = LiveSession(
             user=cert.user,
             job=cert.job_id,
@@ -312,7 +333,8 @@ class Platform:
             key_id=cert.key_id,
             peer=owner.peer,
             view=View(cert.user, cert.job_id, check.datasets),
-            roots=self.store.dataset_roots(check.datasets),
+            roots={n: d.storage_path for n, d in catalogue.items()},
+            versions={n: d.version for n, d in catalogue.items()},
             ends_at=check.ends_at,
             conn=owner.conn,
             via=owner.via,
@@ -352,6 +374,8 @@ class Platform:
         serials = [s.serial for s in self.sessions.values()]
         loop = asyncio.get_running_loop()
         checks = await loop.run_in_executor(self._enforcer, self.store.check_sessions, serials, now)
+        names = {n for c in checks.values() for n in c.datasets}
+        catalogue = await loop.run_in_executor(self._enforcer, self.store.dataset_versions, names)
         for owner, session in list(self.sessions.items()):
             check = checks.get(session.serial)
             if check is None:
@@ -365,8 +389,9 @@ class Platform:
                 continue
             gained = check.datasets - session.view.datasets
             if gained:
-                session.roots.update(await loop.run_in_executor(self._enforcer, self.store.dataset_roots, gained))
+                session.roots.update({n: catalogue[n].storage_path for n in gained if n in catalogue})
                 session.view = View(session.user, session.job, check.datasets)
+            session.versions.update({n: catalogue[n].version for n in check.datasets if n in catalogue})
             session.ends_at = check.ends_at
 
     async def _enforce_forever(self) -> None:
@@ -450,6 +475,7 @@ class Platform:
         self.sink.record(AuditEvent(actor="platform", action="platform.stop", outcome="ok"))
         await self.sink.close()
         self._enforcer.shutdown(wait=True)
+        self._builder.shutdown(wait=True, cancel_futures=True)
         self.results.close()
 
 

@@ -12,14 +12,16 @@ import asyncio
 import dataclasses
 import errno
 import hashlib
+import inspect
 import logging
 import os
 import stat
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import asyncssh
@@ -37,8 +39,14 @@ from asyncssh.sftp import SFTPServerHandler
 
 from medbridge.config import READ_FILE_EXTENSION
 from medbridge.control.audit import AuditEvent, escape_text, needs_escape
-from medbridge.errors import InvalidInput
-from medbridge.policy.manifest import DATASET_MANIFEST, PARTIAL_SUFFIX, RESULTS_MANIFEST, parse_manifest
+from medbridge.errors import InvalidInput, MedbridgeError
+from medbridge.policy.manifest import (
+    DATASET_MANIFEST,
+    MANIFEST_INDEX,
+    PARTIAL_SUFFIX,
+    RESULTS_MANIFEST,
+    parse_manifest,
+)
 from medbridge.policy.paths import Action, Kind, PathEscape, Refusal, Target, decide, normalise, parse, within
 from medbridge.processes import sha256_file
 from medbridge.transport import PassJoiner
@@ -83,7 +91,6 @@ class OpenFile:
     path: str
     writable: bool
     read_only_view: bool
-    data: bytes | None = None
     job_root: str | None = None
     bytes_read: int = 0
     bytes_written: int = 0
@@ -154,14 +161,14 @@ class JobSFTPServer(asyncssh.SFTPServer):
         session: LiveSession | None,
         record: Callable[[AuditEvent], object],
         results: Results,
-        manifest: Callable[[str], bytes],
+        catalogue: Callable[[str, int], Awaitable[tuple[Path, Path]]],
     ):
         super().__init__(chan)
         self._session = session
         self._record = record
         self._results = results
         self._results_root = results.root
-        self._manifest = manifest
+        self._catalogue = catalogue
         self._started = int(time.time())
         self._open: set[int] = set()
         self._real_roots: dict[str, str] = {}
@@ -257,16 +264,17 @@ class JobSFTPServer(asyncssh.SFTPServer):
         except PathEscape as exc:
             self._refuse(os.fsdecode(path), "realpath", Refusal.DENIED, str(exc))
 
-    def stat(self, path: bytes) -> SFTPAttrs:
+    def stat(self, path: bytes) -> SFTPAttrs | Awaitable[SFTPAttrs]:
         return self._stat(path, "stat", os.stat)
 
-    def lstat(self, path: bytes) -> SFTPAttrs:
+    def lstat(self, path: bytes) -> SFTPAttrs | Awaitable[SFTPAttrs]:
         return self._stat(path, "lstat", os.lstat)
 
-    def _stat(self, path: bytes, op: str, fn: Callable[[str], os.stat_result]) -> SFTPAttrs:
+    def _stat(self, path: bytes, op: str, fn: Callable[[str], os.stat_result]) -> SFTPAttrs | Awaitable[SFTPAttrs]:
         target, real = self._resolve(path, Action.READ, op)
-        if _is_manifest(target):
-            return self._manifest_attrs(target)
+        which = _catalogue_file(target)
+        if which is not None:
+            return self._catalogue_attrs(target, which)
         if real is None:
             return _dir_attrs(self._started)
         try:
@@ -302,21 +310,23 @@ class JobSFTPServer(asyncssh.SFTPServer):
         for entry in entries:
             yield SFTPName(os.fsencode(entry.name), attrs=self._attrs(target, entry.stat(follow_symlinks=False)))
         if target.kind is Kind.DATASET and not target.rest:
-            manifest = dataclasses.replace(target, rest=(DATASET_MANIFEST,))
-            yield SFTPName(DATASET_MANIFEST.encode(), attrs=self._manifest_attrs(manifest))
+            for which, name in enumerate(_CATALOGUE_FILES):
+                attrs = await self._catalogue_attrs(dataclasses.replace(target, rest=(name,)), which)
+                yield SFTPName(name.encode(), attrs=attrs)
 
-    def _manifest_attrs(self, target: Target) -> SFTPAttrs:
-        size = len(self._manifest(target.name or ""))
-        return SFTPAttrs(
-            type=FILEXFER_TYPE_REGULAR,
-            size=size,
-            uid=0,
-            gid=0,
-            permissions=stat.S_IFREG | 0o444,
-            atime=self._started,
-            mtime=self._started,
-            nlink=1,
-        )
+    async def _catalogue_path(self, target: Target, which: int) -> str:
+        """The stored file behind a dataset's ``.manifest`` (0) or ``.manifest.index`` (1), built off the loop."""
+        s = self._session
+        assert s is not None
+        name = target.name or ""
+        try:
+            files = await self._catalogue(name, s.versions.get(name, 0))
+        except MedbridgeError as exc:
+            raise asyncssh.SFTPFailure(f"{target.path}: the catalogue cannot be read ({exc})") from exc
+        return str(files[which])
+
+    async def _catalogue_attrs(self, target: Target, which: int) -> SFTPAttrs:
+        return _attrs(os.stat(await self._catalogue_path(target, which)), read_only=True)
 
     def readlink(self, path: bytes) -> bytes:
         self._resolve(path, Action.READ, "readlink")
@@ -332,12 +342,13 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     # -- files -------------------------------------------------------------------------
 
-    def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
+    def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile | Awaitable[OpenFile]:
         writing = bool(pflags & _WRITE_FLAGS)
         target, real = self._resolve(path, Action.WRITE if writing else Action.READ, "open")
         vpath = normalise(os.fsdecode(path))
-        if _is_manifest(target):
-            return self._opened(OpenFile(-1, vpath, False, True, data=self._manifest(target.name or "")))
+        which = _catalogue_file(target)
+        if which is not None:
+            return self._open_catalogue(target, which, vpath)
         flags = 0
         if writing:
             flags |= os.O_RDWR if pflags & asyncssh.FXF_READ else os.O_WRONLY
@@ -355,19 +366,33 @@ class JobSFTPServer(asyncssh.SFTPServer):
         job_root = self._root(self._session, target) if writing and self._session is not None else None
         return self._opened(OpenFile(fd, vpath, writing, target.kind is Kind.DATASET, job_root=job_root))
 
-    def read_file(self, path: bytes, offset: int, length: int) -> bytes:
+    async def _open_catalogue(self, target: Target, which: int, vpath: str) -> OpenFile:
+        fd = os.open(await self._catalogue_path(target, which), os.O_RDONLY | os.O_CLOEXEC)
+        self._open.add(fd)
+        return self._opened(OpenFile(fd, vpath, False, True))
+
+    def read_file(self, path: bytes, offset: int, length: int) -> bytes | Awaitable[bytes]:
         """``read-file@medbridge``: decided by the same hook as ``open``, audited as one ``sftp.read``."""
         target, real = self._resolve(path, Action.READ, "read-file")
         vpath = normalise(os.fsdecode(path))
         length = min(length, MAX_READ)
-        if _is_manifest(target):
-            data = self._manifest(target.name or "")[offset : offset + length]
-        else:
-            fd, st = _open_regular(target, real, vpath, os.O_RDONLY)
-            try:
-                data = _read_upto(fd, offset, length, st.st_size)
-            finally:
-                os.close(fd)
+        which = _catalogue_file(target)
+        if which is not None:
+            return self._read_catalogue(target, which, vpath, offset, length)
+        fd, st = _open_regular(target, real, vpath, os.O_RDONLY)
+        try:
+            data = _read_upto(fd, offset, length, st.st_size)
+        finally:
+            os.close(fd)
+        self._event("sftp.read", vpath, offset=offset, bytes_read=len(data))
+        return data
+
+    async def _read_catalogue(self, target: Target, which: int, vpath: str, offset: int, length: int) -> bytes:
+        fd = os.open(await self._catalogue_path(target, which), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = _read_upto(fd, offset, length, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
         self._event("sftp.read", vpath, offset=offset, bytes_read=len(data))
         return data
 
@@ -386,7 +411,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         f = _handle(file_obj)
         size = min(size, MAX_READ)  # a short read is allowed; a 4 GiB allocation per request is not
-        data = f.data[offset : offset + size] if f.data is not None else os.pread(f.fd, size, offset)
+        data = os.pread(f.fd, size, offset)
         f.bytes_read += len(data)
         return data
 
@@ -402,9 +427,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def close(self, file_obj: object) -> None:
         f = _handle(file_obj)
-        if f.data is None:
-            self._open.discard(f.fd)
-            os.close(f.fd)
+        self._open.discard(f.fd)
+        os.close(f.fd)
         seconds = round(time.monotonic() - f.opened, 3)
         self._event("sftp.close", f.path, bytes_read=f.bytes_read, bytes_written=f.bytes_written, seconds=seconds)
         if f.bytes_written:
@@ -412,8 +436,6 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def fstat(self, file_obj: object) -> SFTPAttrs:
         f = _handle(file_obj)
-        if f.data is not None:
-            return self._manifest_attrs(parse(f.path))
         return _attrs(os.fstat(f.fd), read_only=f.read_only_view)
 
     def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
@@ -424,8 +446,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def fsync(self, file_obj: object) -> None:
         f = _handle(file_obj)
-        if f.data is None:
-            os.fsync(f.fd)
+        os.fsync(f.fd)
 
     def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         _, real = self._resolve(path, Action.WRITE, "setstat")
@@ -505,7 +526,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def fstatvfs(self, file_obj: object) -> os.statvfs_result:
         f = _handle(file_obj)
-        return os.statvfs(self._results_root) if f.data is not None else os.fstatvfs(f.fd)
+        return os.fstatvfs(f.fd)
 
     def exit(self) -> None:
         for fd in list(self._open):
@@ -571,7 +592,7 @@ class SFTPHandler(SFTPServerHandler):
         except PacketDecodeError:
             return False
         f = self._file_handles.get(handle)
-        if not isinstance(f, OpenFile) or f.data is not None or not 0 < length <= MAX_READ:
+        if not isinstance(f, OpenFile) or not 0 < length <= MAX_READ:
             return False
         reply = bytearray(_DATA_HEAD.size + length)
         try:
@@ -594,7 +615,8 @@ class SFTPHandler(SFTPServerHandler):
         packet.check_end()
         server = self._server
         assert isinstance(server, JobSFTPServer)
-        return server.read_file(path, offset, length), False
+        data = server.read_file(path, offset, length)
+        return (await data if inspect.isawaitable(data) else data), False
 
     # asyncssh's own tables, extended (class attributes there too, never mutated)
     _extensions = [*SFTPServerHandler._extensions, (READ_FILE_EXTENSION, str(MAX_READ).encode())]  # noqa: RUF012
@@ -662,8 +684,14 @@ def _malformed(raw: bytes) -> str:
     return ""
 
 
-def _is_manifest(target: Target) -> bool:
-    return target.kind is Kind.DATASET and target.rest == (DATASET_MANIFEST,)
+_CATALOGUE_FILES = (DATASET_MANIFEST, MANIFEST_INDEX)
+
+
+def _catalogue_file(target: Target) -> int | None:
+    """0 for a dataset's ``.manifest``, 1 for its ``.manifest.index``, None for anything else."""
+    if target.kind is Kind.DATASET and len(target.rest) == 1 and target.rest[0] in _CATALOGUE_FILES:
+        return _CATALOGUE_FILES.index(target.rest[0])
+    return None
 
 
 def verify_results(job_root: str, manifest_file: str, max_entries: int) -> tuple[int, int, str] | str:

@@ -18,8 +18,9 @@ from medbridge.ingest.gate import GateReport, check_tree
 from medbridge.ingest.media import HEAD, media_type
 from medbridge.ingest.profile import Profile, load_profile
 from medbridge.ingest.shards import ShardInfo, pack
+from medbridge.platform.catalogue import Catalogue
 from medbridge.platform.keys import create_private_key, fingerprint
-from medbridge.policy.manifest import DATASET_MANIFEST
+from medbridge.policy.manifest import DATASET_MANIFEST, MANIFEST_INDEX
 from medbridge.policy.names import check_name
 from medbridge.processes import sha256_file
 
@@ -46,7 +47,7 @@ def init_home(home: Home, actor: str) -> str:
         raise AlreadyExists(f"{home.root} is already a platform home")
     home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(home.root, 0o700)
-    for folder in (home.datasets, home.results):
+    for folder in (home.datasets, home.results, home.manifests):
         folder.mkdir(parents=True, exist_ok=True, mode=0o750)
     host = create_private_key(home.host_key)
     create_private_key(home.ca_key)
@@ -78,8 +79,8 @@ def scan_source(src: Path) -> list[Path]:
                 raise InvalidInput(f"{p}: symbolic links are not accepted in a dataset")
             if not stat.S_ISREG(mode):
                 raise InvalidInput(f"{p}: not a regular file")
-            if p.parent == src and name == DATASET_MANIFEST:
-                raise InvalidInput(f"{p}: the name {DATASET_MANIFEST} is reserved for the dataset's manifest")
+            if p.parent == src and name in (DATASET_MANIFEST, MANIFEST_INDEX):
+                raise InvalidInput(f"{p}: the name {name} is reserved for the dataset's manifest")
             if p.relative_to(src).parts[0] == SHARDS_DIR:
                 raise InvalidInput(f"{p}: the folder {SHARDS_DIR} is reserved for the dataset's shards")
             files.append(p)
@@ -140,6 +141,7 @@ def add_dataset(
     except BaseException:
         _remove_tree(final)
         raise
+    Catalogue(store, home.manifests).build(name)
     return manifest, report
 
 
@@ -190,6 +192,7 @@ def pack_dataset(home: Home, store: Store, name: str, shard_size: int, actor: st
     except BaseException:
         _remove_tree(out)
         raise
+    Catalogue(store, home.manifests).build(name)
     return shards
 
 
