@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from medbridge.compute.job import accepts_connections
 from medbridge.testing import RunningPlatform
 from tests.conftest import CHEST
 
@@ -150,3 +152,13 @@ def test_fsspec_inside_job_run_reads_writes_and_commits_with_the_outputs(
     committed = sorted(line.split("  ")[1] for line in (results / "MANIFEST.sha256").read_text().splitlines())
     assert committed == ["log.txt", "masks/scan-001.mask"]
     assert "2 output files" in r.stderr and "residue scan clean" in r.stderr
+
+
+def test_the_agent_counts_as_started_only_once_it_listens(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sock"
+    assert not accepts_connections(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        assert path.exists() and not accepts_connections(path), "bound, not yet listening: not started"
+        server.listen()
+        assert accepts_connections(path)

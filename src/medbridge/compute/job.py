@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,16 @@ def default_job_id(environ: Mapping[str, str]) -> str:
     return environ.get("SLURM_JOB_ID") or f"local-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
 
 
+def accepts_connections(path: Path) -> bool:
+    """Does a Unix socket accept connections yet?  ssh-agent binds its socket a moment before it listens."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
+
+
 class Agent:
     """A private ssh-agent for one job, started and killed by PID."""
 
@@ -91,8 +102,8 @@ class Agent:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 10
-        while not self.socket.exists():
+        deadline = time.monotonic() + 30
+        while not accepts_connections(self.socket):
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise JobFailed("ssh-agent did not start (is openssh-client installed?)")
