@@ -16,12 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncssh
+import pydicom
 import pytest
 
+from medbridge.compute.residue import scan
 from medbridge.platform.sftp import JobSFTPServer, OpenFile
 from medbridge.testing import RunningPlatform
 from tests.compute.test_job_run import job_cmd, job_env, job_run
-from tests.compute.test_residue import dicom
+from tests.compute.test_residue import dicom, nifti1
 from tests.conftest import CHEST
 
 needs_fuse = pytest.mark.skipif(
@@ -108,7 +110,7 @@ def test_interrupted_upload_never_looks_complete_and_a_retry_finishes_it(platfor
     assert platform.platform is not None
     platform.platform.sftp_class = DropAfterFirstFile
     r = job_run(platform, make, "--job-id", "u1", "--outputs", str(outputs))
-    assert DropAfterFirstFile.writes == 1
+    assert DropAfterFirstFile.writes == 1, r.stderr
     assert r.returncode == 9, r.stderr
     assert "outputs NOT uploaded" in r.stderr and "--job-id u1" in r.stderr
     res = results(platform, "u1")
@@ -154,15 +156,17 @@ def _teardown_after(platform: RunningPlatform, script: str, *extra: str, sig: in
             while not marker.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
             proc.send_signal(sig)
-        proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
+    assert (tmp / "report.json").exists(), err
     return proc.returncode, json.loads((tmp / "report.json").read_text())
 
 
 @pytest.fixture
-def clean_sockets() -> Iterator[None]:
-    before = {p for p in Path("/tmp").glob("medbridge-job-*")}
+def clean_sockets(platform: RunningPlatform) -> Iterator[None]:
+    """The job's private folder and its emptied $TMPDIR are gone after it (both live in the job's TMPDIR)."""
     yield
-    assert {p for p in Path("/tmp").glob("medbridge-job-*")} <= before, "job folders must be removed"
+    left = list((platform.root / "job" / "jobtmp").glob("medbridge-*"))
+    assert left == [], "job folders must be removed"
 
 
 @needs_fuse
@@ -199,7 +203,7 @@ def test_copied_dataset_files_are_found_purged_and_reported(platform: RunningPla
         f"printf '%s' '{dicom().hex()}' | xxd -r -p > slice.dcm 2>/dev/null || python3 -c "
         f"\"open('slice.dcm','wb').write(bytes.fromhex('{dicom().hex()}'))\""
     )
-    code, rep = _teardown_after(platform, script, "--purge")
+    code, rep = _teardown_after(platform, script, "--purge", "--scratch", ".")
     assert code == 0
     found = {Path(f["path"]).name: (f["reason"], f["purged"]) for f in rep["residue"]["findings"]}
     assert found == {
@@ -212,6 +216,71 @@ def test_copied_dataset_files_are_found_purged_and_reported(platform: RunningPla
     assert not (work / "copy-in-workdir.bin").exists() and not (tmpdir / "copy-in-tmp.bin").exists()
     scans = platform.audit("residue.scan")
     assert scans[-1].outcome == "purged" and '"found":4' in scans[-1].detail and '"purged":4' in scans[-1].detail
+
+
+def _venv_with_pydicom(folder: Path) -> list[Path]:
+    """A virtual environment with pydicom installed, as a user keeps in a working folder; its DICOM files.
+
+    pydicom is copied in from this environment, package and metadata, as pip would lay it
+    out (there is no package index to install from here); it ships DICOM test files.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, capture_output=True)
+    site = next((folder / "lib").glob("python3*/site-packages"))
+    package = Path(pydicom.__file__).parent
+    shutil.copytree(package, site / "pydicom")
+    for meta in package.parent.glob("pydicom-*.dist-info"):
+        shutil.copytree(meta, site / meta.name)
+    return [Path(f.path) for f in scan([site / "pydicom"], {}).findings]
+
+
+def _contents(folder: Path) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_purge_deletes_only_what_the_job_brought(platform: RunningPlatform) -> None:
+    """The working folder is the user's (a virtual environment with pydicom's DICOM files, their own
+    NIfTI atlas): nothing of theirs is deleted, all of it reported as pre-existing.  The job's copy of a
+    dataset file is deleted wherever it is; the medical files it wrote in its own folders ($TMPDIR, a
+    --scratch folder) are deleted; one it wrote in the user's folder is left and reported, not proven ours."""
+    tmp = platform.root / "job"
+    work, scratch = tmp / "work", tmp / "scratch"
+    work.mkdir(parents=True, exist_ok=True)
+    scratch.mkdir()
+    bundled = _venv_with_pydicom(work / ".venv")
+    assert len(bundled) > 100
+    (work / "atlas.nii").write_bytes(nifti1())
+    (scratch / "old.dcm").write_bytes(dicom())
+    before = {**_contents(work), **_contents(scratch)}
+    dcm = dicom().hex()
+    script = (
+        'sftp -q -b - -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST" <<EOF\n'
+        "get /datasets/chest/scan-001.bin copy.bin\n"
+        "EOF\n"
+        f"{sys.executable} -c \"import os, sys; [open(p, 'wb').write(bytes.fromhex('{dcm}')) for p in sys.argv[1:]]\" "
+        f'"$TMPDIR/slice.dcm" {scratch}/new.dcm made.dcm'
+    )
+    code, rep = _teardown_after(platform, script, "--purge", "--scratch", str(scratch))
+    assert code == 0
+    residue = rep["residue"]
+    found = {str(Path(f["path"]).relative_to(tmp)): f["purged"] for f in residue["findings"]}
+    slice_ = next(k for k in found if k.endswith("/slice.dcm"))
+    assert slice_.startswith("jobtmp/medbridge-tmp-")
+    assert found == {"work/copy.bin": True, "scratch/new.dcm": True, slice_: True, "work/made.dcm": False}
+    why = {Path(f["path"]).name: f["why"] for f in residue["findings"]}
+    assert "outside the job's own folders" in why["made.dcm"] and "own folder" in why["new.dcm"]
+    after = {**_contents(work), **_contents(scratch)}
+    assert {p: after.get(p) for p in before} == before, "nothing that was there before the job is deleted or changed"
+    assert sorted(p.relative_to(tmp) for p in set(after) - set(before)) == [Path("work/harmless.txt"),
+                                                                           Path("work/made.dcm")]  # fmt: skip
+    old = {Path(f["path"]) for f in residue["preexisting"]}
+    assert old == {*bundled, work / "atlas.nii", scratch / "old.dcm"}
+    assert all(f["why"].startswith("pre-existing medical file, not ours") for f in residue["preexisting"])
+    assert residue["clean"] is False, "a medical file the job left unproven is residue"
+    assert not list((tmp / "jobtmp").glob("medbridge-tmp-*")), "the job's emptied $TMPDIR is removed"
+    scans = platform.audit("residue.scan")
+    detail = json.loads(scans[-1].detail)
+    assert scans[-1].outcome == "residue" and detail["found"] == 4 and detail["purged"] == 3
+    assert detail["preexisting"] == len(old)
 
 
 @pytest.fixture

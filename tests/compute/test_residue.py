@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from medbridge.compute.residue import load_manifests, purge, scan, signature
+from medbridge.compute.residue import JobContext, load_manifests, purge, scan, signature
 
 
 def dicom() -> bytes:
@@ -50,7 +50,19 @@ def test_signatures() -> None:
         assert signature(harmless) is None
 
 
-def test_scan_finds_signatures_and_copies_and_purges(tmp_path: Path) -> None:
+def changed_after(folder: Path, t: float) -> float:
+    """The file-system clock's first tick after ``t`` (ctimes move in ticks of a few ms): wait on the clock itself."""
+    probe = folder / ".clock"
+    for _ in range(100_000):
+        probe.write_bytes(b"")
+        now = probe.stat().st_ctime
+        if now > t:
+            probe.unlink()
+            return now
+    raise AssertionError("the file-system clock did not move")
+
+
+def test_scan_by_hand_finds_everything_and_purges_only_dataset_copies(tmp_path: Path) -> None:
     work = tmp_path / "work"
     (work / "deep" / "er").mkdir(parents=True)
     for name, (data, _) in SAMPLES.items():
@@ -63,11 +75,72 @@ def test_scan_finds_signatures_and_copies_and_purges(tmp_path: Path) -> None:
     report = scan([work], known)
     found = {Path(f.path).name: f.reason for f in report.findings}
     assert found == {**{n: r for n, (_, r) in SAMPLES.items()}, "copy.bin": "copy of dataset file scans/ct-7.raw"}
+    assert {Path(f.path).name for f in report.findings if f.ours} == {"copy.bin"}
+    assert all("no job to tie it to" in f.why for f in report.findings if not f.ours)
     assert report.files_scanned == len(SAMPLES) + 2
     assert not report.clean
     purge(report)
-    assert report.clean
-    assert sorted(p.name for p in work.rglob("*") if p.is_file() or p.is_symlink()) == ["link", "model.pt"]
+    assert [Path(f.path).name for f in report.findings if f.purged] == ["copy.bin"]
+    assert not report.clean, "medical files not proven platform data are left, and said so"
+    assert sorted(p.name for p in work.rglob("*") if p.is_file() or p.is_symlink()) == sorted(
+        [*SAMPLES, "link", "model.pt"]
+    )
+
+
+def test_a_job_purges_only_what_it_brought(tmp_path: Path) -> None:
+    """Pre-existing medical files are reported and kept, even in the job's own folder; new ones
+    are purged in its own folder and left (not clean) elsewhere; dataset copies go wherever they are."""
+    own, shared = tmp_path / "own", tmp_path / "shared"
+    own.mkdir()
+    shared.mkdir()
+    for folder in (own, shared):
+        (folder / "theirs.nii").write_bytes(nifti1())
+        (folder / "theirs.dcm").write_bytes(dicom())
+    started = changed_after(tmp_path, max((f / "theirs.dcm").stat().st_ctime for f in (own, shared)))
+    secret = os.urandom(4000)
+    for folder in (own, shared):
+        (folder / "new.dcm").write_bytes(dicom())
+        (folder / "copy.raw").write_bytes(secret)
+    (own / "theirs.dcm").write_bytes(dicom() + b"changed by the job")
+    known = load_manifests([f"{hashlib.sha256(secret).hexdigest()}  ct/1.raw\n"])
+    report = purge(scan([shared], known, job=JobContext(started=started, scratch=[own])))
+    purged = {str(Path(f.path).relative_to(tmp_path)) for f in report.findings if f.purged}
+    assert purged == {"own/new.dcm", "own/copy.raw", "shared/copy.raw", "own/theirs.dcm"}
+    left = {str(Path(f.path).relative_to(tmp_path)): f.why for f in report.findings if not f.purged}
+    assert list(left) == ["shared/new.dcm"] and "outside the job's own folders" in left["shared/new.dcm"]
+    old = {str(Path(f.path).relative_to(tmp_path)): f.why for f in report.preexisting}
+    assert sorted(old) == ["own/theirs.nii", "shared/theirs.dcm", "shared/theirs.nii"]
+    assert all(w.startswith("pre-existing medical file, not ours: left in place") for w in old.values())
+    assert sorted(p.name for p in own.iterdir()) == ["theirs.nii"]
+    assert sorted(p.name for p in shared.iterdir()) == ["new.dcm", "theirs.dcm", "theirs.nii"]
+    assert not report.clean
+    (shared / "new.dcm").unlink()
+    assert purge(scan([shared], known, job=JobContext(started=started, scratch=[own]))).clean, (
+        "pre-existing files are not residue of this job"
+    )
+
+
+def test_purge_leaves_a_file_replaced_after_the_scan(tmp_path: Path) -> None:
+    started = changed_after(tmp_path, 0)
+    (tmp_path / "new.dcm").write_bytes(dicom())
+    report = scan([tmp_path], {}, job=JobContext(started=started, scratch=[tmp_path]))
+    assert [f.ours for f in report.findings] == [True]
+    (tmp_path / "new.dcm").unlink()
+    (tmp_path / "new.dcm").write_bytes(b"the user's own file, written after the scan")
+    purge(report)
+    assert (tmp_path / "new.dcm").read_bytes().startswith(b"the user's")
+    assert report.findings[0].purged is False and "changed since it was scanned" in report.errors[0]
+
+
+def test_report_for_the_platform_fits_its_bound(tmp_path: Path) -> None:
+    for i in range(300):
+        (tmp_path / f"{'x' * 200}-{i}.dcm").write_bytes(dicom())
+    report = scan([tmp_path], {})
+    full = report.as_dict()
+    assert len(full["findings"]) == 300 and len(json.dumps(full)) > 60_000
+    cut = report.bounded(16 * 1024)
+    assert len(json.dumps(cut)) <= 16 * 1024
+    assert cut["found"] == 300 and 0 < len(cut["findings"]) < 300 and cut["clean"] is False
 
 
 def test_scan_skips_excluded_and_foreign_files(tmp_path: Path) -> None:
@@ -91,9 +164,19 @@ def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
     report = json.loads(r.stdout)
     assert sorted(Path(f["path"]).name for f in report["findings"]) == ["a.dcm", "x.raw"]
     r = subprocess.run([*cmd, "--purge"], capture_output=True, text=True)
+    assert r.returncode == 10, "with no job, a DICOM file is not proven platform data: left, and not clean"
+    assert "purged" in r.stdout and "no job to tie it to" in r.stdout
+    assert not (tmp_path / "x.raw").exists() and (tmp_path / "a.dcm").exists()
+    since = changed_after(tmp_path, (tmp_path / "a.dcm").stat().st_ctime)
+    (tmp_path / "b.dcm").write_bytes(dicom())
+    scratch = [*cmd, "--since", repr(since), "--scratch", str(tmp_path), "--json"]
+    r = subprocess.run([*scratch, "--purge"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "purged" in r.stdout
-    r = subprocess.run([*cmd], capture_output=True, text=True)
-    assert r.returncode == 0 and "clean" in r.stdout
+    report = json.loads(r.stdout)
+    assert [(Path(f["path"]).name, f["purged"]) for f in report["findings"]] == [("b.dcm", True)]
+    assert [Path(f["path"]).name for f in report["preexisting"]] == ["a.dcm"]
+    assert (tmp_path / "a.dcm").exists() and not (tmp_path / "b.dcm").exists()
+    bad = subprocess.run([*cmd, "--scratch", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--scratch needs --since" in bad.stderr
     bad = subprocess.run([*cmd[:-1], str(tmp_path / "missing")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("medbridge: error: cannot read manifest")

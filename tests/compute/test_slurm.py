@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from medbridge.compute.slurm import Submission, batch_script
+from medbridge.compute.slurm import Submission, batch_script, private_temp
 from medbridge.testing import RunningPlatform
 from medbridge.testing.slurm import JOB_USER, OUTSIDER, SlurmCluster, available, job_python
+from tests.compute.test_residue import dicom
 from tests.conftest import CHEST
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"no Slurm here: {available()}")
@@ -113,9 +114,31 @@ def test_batch_script_is_stable() -> None:
         "# Written by 'medbridge job submit': job run holds the job's platform access and always tears down.\n"
         'workdir="${MEDBRIDGE_WORKDIR:-$SLURM_SUBMIT_DIR}/medbridge-job-$SLURM_JOB_ID"\n'
         'mkdir -p "$workdir" && cd "$workdir" || exit 9\n'
-        "exec /opt/mb/bin/python -m medbridge job run --platform p:22 --scan /tmp --scan /dev/shm --purge "
-        "-- python train.py --epochs 9\n"
+        "exec /opt/mb/bin/python -m medbridge job run --platform p:22 --scan /tmp --scan /dev/shm --scratch . "
+        "--purge -- python train.py --epochs 9\n"
     )
+
+
+#: /proc/self/mountinfo inside a job of this test cluster (Slurm 22.05, job_container/tmpfs), trimmed.
+JOB_MOUNTINFO = """\
+45 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+60 45 0:6 / /dev rw,relatime - devtmpfs devtmpfs rw,mode=755
+61 60 0:23 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24683656k
+68 45 254:0 /var/tmp/slurm/containers/vm/17/.17 /tmp rw,relatime - ext4 /dev/vda rw
+62 61 0:39 / /dev/shm rw,relatime - tmpfs tmpfs rw
+"""
+
+
+def test_private_temp_is_recognised_only_for_its_own_job() -> None:
+    assert private_temp(JOB_MOUNTINFO, "17") == ["/tmp", "/dev/shm"]
+    assert private_temp(JOB_MOUNTINFO, "1") == [], "another job's container is not this job's"
+    assert private_temp(JOB_MOUNTINFO, "") == []
+    host = "\n".join(line for line in JOB_MOUNTINFO.splitlines() if " /tmp " not in line and not line.startswith("62"))
+    assert private_temp(host, "17") == [], "the host's shared /tmp and /dev/shm"
+    only_tmp = "\n".join(line for line in JOB_MOUNTINFO.splitlines() if not line.startswith("62"))
+    assert private_temp(only_tmp, "17") == ["/tmp"], "the host's /dev/shm is not stacked over: shared"
+    escaped = JOB_MOUNTINFO.replace("/var/tmp/slurm", "/var/my\\040spool")
+    assert private_temp(escaped, "17") == ["/tmp", "/dev/shm"]
 
 
 def test_job_reads_computes_and_writes_back(cluster: SlurmCluster, platform: RunningPlatform, base: Path) -> None:
@@ -174,9 +197,12 @@ def test_user_outside_the_partition_group_is_refused(cluster: SlurmCluster, base
 def test_copies_left_by_a_job_are_found_and_purged(
     cluster: SlurmCluster, platform: RunningPlatform, base: Path
 ) -> None:
+    dcm = dicom().hex()
     command = (
         'cp "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" ./stolen.bin && '
-        'cp "$MEDBRIDGE_MOUNT/datasets/chest/scan-002.bin" /tmp/stolen-tmp.bin && ls /tmp > tmp-listing.txt'
+        'cp "$MEDBRIDGE_MOUNT/datasets/chest/scan-002.bin" /tmp/stolen-tmp.bin && ls /tmp > tmp-listing.txt && '
+        f"{cluster.python} -c \"import sys; [open(p, 'wb').write(bytes.fromhex('{dcm}')) for p in sys.argv[1:]]\" "
+        "slice.dcm /tmp/slice-tmp.dcm"
     )
     job = submit(cluster, platform, base, command, "--mount", str(platform.root / "mnt-{job}"))
     assert cluster.wait_done(job)["JobState"] == "COMPLETED", (base / f"slurm-{job}.out").read_text()
@@ -184,10 +210,12 @@ def test_copies_left_by_a_job_are_found_and_purged(
     assert listing.exists(), (base / f"slurm-{job}.out").read_text()
     assert "stolen-tmp.bin" in listing.read_text()
     assert not (workdir(platform, job) / "stolen.bin").exists()
+    assert not (workdir(platform, job) / "slice.dcm").exists()
     scan = [r for r in platform.audit("residue.scan") if r.subject == job][-1]
     detail = json.loads(scan.detail)
     found = {Path(f["path"]).name: f["purged"] for f in detail["findings"]}
-    assert found == {"stolen.bin": True, "stolen-tmp.bin": True}
+    # The working folder is the one the batch script made for the job; /tmp is job_container/tmpfs's.
+    assert found == {"stolen.bin": True, "stolen-tmp.bin": True, "slice.dcm": True, "slice-tmp.dcm": True}
     assert scan.outcome == "purged"
 
 

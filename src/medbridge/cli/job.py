@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ import click
 from medbridge.cli import output
 from medbridge.compute import residue as residue_mod
 from medbridge.compute.job import JobSpec, run
+from medbridge.errors import InvalidInput
 
 PATH = click.Path(path_type=Path)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -54,7 +56,18 @@ def job() -> None:
     "--outputs", type=PATH, default=None, help="Folder whose files are uploaded to the job's results at the end."
 )
 @click.option("--scan", "scan", multiple=True, type=PATH, help="Also scan this path for residue (repeatable).")
-@click.option("--purge/--no-purge", default=None, help="Delete residue found (default: on inside Slurm, else off).")
+@click.option(
+    "--scratch",
+    "scratch",
+    multiple=True,
+    type=PATH,
+    help="A folder that is this job's alone: medical files written there during the job are purged (repeatable).",
+)
+@click.option(
+    "--purge/--no-purge",
+    default=None,
+    help="Delete residue proven to be the job's (default: on inside Slurm, else off).",
+)
 @click.option("--report", type=PATH, default=None, help="Write what happened as JSON here.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def job_run(
@@ -68,6 +81,7 @@ def job_run(
     mount: Path | None,
     outputs: Path | None,
     scan: Sequence[Path],
+    scratch: Sequence[Path],
     purge: bool | None,
     report: Path | None,
     command: Sequence[str],
@@ -76,8 +90,11 @@ def job_run(
 
     COMMAND sees SSH_AUTH_SOCK, MEDBRIDGE_PLATFORM, MEDBRIDGE_USER, MEDBRIDGE_JOB_ID,
     MEDBRIDGE_RESULTS, MEDBRIDGE_SSH_CONFIG (use `sftp -F "$MEDBRIDGE_SSH_CONFIG" medbridge`)
-    and, with --mount, MEDBRIDGE_MOUNT.  Afterwards: outputs uploaded and committed,
-    mount and agent gone, residue scanned (working folder, $TMPDIR, --scan paths).
+    and, with --mount, MEDBRIDGE_MOUNT; TMPDIR is a folder made for the job.  Afterwards:
+    outputs uploaded and committed, mount and agent gone, residue scanned (working folder,
+    $TMPDIR, --scan and --scratch paths).  A purge deletes only copies of dataset files and
+    medical files written during the job in its own folders (--scratch, its $TMPDIR, a
+    private /tmp); other medical files are reported and left in place.
     Its exit code is the payload's (128+N after signal N; 9 if uploading outputs failed).
     """
     spec = JobSpec(
@@ -92,6 +109,7 @@ def job_run(
         mount=mount,
         outputs=outputs,
         scan=list(scan),
+        scratch=list(scratch),
         purge=purge,
         report=report,
     )
@@ -108,30 +126,69 @@ def residue() -> None:
 @residue.command("scan")
 @click.argument("paths", nargs=-1, required=True, type=PATH)
 @click.option("--manifest", "manifests", multiple=True, type=PATH, help="sha256sum-format manifest (repeatable).")
-@click.option("--purge", is_flag=True, help="Delete what is found.")
+@click.option("--purge", is_flag=True, help="Delete what is proven platform data (see below).")
 @click.option("--exclude", "excludes", multiple=True, type=PATH, help="A path not to enter (repeatable).")
+@click.option("--since", default=None, help="When the job started (ISO 8601, or seconds since the epoch).")
+@click.option(
+    "--scratch",
+    "scratch",
+    multiple=True,
+    type=PATH,
+    help="A folder that was the job's alone (repeatable; needs --since).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def residue_scan(
-    paths: Sequence[Path], manifests: Sequence[Path], purge: bool, excludes: Sequence[Path], as_json: bool
+    paths: Sequence[Path],
+    manifests: Sequence[Path],
+    purge: bool,
+    excludes: Sequence[Path],
+    since: str | None,
+    scratch: Sequence[Path],
+    as_json: bool,
 ) -> None:
     """Scan PATHS for dataset copies (by SHA-256) and medical-image signatures.
 
+    --purge deletes files whose SHA-256 a --manifest lists, and, given a job's start
+    (--since) and its own folders (--scratch), medical files written in those folders
+    since then.  Every other medical file is reported with why and left in place; those
+    older than --since count as pre-existing, not as residue.
+
     Exits 0 when nothing is left behind (nothing found, or all of it purged), 10 otherwise.
     """
+    if scratch and since is None:
+        raise InvalidInput("--scratch needs --since: only files written since the job started are the job's")
     known = residue_mod.read_manifest_files(manifests)
-    report = residue_mod.scan(paths, known, exclude=excludes)
+    job = residue_mod.JobContext(started=None if since is None else _parse_since(since), scratch=scratch)
+    report = residue_mod.scan(paths, known, exclude=excludes, job=job)
     if purge:
         residue_mod.purge(report)
     if as_json:
         output.emit_json(report.as_dict())
     else:
         for f in report.findings:
-            output.out.print(f"{'purged' if f.purged else 'found '}  {f.path}  ({f.reason})", markup=False)
+            state = "purged" if f.purged else "left  "
+            output.out.print(f"{state}  {f.path}  ({f.reason}; {f.why})", markup=False)
+        for f in report.preexisting:
+            output.out.print(f"old     {f.path}  ({f.reason}; {f.why})", markup=False)
         for e in report.errors:
             output.err.print(f"unreadable: {e}", markup=False)
         state = "clean" if not report.findings else f"{len(report.findings)} found"
+        if report.preexisting:
+            state += f", {len(report.preexisting)} pre-existing left in place"
         output.out.print(f"{report.files_scanned} files scanned, {report.bytes_hashed} bytes hashed: {state}")
     raise click.exceptions.Exit(0 if report.clean else RESIDUE_FOUND)
+
+
+def _parse_since(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise InvalidInput(f"--since {text!r}: not an ISO 8601 time or seconds since the epoch") from exc
+    return (when if when.tzinfo else when.astimezone()).timestamp()
 
 
 RESIDUE_FOUND = 10

@@ -5,8 +5,14 @@ set up   enrolment key → job certificate for an in-memory key → private ssh-
 payload  runs with SSH_AUTH_SOCK and MEDBRIDGE_* set; SIGTERM/SIGINT/SIGHUP are
          forwarded and turn into an orderly teardown (exit 128+N)
 teardown (always) upload outputs and commit their manifest → unmount (lazy if busy)
-         → kill the agent → remove job-private files → residue scan (+ purge)
-         → report the scan to the platform's audit log
+         → kill the agent → remove job-private files → residue scan (+ purge of what
+         is proven the job's) → report the scan to the platform's audit log
+
+The job's own folders, where a medical file written during the job is the job's:
+``--scratch`` folders (``job submit`` names the working folder it makes for each job),
+the payload's ``$TMPDIR`` (a folder made here for the job, removed at the end if the
+job left nothing in it), and /tmp and /dev/shm when job_container/tmpfs made them
+private to this Slurm job.  Everything else is only scanned and reported.
 """
 
 from __future__ import annotations
@@ -45,15 +51,21 @@ from medbridge.compute.credentials import (
 from medbridge.compute.mount import Mount
 from medbridge.compute.renewal import Renewer, seconds_left
 from medbridge.compute.session import Endpoint, fetch_manifests, upload_outputs, wipe
+from medbridge.compute.slurm import SHARED_TEMP, private_temp
 from medbridge.config import CIPHERS
 from medbridge.errors import InvalidInput, JobFailed, MedbridgeError
 from medbridge.net import format_address, parse_address
+from medbridge.platform.issuer import MAX_REQUEST
 from medbridge.platform.keys import KEY_ALG, public_line, read_private_key_file
 from medbridge.policy.manifest import parse_manifest
 from medbridge.policy.names import check_name
 
 SSH_HOST_ALIAS = "medbridge"
 DEFAULT_STATE_DIR = "/var/spool/medbridge"
+#: The residue report the platform gets must fit one request to its issuer.
+REPORT_BYTES = MAX_REQUEST - 4096
+#: Pre-existing medical files named on standard error; the report has them all.
+SHOWN_PREEXISTING = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +83,7 @@ class JobSpec:
     mount: Path | None = None
     outputs: Path | None = None
     scan: Sequence[Path] = ()
+    scratch: Sequence[Path] = ()
     purge: bool | None = None
     report: Path | None = None
 
@@ -244,11 +257,16 @@ class Job:
         self.in_slurm = "SLURM_JOB_ID" in environ
         self.purge = spec.purge if spec.purge is not None else self.in_slurm
         self.outcome = Outcome(self.job_id, user)
+        #: The residue report as sent to the platform: lists cut to fit one request.
+        self.residue_summary: dict[str, Any] = {}
         self.agent: Agent | None = None
         self.mount: Mount | None = None
         self.renewer: Renewer | None = None
         self.manifests: dict[str, str] = {}
         self.state_file: Path | None = None
+        self.scratch = [_own_folder(p) for p in spec.scratch]
+        self.started_at: float | None = None
+        self.tmpdir: Path | None = None
 
     async def certify(self) -> JobCredential:
         """A certificate for the job's in-memory key, loaded into its agent."""
@@ -261,8 +279,14 @@ class Job:
     def run(self) -> int:
         signals = _Signals()
         folder = Path(tempfile.mkdtemp(prefix="medbridge-job-"))
+        # The job's start on the file-system clock that stamps the files it will write.
+        self.started_at = folder.stat().st_ctime
         started = False
         try:
+            try:
+                self.tmpdir = Path(tempfile.mkdtemp(prefix=f"medbridge-tmp-{self.job_id}-", dir=self._inherited_tmp()))
+            except OSError as exc:
+                raise JobFailed(f"cannot make the job's $TMPDIR: {exc}") from exc
             cred = asyncio.run(self.certify())
             self.outcome.certificate_serial = cred.serial
             self.agent = Agent(folder)
@@ -320,6 +344,8 @@ class Job:
         env.pop("SSH_AGENT_PID", None)
         scratch = folder / "scratch"
         scratch.mkdir(mode=0o700, exist_ok=True)
+        if self.tmpdir is not None:
+            env["TMPDIR"] = str(self.tmpdir)
         env.update(
             {
                 "MEDBRIDGE_SCRATCH": str(scratch),
@@ -340,11 +366,25 @@ class Job:
 
     # -- teardown -----------------------------------------------------------------------
 
+    def _inherited_tmp(self) -> str | None:
+        tmp = self.environ.get("TMPDIR")
+        return tmp if tmp and os.path.isdir(tmp) else None
+
     def scan_roots(self) -> list[Path]:
         roots = [Path.cwd()]
         if self.environ.get("TMPDIR"):
             roots.append(Path(self.environ["TMPDIR"]))
         return roots + list(self.spec.scan)
+
+    def own_folders(self) -> list[Path]:
+        """The folders that are this job's alone (see the module's docstring)."""
+        own = list(self.scratch)
+        if self.tmpdir is not None:
+            own.append(self.tmpdir)
+        slurm_id = self.environ.get("SLURM_JOB_ID", "")
+        with contextlib.suppress(OSError):
+            own += [Path(p) for p in private_temp(Path("/proc/self/mountinfo").read_text(), slurm_id)]
+        return own
 
     def teardown(self, folder: Path, *, scanned: bool, cred_ok: bool) -> None:
         o = self.outcome
@@ -363,9 +403,11 @@ class Job:
         shutil.rmtree(folder, ignore_errors=True)
         if scanned:
             self.scan(keep)
+        if self.tmpdir is not None:
+            self.remove_tmpdir(self.tmpdir)
         if cred_ok:
             try:
-                asyncio.run(end_job(self.enrolment, self.job_id, self.outcome.residue))
+                asyncio.run(end_job(self.enrolment, self.job_id, self.residue_summary))
             except MedbridgeError as exc:
                 self.say(f"could not tell the platform the job ended: {exc}")
         if self.state_file is not None:
@@ -405,10 +447,20 @@ class Job:
     def scan(self, keep: list[Path]) -> None:
         known = residue.load_manifests(self.manifests.values())
         exclude = [p for p in (self.mount.mountpoint if self.mount else None, *keep) if p is not None]
-        report = residue.scan(self.scan_roots(), known, exclude=exclude, owner=os.getuid())
+        job = residue.JobContext(started=self.started_at, scratch=self.own_folders())
+        report = residue.scan(self.scan_roots(), known, exclude=exclude, owner=os.getuid(), job=job)
         if self.purge:
             residue.purge(report)
         self.outcome.residue = report.as_dict()
+        self.residue_summary = report.bounded(REPORT_BYTES)
+
+    def remove_tmpdir(self, tmpdir: Path) -> None:
+        """Remove the payload's $TMPDIR if the job left nothing in it; files left there stay."""
+        for dirpath, _dirnames, _files in os.walk(tmpdir, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+        if tmpdir.exists():
+            self.say(f"the job's $TMPDIR {tmpdir} still holds files; left in place")
 
     def summarise(self) -> None:
         o = self.outcome
@@ -433,9 +485,17 @@ class Job:
             else:
                 purged = sum(1 for f in found if f["purged"])
                 parts.append(f"residue: {len(found)} found, {purged} purged")
+            if r["preexisting"]:
+                parts.append(f"{len(r['preexisting'])} pre-existing medical files left in place")
         self.say("; ".join(parts))
         for f in o.residue.get("findings", []):
-            self.say(f"residue {'purged' if f['purged'] else 'FOUND'}: {f['path']} ({f['reason']})")
+            self.say(f"residue {'purged' if f['purged'] else 'LEFT'}: {f['path']} ({f['reason']}; {f['why']})")
+        old = o.residue.get("preexisting", [])
+        for f in old[:SHOWN_PREEXISTING]:
+            self.say(f"pre-existing, left in place: {f['path']} ({f['reason']})")
+        if len(old) > SHOWN_PREEXISTING:
+            more = "; --report lists them all" if self.spec.report is None else ""
+            self.say(f"… and {len(old) - SHOWN_PREEXISTING} more pre-existing medical files left in place{more}")
         if self.spec.report is not None:
             self.spec.report.write_text(json.dumps(o.__dict__, indent=2, default=str) + "\n")
 
@@ -459,6 +519,8 @@ class Job:
             "sshfs_pid": self.mount.pid if self.mount else None,
             "mount": str(self.mount.mountpoint) if self.mount else None,
             "scan": [str(p) for p in self.scan_roots()],
+            "scratch": [str(p) for p in self.own_folders()],
+            "started": self.started_at,
             "manifest": str(manifest),
         }
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -470,6 +532,25 @@ class Job:
 def run(spec: JobSpec, environ: Mapping[str, str] = os.environ, say: Callable[[str], None] | None = None) -> int:
     """Run the payload with a job certificate in a private agent; return its exit code."""
     return Job(spec, environ, say or _say).run()
+
+
+def _own_folder(path: Path) -> Path:
+    """A ``--scratch`` folder: an existing folder of this user that no one else shares."""
+    real = Path(os.path.realpath(path))
+    try:
+        st = os.stat(real)
+    except OSError as exc:
+        raise InvalidInput(f"--scratch {path}: {exc.strerror}") from exc
+    if not real.is_dir():
+        raise InvalidInput(f"--scratch {path}: not a folder")
+    if st.st_uid != os.getuid():
+        raise InvalidInput(f"--scratch {path}: not your folder (owned by uid {st.st_uid})")
+    if str(real) in {"/", *SHARED_TEMP, os.path.realpath(os.path.expanduser("~"))}:
+        raise InvalidInput(
+            f"--scratch {path}: a shared folder is not the job's own (in Slurm with job_container/tmpfs, "
+            "the job's private /tmp is recognised by itself)"
+        )
+    return real
 
 
 def _per_job(path: Path | None, job_id: str) -> Path | None:

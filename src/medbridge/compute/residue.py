@@ -1,25 +1,31 @@
-"""Residue scan: find dataset copies and medical images left on a compute node, and purge them.
+"""Residue scan: find dataset copies and medical images left on a compute node, and purge the job's.
 
-A file is residue when its SHA-256 is in a manifest of the datasets the job used,
-or when its content carries a medical-image signature (DICOM ``DICM`` at byte 128,
-NIfTI-1/2 magic, NRRD, MetaImage headers; also inside gzip).  Mount points are
-never entered (the platform's own mount is not residue) and links are not followed.
+A file is looked at when its SHA-256 is in a manifest of the datasets the job could
+read, or when its content carries a medical-image signature (DICOM ``DICM`` at byte
+128, NIfTI-1/2 magic, NRRD, MetaImage headers; also inside gzip).  Whether it is the
+job's, and so whether a purge may delete it, is decided by
+:mod:`medbridge.policy.residue`; everything else is reported and left in place.
+Mount points are never entered (the platform's own mount is not residue) and links
+are not followed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import json
 import os
 import re
 import stat
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medbridge.errors import InvalidInput
 from medbridge.policy.manifest import parse_manifest
+from medbridge.policy.residue import Kind, judge
 from medbridge.processes import sha256_file
 
 HEAD = 1024
@@ -61,29 +67,76 @@ class Finding:
     reason: str
     size: int
     purged: bool = False
+    #: Proven platform data brought by the job (only these are ever purged).
+    ours: bool = False
+    why: str = ""
+    #: The file's identity when scanned: a purge deletes nothing that has changed since.
+    identity: tuple[int, int, int] = field(default=(0, 0, 0), compare=False, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "reason": self.reason, "size": self.size, "purged": self.purged,
+                "ours": self.ours, "why": self.why}  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobContext:
+    """What ties a file to a job: its start (on the file-system clock) and the folders that are its alone.
+
+    ``started`` None means no job (a scan by hand): then only dataset copies are proven
+    platform data.  ``scratch`` folders are scanned as well as the scan's roots.
+    """
+
+    started: float | None = None
+    scratch: Sequence[str | os.PathLike[str]] = ()
+
+
+NO_JOB = JobContext()
 
 
 @dataclass
 class ScanReport:
     roots: list[str]
+    #: Residue of the job: purged, or left in place (then the scan is not clean).
     findings: list[Finding] = field(default_factory=list)
+    #: Medical files that were there before the job started: reported, never purged.
+    preexisting: list[Finding] = field(default_factory=list)
     files_scanned: int = 0
     bytes_hashed: int = 0
     errors: list[str] = field(default_factory=list)
+    started: float | None = None
+    scratch: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
         return not [f for f in self.findings if not f.purged]
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, limit: int | None = None) -> dict[str, Any]:
+        """The report as JSON data; ``limit`` keeps that many findings, pre-existing files and errors."""
+        cut = slice(None, limit)
         return {
             "roots": self.roots,
+            "scratch": self.scratch,
+            "started": self.started,
             "files_scanned": self.files_scanned,
             "bytes_hashed": self.bytes_hashed,
-            "findings": [f.__dict__ for f in self.findings],
-            "errors": self.errors,
+            "found": len(self.findings),
+            "purged": sum(1 for f in self.findings if f.purged),
+            "findings": [f.as_dict() for f in self.findings[cut]],
+            "preexisting_found": len(self.preexisting),
+            "preexisting": [f.as_dict() for f in self.preexisting[cut]],
+            "errors": self.errors[cut],
             "clean": self.clean,
         }
+
+    def bounded(self, max_bytes: int) -> dict[str, Any]:
+        """:meth:`as_dict` with its lists cut until its JSON fits ``max_bytes`` (the counts stay whole)."""
+        limit: int | None = None
+        while True:
+            data = self.as_dict(limit)
+            if len(json.dumps(data)) <= max_bytes or limit == 0:
+                return data
+            longest = max(len(self.findings), len(self.preexisting), len(self.errors))
+            limit = (longest if limit is None else limit) // 2
 
 
 def load_manifests(texts: Iterable[str]) -> dict[str, str]:
@@ -132,22 +185,37 @@ def _walk(root: Path, exclude: set[str], errors: list[str]) -> Iterator[Path]:
                 yield p
 
 
+def _own_folder(path: Path, scratch: Sequence[str]) -> str | None:
+    """The job's own folder that holds ``path`` (compared by real path), if any."""
+    real = os.path.realpath(path.parent)
+    for folder in scratch:
+        if real == folder or real.startswith(folder.rstrip("/") + "/"):
+            return folder
+    return None
+
+
 def scan(
     roots: Iterable[str | os.PathLike[str]],
     known: dict[str, str],
     *,
     exclude: Iterable[str | os.PathLike[str]] = (),
     owner: int | None = None,
+    job: JobContext = NO_JOB,
     progress: Callable[[Path], None] | None = None,
 ) -> ScanReport:
-    """Scan ``roots`` for residue; ``owner`` limits findings to files that uid owns."""
-    resolved = []
-    for r in roots:
+    """Scan ``roots`` and the job's own folders for residue; ``owner`` limits it to files that uid owns.
+
+    Each medical-looking file is judged by :func:`medbridge.policy.residue.judge`: only
+    what it proves is the job's is marked for :func:`purge`.
+    """
+    scratch = [os.path.realpath(s) for s in job.scratch]
+    resolved: list[str] = []
+    for r in [*roots, *job.scratch]:
         p = Path(r).absolute()
         if str(p) not in resolved:
             resolved.append(str(p))
     skip = {str(Path(e).absolute()) for e in exclude}
-    report = ScanReport(roots=resolved)
+    report = ScanReport(roots=resolved, started=job.started, scratch=scratch)
     seen: set[tuple[int, int]] = set()
     for root in resolved:
         for path in _walk(Path(root), skip, report.errors):
@@ -161,29 +229,54 @@ def scan(
                 report.files_scanned += 1
                 if progress:
                     progress(path)
-                reason = signature(_head(path))
-                if reason is None and known:
+                copy_of = None
+                if known:
                     digest = sha256_file(path)
                     report.bytes_hashed += st.st_size
-                    if digest in known:
-                        reason = f"copy of dataset file {known[digest]}"
+                    copy_of = known.get(digest)
+                sig = signature(_head(path)) if copy_of is None else None
             except OSError as exc:
                 report.errors.append(f"{path}: {exc.strerror}")
                 continue
-            if reason:
-                report.findings.append(Finding(str(path), reason, st.st_size))
+            verdict = judge(
+                copy_of=copy_of,
+                signature=sig,
+                changed=st.st_ctime,
+                started=job.started,
+                own_folder=_own_folder(path, scratch) if sig and scratch else None,
+            )
+            if verdict is None:
+                continue
+            reason = f"copy of dataset file {copy_of}" if copy_of is not None else str(sig)
+            finding = Finding(
+                str(path), reason, st.st_size, ours=verdict.kind is Kind.OURS, why=verdict.why,
+                identity=(st.st_dev, st.st_ino, st.st_ctime_ns),
+            )  # fmt: skip
+            (report.preexisting if verdict.kind is Kind.PREEXISTING else report.findings).append(finding)
     return report
 
 
 def purge(report: ScanReport) -> ScanReport:
-    """Delete every finding; a file that cannot be removed stays listed as not purged."""
+    """Delete the findings proven to be the job's; everything else stays, listed as not purged.
+
+    A file is deleted only if it is still the very file the scan judged (same device,
+    inode and ctime): one replaced or changed since is left and reported.
+    """
     done = []
     for f in report.findings:
+        if not f.ours:
+            done.append(f)
+            continue
         try:
+            st = os.lstat(f.path)
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino, st.st_ctime_ns) != f.identity:
+                report.errors.append(f"{f.path}: changed since it was scanned: not purged")
+                done.append(f)
+                continue
             os.remove(f.path)
-            done.append(Finding(f.path, f.reason, f.size, purged=True))
+            done.append(dataclasses.replace(f, purged=True))
         except FileNotFoundError:
-            done.append(Finding(f.path, f.reason, f.size, purged=True))
+            done.append(dataclasses.replace(f, purged=True))
         except OSError as exc:
             report.errors.append(f"{f.path}: cannot purge: {exc.strerror}")
             done.append(f)

@@ -12,9 +12,11 @@ owns them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import pwd
+import re
 import select
 import shlex
 import signal
@@ -37,6 +39,43 @@ DEFAULT_PARTITION = "bridge"
 SHARED_TEMP = ("/tmp", "/var/tmp", "/dev/shm")
 
 
+def private_temp(mountinfo: str, slurm_job_id: str) -> list[str]:
+    """The temporary folders that job_container/tmpfs made this job's alone, read from ``/proc/self/mountinfo``.
+
+    Proof for /tmp: the mount on it is a bind of the plugin's per-job folder, whose path
+    ends in (or passes through) ``<job id>/.<job id>``.  /dev/shm counts when /tmp does and
+    either its mount is such a folder too or it is a fresh file system stacked on the
+    host's /dev/shm (what the plugin does before Slurm 23.02).
+    """
+    if not slurm_job_id.isdigit():
+        return []
+    top: dict[str, tuple[str, str, str]] = {}  # mount point -> (mount id, parent id, root), the last one wins
+    points: dict[str, str] = {}  # mount id -> mount point
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        mount_id, parent, root, point = fields[0], fields[1], _unescape(fields[3]), _unescape(fields[4])
+        points[mount_id] = point
+        top[point] = (mount_id, parent, root)
+
+    def per_job(point: str) -> bool:
+        parts = top[point][2].split("/") if point in top else []
+        return any(a == slurm_job_id and b == f".{slurm_job_id}" for a, b in itertools.pairwise(parts))
+
+    if not per_job("/tmp"):
+        return []
+    out = ["/tmp"]
+    if per_job("/dev/shm") or ("/dev/shm" in top and points.get(top["/dev/shm"][1]) == "/dev/shm"):
+        out.append("/dev/shm")
+    return out
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Submission:
     """What ``job submit`` turns into a batch script."""
@@ -49,10 +88,10 @@ class Submission:
 
 
 def batch_script(sub: Submission, python: str = sys.executable) -> str:
-    """The batch script: a per-job working folder, then ``job run`` wrapping the command."""
+    """The batch script: a per-job working folder (the job's own: ``--scratch .``), then ``job run``."""
     check_name("partition", sub.partition)
     run = [python, "-m", "medbridge", "job", "run", *sub.job_run_args, "--scan", "/tmp", "--scan", "/dev/shm",
-           "--purge", "--", *sub.command]  # fmt: skip
+           "--scratch", ".", "--purge", "--", *sub.command]  # fmt: skip
     return "\n".join(
         [
             "#!/bin/bash",
@@ -234,23 +273,38 @@ def _unmount_as(uid: int, point: str) -> bool:
     return not os.path.ismount(point)
 
 
-def _scan_as(uid: int, roots: Sequence[str], manifest: Path | None, exclude: Sequence[str]) -> dict[str, Any]:
+def _scan_as(
+    uid: int, roots: Sequence[str], manifest: Path | None, exclude: Sequence[str], job: residue.JobContext
+) -> dict[str, Any]:
     """Scan and purge as the job's user: root never deletes by a path a user could have re-pointed."""
     if uid == os.geteuid():
         known = residue.read_manifest_files([manifest]) if manifest else {}
-        report = residue.scan(roots, known, exclude=exclude, owner=uid)
+        report = residue.scan(roots, known, exclude=exclude, owner=uid, job=job)
         return residue.purge(report).as_dict()
     cmd = [sys.executable, "-m", "medbridge", "residue", "scan", *roots, "--purge", "--json"]
     for path in exclude:
         cmd += ["--exclude", path]
     if manifest:
         cmd += ["--manifest", str(manifest)]
+    if job.started is not None:
+        cmd += ["--since", repr(job.started), *(a for p in job.scratch for a in ("--scratch", str(p)))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, **_as_user(uid))
     try:
         result: dict[str, Any] = json.loads(r.stdout)
     except json.JSONDecodeError:
         return {"clean": False, "findings": [], "errors": [f"scan as uid {uid} failed: {r.stderr.strip()[-300:]}"]}
     return result
+
+
+def _user_folders(paths: object, uid: int) -> list[str]:
+    """The folders of a state file's list that are the job's user's own, never a shared temporary folder."""
+    if not isinstance(paths, list):
+        return []
+    out = []
+    for p in paths:
+        if isinstance(p, str) and p not in SHARED_TEMP and os.path.isdir(p) and os.lstat(p).st_uid == uid:
+            out.append(p)
+    return out
 
 
 def _owned_state(path: Path, uid: int) -> dict[str, Any] | None:
@@ -290,17 +344,27 @@ def epilog(environ: Mapping[str, str], state_dir: Path, container_base: Path | N
         if point == recorded or not alive:
             (report.unmounted if _unmount_as(uid, point) else report.still_mounted).append(point)
 
-    roots = [r for r in state.get("scan", []) if isinstance(r, str) and r not in SHARED_TEMP]
-    roots = [r for r in roots if os.path.isdir(r) and os.lstat(r).st_uid == uid]
+    roots = _user_folders(state.get("scan"), uid)
+    # What ties a file to the job: when it started and the folders that were its alone, as
+    # job run recorded them (a user can only mislead a scan that runs as that user), and
+    # the job's private /tmp that Slurm made for it (where Slurm has not wiped it already).
+    scratch = _user_folders(state.get("scratch"), uid)
+    started = state.get("started")
+    started = float(started) if isinstance(started, int | float) and not isinstance(started, bool) else None
     if container_base is not None and (container_base / job).is_dir():
-        roots.append(str(container_base / job))
+        container = container_base / job
+        roots.append(str(container))
+        scratch.append(str(container))
+        if started is None:
+            started = container.stat().st_ctime
+    job_context = residue.JobContext(started=started, scratch=scratch if started is not None else [])
     manifest = state.get("manifest")
     manifest_path = Path(manifest) if isinstance(manifest, str) and Path(manifest).parent == state_dir else None
     if manifest_path is not None and _owned_regular(manifest_path, uid) is None:
         report.notes.append(f"ignored {manifest_path}: not a regular file owned by uid {uid}")
         manifest_path = None
     if roots:
-        report.residue = _scan_as(uid, roots, manifest_path, [p for p, _ in sshfs_mounts(uid)])
+        report.residue = _scan_as(uid, roots, manifest_path, [p for p, _ in sshfs_mounts(uid)], job_context)
     for leftover in (state_path, state_dir / f"{job}.manifest"):
         with contextlib.suppress(FileNotFoundError):
             if leftover.is_symlink() or leftover.stat().st_uid == uid:

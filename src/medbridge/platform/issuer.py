@@ -169,11 +169,14 @@ class Issuer:
             raise InvalidInput(f"user {user!r} has no certificate for job {job_id!r}")
         if report:
             findings = report.get("findings") if isinstance(report.get("findings"), list) else []
+            purged = sum(1 for f in findings if isinstance(f, dict) and f.get("purged"))
             detail = {
                 "clean": bool(report.get("clean")),
                 "files_scanned": report.get("files_scanned"),
-                "found": len(findings),
-                "purged": sum(1 for f in findings if isinstance(f, dict) and f.get("purged")),
+                # The job may cut its lists to fit one request; its counts are never fewer than the list.
+                "found": max(len(findings), _count(report.get("found"))),
+                "purged": max(purged, _count(report.get("purged"))),
+                "preexisting": _count(report.get("preexisting_found")),
                 "findings": findings[:MAX_FINDINGS],
                 "roots": report.get("roots"),
                 **peer,
@@ -183,3 +186,8 @@ class Issuer:
             self._store.audit([event], now)
         revoked = self._store.end_job(user, job_id, now, user) if body.get("ended") else 0
         return {"recorded": True, "revoked": revoked}
+
+
+def _count(value: object) -> int:
+    """A count from a job's report: a non-negative int, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

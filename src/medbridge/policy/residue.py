@@ -1,0 +1,66 @@
+"""Whose is a medical-looking file a residue scan found: what a purge may delete, and why.
+
+A purge deletes only what is proven to be platform data brought by the job:
+
+- a file whose SHA-256 is in the manifest of a dataset the job could read (platform
+  data wherever it lies and whenever it was written);
+- a file with a medical-image signature that was created or changed (its ``ctime``,
+  which no user can set back) at or after the job started, inside one of the job's
+  own folders (folders that exist for this job alone).
+
+Anything else that looks medical is left in place and reported: written during the
+job elsewhere (likely residue, not proven: the scan is not clean), there before the
+job started (not this job's: reported, the scan stays clean), or found with no job
+to tie it to (a scan by hand: not clean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+
+
+class Kind(Enum):
+    OURS = "ours"  # proven platform data brought by the job: a purge deletes it
+    UNPROVEN = "unproven"  # looks medical, cannot be tied to the job: left, counts as residue
+    PREEXISTING = "preexisting"  # was there before the job started: left, not this job's residue
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: Kind
+    why: str
+
+
+def judge(
+    *, copy_of: str | None, signature: str | None, changed: float, started: float | None, own_folder: str | None
+) -> Verdict | None:
+    """Decide about one file: ``copy_of`` names the dataset file its hash matched, ``signature``
+    the medical format its bytes carry, ``changed`` its ctime, ``started`` the job's start on
+    the same clock (None: no job), ``own_folder`` the job's own folder that holds it, if any.
+    None when the file is neither.
+    """
+    if copy_of is not None:
+        return Verdict(Kind.OURS, f"platform data: the manifest of a dataset the job could read lists it ({copy_of})")
+    if signature is None:
+        return None
+    if started is None:
+        return Verdict(Kind.UNPROVEN, "medical file with no job to tie it to: not proven platform data, left in place")
+    if changed < started:
+        return Verdict(
+            Kind.PREEXISTING,
+            f"pre-existing medical file, not ours: left in place (last changed {_when(changed)}, "
+            f"before the job started {_when(started)})",
+        )
+    if own_folder is not None:
+        return Verdict(Kind.OURS, f"written during the job in its own folder {own_folder}")
+    return Verdict(
+        Kind.UNPROVEN,
+        "medical file written or changed during the job outside the job's own folders: "
+        "not proven the job's, left in place",
+    )
+
+
+def _when(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
