@@ -167,7 +167,9 @@ def pack_dataset(home: Home, store: Store, name: str, shard_size: int, actor: st
     out = root / SHARDS_DIR
     if out.exists():
         raise AlreadyExists(f"dataset {name!r} is already packed ({out})")
-    originals = [(m.path, root / m.path) for m in manifest if not m.path.startswith(SHARDS_DIR + "/")]
+    # in path order: a case's files (case-001.image.nii, case-001.label.nii.gz) stay next to each other,
+    # which is how WebDataset groups a sample's fields
+    originals = sorted((m.path, root / m.path) for m in manifest if not m.path.startswith(SHARDS_DIR + "/"))
     staging = root.parent / f".packing-{name}-{os.getpid()}"
     _remove_tree(staging)
     try:
