@@ -47,6 +47,30 @@ class PlatformSettings:
     #: Gateways whose PROXY v2 header is believed (CIDRs); a header from anyone else is refused.
     trusted_proxies: tuple[str, ...] = field(default=())
 
+    # -- limits: what one user, job or connection can make the platform spend ------------
+    #: File and directory handles open at once on one connection (all its SFTP sessions).
+    max_open_handles: int = 256
+    #: Session channels (SFTP or a command) open at once on one connection.
+    max_channels_per_connection: int = 4
+    #: Logged-in connections (certificate or enrolment key) one user holds at once, all workers together.
+    max_sessions_per_user: int = 64
+    #: Certificates issued to one user within ``certificate_rate_window`` seconds.
+    certificate_rate_limit: int = 120
+    certificate_rate_window: int = 60
+    #: Certificates of one job that are neither revoked nor expired, at once (renewals overlap).
+    max_live_certificates_per_job: int = 32
+    #: Where job results are kept; empty: ``storage/results`` in the home.  Give it a file
+    #: system of its own, so full results can never stop the control database (and revocation).
+    results_dir: str = ""
+    #: Bytes of results (apparent sizes: sparse files count whole) per user and per job.
+    results_quota_per_user: int = 1 << 40
+    results_quota_per_job: int = 256 << 30
+    #: The largest result file (every write's offset plus length, every truncate).
+    results_max_file_size: int = 32 << 30
+    #: Files and folders in one user's results, and in one job's.
+    results_max_entries_per_user: int = 1_000_000
+    results_max_entries_per_job: int = 100_000
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, origin: str = "settings") -> PlatformSettings:
         """Build from parsed TOML; unknown keys fail and name the valid ones."""
@@ -58,6 +82,8 @@ class PlatformSettings:
                 if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
                     raise InvalidInput(f"{origin}: {key} must be a list of strings")
                 values[key] = tuple(raw)
+            elif key in _SIZES and isinstance(raw, str):
+                values[key] = parse_size(raw, f"{origin}: {key}")
             elif isinstance(default, bool) or (
                 not isinstance(raw, type(default)) and not (isinstance(default, float) and isinstance(raw, int))
             ):
@@ -69,7 +95,30 @@ class PlatformSettings:
             parse_networks(getattr(settings, key), f"{origin}: {key}")
         if settings.max_certificate_lifetime <= 0 or settings.enforcement_interval <= 0:
             raise InvalidInput(f"{origin}: lifetimes and intervals must be positive")
+        for key in _LIMITS:
+            if getattr(settings, key) <= 0:
+                raise InvalidInput(f"{origin}: {key} must be positive")
         return settings
+
+
+#: Limits that must be positive; the sizes among them also take "256GiB"-style strings.
+_SIZES = ("results_quota_per_user", "results_quota_per_job", "results_max_file_size")
+_LIMITS = ("max_open_handles", "max_channels_per_connection", "max_sessions_per_user", "certificate_rate_limit",
+           "certificate_rate_window", "max_live_certificates_per_job", "results_max_entries_per_user",
+           "results_max_entries_per_job", *_SIZES)  # fmt: skip
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}  # fmt: skip
+
+
+def parse_size(text: str, where: str) -> int:
+    """``"256GiB"``, ``"500 MB"`` or ``"1024"`` in bytes; anything else is a clear error."""
+    number = text.strip().rstrip("BbIiKkMmGgTt ")
+    unit = text.strip()[len(number) :].strip().upper()
+    if not number.isdigit() or unit not in _UNITS:
+        raise InvalidInput(
+            f"{where}: {text!r} is not a size (bytes, or a number with KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+        )
+    return int(number) * _UNITS[unit]
 
 
 class Home:
@@ -118,6 +167,10 @@ class Home:
     @property
     def results(self) -> Path:
         return self.root / "storage" / "results"
+
+    def results_root(self, settings: PlatformSettings) -> Path:
+        """Where job results are kept: ``results_dir`` if set (best a file system of its own), else :attr:`results`."""
+        return Path(settings.results_dir).expanduser().absolute() if settings.results_dir else self.results
 
     @property
     def database(self) -> Path:

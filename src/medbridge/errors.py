@@ -9,7 +9,8 @@
     ├── AccessDenied                    6  the platform said no
     │   ├── AccountDisabled                the account exists but is disabled
     │   ├── GrantMissing                   no live grant covers the dataset
-    │   └── CertificateRefused             the issuer would not sign
+    │   ├── CertificateRefused             the issuer would not sign
+    │   └── LimitReached                   a configured limit (certificate rate, live certificates)
     ├── IntegrityError                  7  audit chain or manifest does not verify
     ├── PlatformUnavailable             8  the platform cannot be reached or served
     │   ├── AddressInUse                   the listen address is taken
@@ -74,6 +75,10 @@ class GrantMissing(AccessDenied):
 
 class CertificateRefused(AccessDenied):
     """The issuer refused to sign a job certificate."""
+
+
+class LimitReached(AccessDenied):
+    """A limit the operator configured was reached; the message names the setting."""
 
 
 class IntegrityError(MedbridgeError):

@@ -152,6 +152,8 @@ class Certificate(Base):
     """A job certificate the issuer signed: who, which job, which key, how long."""
 
     __tablename__ = "certificates"
+    #: The issuer counts a user's recent certificates and a job's live ones on every request.
+    __table_args__ = (Index("ix_certificates_user_issued", "user_id", "issued_at"),)
     serial: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     job_id: Mapped[str] = mapped_column(String(64))

@@ -34,7 +34,7 @@ from medbridge.control.models import (
     User,
 )
 from medbridge.errors import AlreadyExists, IntegrityError, InvalidInput, MedbridgeError, NotFound
-from medbridge.policy.credentials import CertificateSpec, certificate_spec
+from medbridge.policy.credentials import CertificateSpec, IssuanceLimits, certificate_spec, check_issuance
 from medbridge.policy.grants import GrantFact, readable
 from medbridge.policy.names import check_name
 
@@ -575,11 +575,17 @@ class Store:
         max_lifetime: timedelta,
         source_addresses: Sequence[str],
         sign: Callable[[CertificateSpec], Any],
+        limits: IssuanceLimits | None = None,
     ) -> tuple[CertificateSpec, Any]:
-        """Decide, sign and record one job certificate in one transaction."""
+        """Decide, sign and record one job certificate in one transaction.
+
+        The serial counter's row is locked first, so issuances are counted one after
+        another by every process (``limits``: the user's rate, the job's live certificates,
+        checked once the request itself is known to be valid).
+        """
         with self._tx() as s:
             u = self._user(s, user)
-            counter = s.get(SerialCounter, 1)
+            counter = s.get(SerialCounter, 1, with_for_update=True)
             if counter is None:
                 raise IntegrityError("control database has no serial counter; was it initialised?")
             serial = counter.next_serial
@@ -595,6 +601,17 @@ class Store:
                 datasets=datasets,
                 source_addresses=source_addresses,
             )
+            if limits is not None:
+                check_issuance(
+                    user=user,
+                    job_id=job_id,
+                    issued_in_window=self._count_certificates(s, Certificate.user_id == u.id,
+                                                              Certificate.issued_at > now - limits.window),
+                    live_for_job=self._count_certificates(s, Certificate.user_id == u.id, Certificate.job_id == job_id,
+                                                          Certificate.revoked_at.is_(None),
+                                                          Certificate.valid_before > now),
+                    limits=limits,
+                )  # fmt: skip
             signed = sign(spec)
             s.add(
                 Certificate(
@@ -610,6 +627,10 @@ class Store:
                 )
             )
             return spec, signed
+
+    @staticmethod
+    def _count_certificates(s: Session, *where: Any) -> int:
+        return int(s.scalar(select(func.count()).select_from(Certificate).where(*where)) or 0)
 
     def end_job(self, user: str, job_id: str, now: datetime, actor: str) -> int:
         """Revoke every certificate of a finished job: its live sessions end at the next check."""

@@ -14,7 +14,7 @@ from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
 from medbridge.errors import InvalidInput, MedbridgeError
 from medbridge.platform.keys import fingerprint
-from medbridge.policy.credentials import CertificateSpec
+from medbridge.policy.credentials import CertificateSpec, IssuanceLimits
 
 #: The one command an enrolment-key session may run.
 ISSUE_COMMAND = "medbridge-issue-certificate"
@@ -103,6 +103,11 @@ class Issuer:
                 max_lifetime=timedelta(seconds=self._settings.max_certificate_lifetime),
                 source_addresses=self._settings.certificate_source_addresses,
                 sign=sign,
+                limits=IssuanceLimits(
+                    rate=self._settings.certificate_rate_limit,
+                    window=timedelta(seconds=self._settings.certificate_rate_window),
+                    live_per_job=self._settings.max_live_certificates_per_job,
+                ),
             )
         except MedbridgeError as exc:
             self._store.audit(

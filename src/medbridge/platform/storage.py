@@ -36,6 +36,25 @@ database_url = ""
 certificate_source_addresses = []
 # Gateways (CIDRs) whose PROXY v2 header carrying the client's address is believed.
 trusted_proxies = []
+
+# Limits: what one user, job or connection may make the platform spend (defaults shown).
+# Handles (files and folders) open at once on one connection; session channels per connection.
+# max_open_handles = 256
+# max_channels_per_connection = 4
+# Logged-in connections one user holds at once, over all worker processes.
+# max_sessions_per_user = 64
+# Certificates one user is issued per window (seconds); live certificates of one job.
+# certificate_rate_limit = 120
+# certificate_rate_window = 60
+# max_live_certificates_per_job = 32
+# Job results: put them on a file system of their own (full results then stop nothing else).
+# results_dir = "/srv/medbridge-results"      # empty: storage/results in this folder
+# Quotas on results (sizes as bytes or "256GiB"; sparse files count whole) and entries.
+# results_quota_per_user = "1TiB"
+# results_quota_per_job = "256GiB"
+# results_max_file_size = "32GiB"
+# results_max_entries_per_user = 1000000
+# results_max_entries_per_job = 100000
 """
 
 CHUNK = 1 << 20

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from medbridge.errors import CertificateRefused, GrantMissing, InvalidInput
+from medbridge.errors import CertificateRefused, GrantMissing, InvalidInput, LimitReached
 from medbridge.policy.names import check_name
 
 #: Certificates start slightly in the past so a compute node's clock skew does not
@@ -105,3 +105,28 @@ def certificate_spec(
         datasets=tuple(datasets) if datasets is not None else None,
         source_addresses=tuple(source_addresses),
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class IssuanceLimits:
+    """How many certificates the issuer signs: per user in a sliding window, and live per job."""
+
+    rate: int
+    window: timedelta
+    live_per_job: int
+
+
+def check_issuance(*, user: str, job_id: str, issued_in_window: int, live_for_job: int,
+                   limits: IssuanceLimits) -> None:  # fmt: skip
+    """Refuse a certificate past the user's issuance rate or the job's live certificates (LimitReached)."""
+    if issued_in_window >= limits.rate:
+        window = int(limits.window.total_seconds())
+        raise LimitReached(
+            f"user {user!r} was issued {issued_in_window} certificates in the last {window} s "
+            f"(certificate_rate_limit = {limits.rate} per certificate_rate_window = {window} s); try again later"
+        )
+    if live_for_job >= limits.live_per_job:
+        raise LimitReached(
+            f"job {job_id!r} already holds {live_for_job} live certificates "
+            f"(max_live_certificates_per_job = {limits.live_per_job}); end the job or let them expire"
+        )
