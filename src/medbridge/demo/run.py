@@ -75,7 +75,7 @@ def run_demo(volumes: int = 4, keep: bool = False, mount: bool | None = None) ->
         if proc.returncode != 0 or not report_file.exists():
             raise JobFailed(f"the demo job failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
         job_report = json.loads(report_file.read_text())
-        results = home.results / USER / JOB
+        results = home.results_root(home.settings()) / USER / JOB
         summary = json.loads((results / "summary.json").read_text())
         audit = [r.as_dict() for r in store.audit_records() if _about_job(r.as_dict())]
         chain = store.verify_audit()

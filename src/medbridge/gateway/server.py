@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import heapq
 import itertools
 import logging
-import os
 import select
 import selectors
 import socket
@@ -18,6 +16,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from medbridge.descriptors import EXHAUSTED, Reserve, error_name, next_backoff
 from medbridge.gateway import proxy
 from medbridge.gateway.config import Address, GatewayConfig, RouteConfig
 from medbridge.gateway.relay import Link
@@ -68,14 +67,8 @@ class _Backends:
         self._down_until[a] = time.monotonic() + UNHEALTHY_FOR
 
 
-#: accept() errors that mean this process (or the system) is out of descriptors or memory.
-_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 #: The longest identification line a client may send (RFC 4253 4.2: 255 bytes with CR LF).
 MAX_BANNER = 255
-#: The most waiting connections refused in one go (the listen backlog).
-SHED_AT_MOST = 512
-#: Back-off after running out of descriptors: first wait, and the longest.
-BACKOFF = (0.05, 1.0)
 
 
 class _Throttled:
@@ -195,19 +188,19 @@ class Listener:
     def _accept_failed(self, exc: OSError, backoff: float) -> float:
         """Count an accept error; out of descriptors, refuse what waits and back off.  The next wait."""
         m, name = self.gateway.metrics, self.route.name
-        reason = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        reason = error_name(exc)
         m.accept_errors.labels(name, reason).inc()
-        if exc.errno not in _EXHAUSTED:  # ECONNABORTED, EPERM (a firewall), EPROTO: that one client only
+        if exc.errno not in EXHAUSTED:  # ECONNABORTED, EPERM (a firewall), EPROTO: that one client only
             self.gateway.throttled.warn(f"{name}/accept", "route %s: accept failed: %s", name, exc)
             return backoff
-        refused = self.gateway.shed(self.sock)
+        refused = self.gateway.reserve.shed(self.sock)
         m.connections.labels(name, "refused_descriptors").inc(refused)
+        wait = next_backoff(backoff)
         self.gateway.throttled.warn(f"{name}/exhausted", "route %s: out of descriptors (%s): refused %d waiting "
-                                    "connection(s), accepting again in %.2f s", name, reason, refused,
-                                    backoff or BACKOFF[0])  # fmt: skip
-        wait = backoff or BACKOFF[0]
+                                    "connection(s), accepting again in %.2f s",
+                                    name, reason, refused, wait)  # fmt: skip
         self._stop.wait(wait)
-        return min(wait * 2, BACKOFF[1])
+        return wait
 
     def _admit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         route, m = self.route, self.gateway.metrics
@@ -294,7 +287,7 @@ class Listener:
             try:
                 s = socket.create_connection((address.host, address.port), timeout=route.connect_timeout)
             except OSError as exc:
-                if exc.errno in _EXHAUSTED:
+                if exc.errno in EXHAUSTED:
                     raise
                 self.backends.failed(address)
                 continue
@@ -418,13 +411,6 @@ class _Admission:
             client.drop("protocol_error", f"SSH identification longer than {MAX_BANNER} bytes")
 
 
-def _spare() -> int | None:
-    try:
-        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-
-
 def _key(route: RouteConfig) -> tuple[Address, str]:
     """Listeners are kept by address across reloads; port 0 (any free port) is distinct per route."""
     return route.listen, route.name if route.listen.port == 0 else ""
@@ -441,30 +427,9 @@ class Gateway:
         self._lock = threading.Lock()
         self._metrics_server: tuple[object, threading.Thread] | None = None
         self.metrics_address: tuple[str, int] | None = None
-        #: One descriptor held back so that, out of descriptors, waiting connections can still be
-        #: accepted and closed (refused) instead of filling the backlog.
-        self._reserve: int | None = _spare()
-        self._reserve_lock = threading.Lock()
+        #: Out of descriptors, waiting connections are still accepted and closed (refused) with it.
+        self.reserve = Reserve()
         self.admission = _Admission(self)
-
-    def shed(self, sock: socket.socket) -> int:
-        """Refuse the connections waiting on ``sock`` using the reserve descriptor; how many."""
-        refused = 0
-        with self._reserve_lock:
-            if self._reserve is not None:
-                os.close(self._reserve)
-                self._reserve = None
-            try:
-                while refused < SHED_AT_MOST:
-                    try:
-                        client, _ = sock.accept()
-                    except OSError:  # none left waiting, or the freed descriptor was taken meanwhile
-                        break
-                    client.close()
-                    refused += 1
-            finally:
-                self._reserve = _spare()
-        return refused
 
     def remember(self, link: Link) -> None:
         with self._lock:
@@ -516,10 +481,7 @@ class Gateway:
             listener.stop()
         self.listeners.clear()
         self.admission.stop()
-        with self._reserve_lock:
-            if self._reserve is not None:
-                os.close(self._reserve)
-                self._reserve = None
+        self.reserve.close()
         with self._lock:
             links = list(self._links)
         for link in links:

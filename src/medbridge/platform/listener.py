@@ -15,6 +15,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
+from medbridge.descriptors import EXHAUSTED, Reserve, error_name, next_backoff
 from medbridge.gateway import proxy
 from medbridge.net import Network, in_networks
 
@@ -72,10 +73,18 @@ async def accept_forever(
     proxies: Sequence[Network],
     serve: Callable[[socket.socket, tuple[str, int], tuple[str, int] | None], Awaitable[None]],
     refuse: Callable[[tuple[str, int], str], None],
+    exhausted: Callable[[str, int], None] = lambda error, refused: None,
 ) -> None:
-    """Accept connections; for each, settle the client address and ``serve(sock, client, via)``."""
+    """Accept connections; for each, settle the client address and ``serve(sock, client, via)``.
+
+    No error of ``accept()`` ends the loop.  Out of descriptors (EMFILE, ENFILE), the
+    connections waiting are accepted with a reserve descriptor and closed, reported as
+    ``exhausted(errno name, how many)``, and accepting resumes after a back-off that
+    doubles while it lasts; any other error concerns one client and is skipped.
+    """
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
+    reserve = Reserve()
 
     async def one(sock: socket.socket, peer: tuple[str, int]) -> None:
         try:
@@ -102,8 +111,24 @@ async def accept_forever(
             log.debug("connection from %s ended: %s", peer, exc)
             sock.close()
 
-    while True:
-        sock, addr = await loop.sock_accept(listener)
-        task = asyncio.create_task(one(sock, (addr[0], addr[1])))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+    backoff = 0.0
+    try:
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:
+                if listener.fileno() < 0:  # closed: the platform is stopping
+                    return
+                if exc.errno not in EXHAUSTED:  # ECONNABORTED, EPERM, EPROTO: that client only
+                    log.debug("accept failed: %s", exc)
+                    continue
+                exhausted(error_name(exc), reserve.shed(listener))
+                backoff = next_backoff(backoff)
+                await asyncio.sleep(backoff)
+                continue
+            backoff = 0.0
+            task = asyncio.create_task(one(sock, (addr[0], addr[1])))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:
+        reserve.close()

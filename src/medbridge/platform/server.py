@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from medbridge.platform.audit import AuditSink
 from medbridge.platform.catalogue import Catalogue
 from medbridge.platform.issuer import ISSUE_COMMAND, MAX_REQUEST, REPORT_COMMAND, Issuer
 from medbridge.platform.keys import fingerprint, load_private_key
+from medbridge.platform.limits import Handles, Quota, SessionSlots, Usage
 from medbridge.platform.listener import accept_forever
 from medbridge.platform.sftp import JobSFTPServer, PlatformSession, Results
 from medbridge.policy.credentials import serial_from_principals, serial_principal
@@ -105,6 +107,12 @@ class PlatformConnection(asyncssh.SSHServer):
         self.session: LiveSession | None = None
         self.enrolment: str | None = None
         self._authenticated = False
+        #: File and directory handles open on this connection, over all its SFTP sessions.
+        self.handles = Handles(limit=platform.settings.max_open_handles)
+        #: Session channels open on this connection (max_channels_per_connection).
+        self.open_channels = 0
+        #: This login's place under max_sessions_per_user (a locked slot file), while it lasts.
+        self._slot: int | None = None
 
     # -- authentication ---------------------------------------------------------------
 
@@ -178,6 +186,8 @@ class PlatformConnection(asyncssh.SSHServer):
         assert self.conn is not None
         self._authenticated = True
         serial = self.conn.get_key_option("medbridge-serial")
+        if not self._take_slot("certificate" if serial is not None else "enrolment"):
+            return
         if serial is not None:
             self.platform.open_session(self, int(str(serial)))
         else:
@@ -192,7 +202,31 @@ class PlatformConnection(asyncssh.SSHServer):
                 )
             )
 
+    def _take_slot(self, kind: str) -> bool:
+        """A place under ``max_sessions_per_user`` (over all workers), or the login is refused, audited and ended."""
+        assert self.conn is not None
+        limit = self.platform.settings.max_sessions_per_user
+        try:
+            self._slot = self.platform.slots.take(self.username)
+            why = f"user {self.username!r} already has {limit} sessions open (max_sessions_per_user)"
+        except OSError as exc:  # out of descriptors, or the run folder unwritable: no session can be counted
+            why = f"sessions cannot be counted: {exc.strerror or exc}"
+        if self._slot is not None:
+            return True
+        self._refused("login", kind, why)
+        self.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, f"medbridge: {why}")
+        return False
+
+    def _refused(self, action: str, subject: str, why: str) -> None:
+        """Audit a refusal of this connection's, with where it came from and why."""
+        event = AuditEvent(actor=self.username or "?", action=action, outcome="refused", subject=subject,
+                           detail={**self.where(), "reason": why})  # fmt: skip
+        self.platform.sink.record(event)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._slot is not None:
+            os.close(self._slot)  # gives the place back (the kernel would, were this process to die)
+            self._slot = None
         if not self._authenticated:
             self.platform.sink.record(
                 AuditEvent(
@@ -210,9 +244,18 @@ class PlatformConnection(asyncssh.SSHServer):
     def session_requested(self) -> tuple[asyncssh.SSHServerChannel[Any], PlatformSession]:
         """Commands go to :meth:`process`; the sftp subsystem to :meth:`sftp` under our handler."""
         assert self.conn is not None
+        limit = self.platform.settings.max_channels_per_connection
+        if self.open_channels >= limit:
+            why = f"the connection already has {limit} sessions open (max_channels_per_connection)"
+            self._refused("channel.refused", "session", why)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, f"medbridge: {why}")
         chan = sealing_channel(self.conn)
         self.channels.add(chan)
-        return chan, PlatformSession(self.process, self.sftp, 3, False)
+        self.open_channels += 1
+        return chan, PlatformSession(self.process, self.sftp, 3, False, closed=self._channel_closed)
+
+    def _channel_closed(self) -> None:
+        self.open_channels -= 1
 
     def sftp(self, chan: SSHChannel[bytes]) -> JobSFTPServer:
         if self.session is None:
@@ -231,6 +274,7 @@ class PlatformConnection(asyncssh.SSHServer):
             self.platform.sink.record,
             self.platform.results,
             self.platform.manifest_files,
+            self.handles,
         )
 
     async def process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
@@ -291,7 +335,19 @@ class Platform:
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="medbridge-catalogue")
         self._building: dict[str, asyncio.Future[tuple[int, Path, Path]]] = {}
         self.sessions: dict[PlatformConnection, LiveSession] = {}
-        self.results = Results(str(home.results))
+        s = self.settings
+        self.results_root = home.results_root(s)
+        quota = Quota(user_bytes=s.results_quota_per_user, job_bytes=s.results_quota_per_job,
+                      user_entries=s.results_max_entries_per_user, job_entries=s.results_max_entries_per_job,
+                      file_size=s.results_max_file_size)  # fmt: skip
+        self.results = Results(str(self.results_root), Usage(self.results_root, quota))
+        self.slots = SessionSlots(home.root / "run" / "sessions", s.max_sessions_per_user)
+        #: Connections refused for want of descriptors since the last report (see :meth:`_out_of_descriptors`).
+        self._shed = 0
+        self._shed_error = ""
+        self._shed_reported = -1.0
+        self._shed_report: asyncio.TimerHandle | None = None
+        self.address = ("", 0)
         #: The SFTP handler class; tests put small fault-injecting subclasses here.
         self.sftp_class: type[JobSFTPServer] = JobSFTPServer
         self._listener: socket.socket | None = None
@@ -323,8 +379,11 @@ class Platform:
         if cert is None or not check.ok:
             owner.conn.close()
             return
-        results = self.home.results / cert.user / cert.job_id
-        results.mkdir(parents=True, exist_ok=True, mode=0o750)
+        results = self.results_root / cert.user / cert.job_id
+        try:
+            results.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as exc:  # results full or failing: reading goes on; writing there will fail and say why
+            log.error("cannot create the results folder %s: %s", results, exc.strerror or exc)
         catalogue = self.store.dataset_versions(check.datasets)
         session = LiveSession(
             user=cert.user,
@@ -450,9 +509,10 @@ class Platform:
         self.sink.start()
         self._tasks = [
             asyncio.create_task(self._enforce_forever()),
-            asyncio.create_task(accept_forever(listener, proxies, serve_one, refuse)),
+            asyncio.create_task(accept_forever(listener, proxies, serve_one, refuse, self._out_of_descriptors)),
         ]
         bound = listener.getsockname()
+        self.address = (bound[0], bound[1])
         self.sink.record(
             AuditEvent(
                 actor="platform",
@@ -464,7 +524,38 @@ class Platform:
         )
         return bound[0], bound[1]
 
+    def _out_of_descriptors(self, error: str, refused: int) -> None:
+        """Connections refused at accept for want of descriptors: logged and audited at most once a second, counted."""
+        self._shed += refused
+        self._shed_error = error
+        if self._shed_report is not None:
+            return  # a report is due and will carry these
+        wait = self._shed_reported + 1.0 - time.monotonic()
+        if wait > 0:
+            self._shed_report = asyncio.get_running_loop().call_later(wait, self._report_shed)
+        else:
+            self._report_shed()
+
+    def _report_shed(self) -> None:
+        self._shed_report = None
+        self._shed_reported = time.monotonic()
+        count, self._shed = self._shed, 0
+        reason = f"out of file descriptors ({self._shed_error}); raise the platform's limit (ulimit -n, LimitNOFILE=)"
+        log.error("refused %d connection(s): %s", count, reason)
+        self.sink.record(
+            AuditEvent(
+                actor="platform",
+                action="connection.refused",
+                outcome="refused",
+                subject=f"{self.address[0]}:{self.address[1]}",
+                detail={"reason": reason, "connections": count},
+            )
+        )
+
     async def stop(self) -> None:
+        if self._shed_report is not None:
+            self._shed_report.cancel()
+            self._report_shed()
         if self._listener is not None:
             self._listener.close()
         for owner in list(self.sessions):

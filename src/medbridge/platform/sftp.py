@@ -9,6 +9,7 @@ SFTP errors and audit events; nothing below the hook decides anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -18,7 +19,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +32,18 @@ from asyncssh.constants import (
     FILEXFER_TYPE_REGULAR,
     FILEXFER_TYPE_SPECIAL,
     FILEXFER_TYPE_SYMLINK,
+    FXP_CLOSE,
     FXP_DATA,
+    FXP_OPENDIR,
     FXP_READ,
 )
 from asyncssh.packet import PacketDecodeError, SSHPacket
-from asyncssh.sftp import SFTPServerHandler
+from asyncssh.sftp import MAX_SFTP_PACKET_LEN, MAX_SFTP_WRITE_LEN, SFTPLimits, SFTPServerHandler
 
 from medbridge.config import READ_FILE_EXTENSION
 from medbridge.control.audit import AuditEvent, escape_text, needs_escape
 from medbridge.errors import InvalidInput, MedbridgeError
+from medbridge.platform.limits import Account, Committing, Handles, OverQuota, Usage
 from medbridge.policy.manifest import (
     DATASET_MANIFEST,
     MANIFEST_INDEX,
@@ -64,6 +68,8 @@ MAX_READ = 4 << 20  # the most bytes one request returns, by READ or by the exte
 _DATA_HEAD = struct.Struct(">IBII")  # SFTP DATA reply: length, type, request id, payload length
 _WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_APPEND | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
 _NO_WRITE_BITS = ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+#: asyncssh's extensions the platform does not serve (see SFTPHandler._process_refused).
+_REFUSED_EXTENSIONS = (b"copy-data", b"ranges@asyncssh.com")
 
 
 def _attrs(st: os.stat_result, *, read_only: bool) -> SFTPAttrs:
@@ -92,6 +98,9 @@ class OpenFile:
     writable: bool
     read_only_view: bool
     job_root: str | None = None
+    #: The job whose results it writes (quota and frozen checks), for a writable handle.
+    job: str | None = None
+    append: bool = False
     bytes_read: int = 0
     bytes_written: int = 0
     opened: float = field(default_factory=time.monotonic)
@@ -101,16 +110,17 @@ class Results:
     """The results storage and its commits: a committed job folder is frozen.
 
     A commit is the rename of a staged file onto ``MANIFEST.sha256``: the platform
-    first checks every hash it names.  While that runs the folder is marked
-    committing (writes refused), and once the manifest is in place nothing in the
-    folder can change.  Verification has threads of its own, so no number of
+    first checks every hash it names.  While that runs the job is held against every
+    worker's changes (:meth:`Usage.committing`: they are refused), and once the manifest
+    is in place nothing in the folder can change.  Verification has threads of its own, so no number of
     commits can delay enforcement or the audit.
     """
 
     MAX_ENTRIES = 100_000
 
-    def __init__(self, root: str, workers: int = 2):
+    def __init__(self, root: str, usage: Usage, workers: int = 2):
         self.root = root
+        self.usage = usage
         self._committing: set[str] = set()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="medbridge-commit")
 
@@ -120,20 +130,28 @@ class Results:
     def frozen(self, job_root: str) -> bool:
         return job_root in self._committing or os.path.lexists(os.path.join(job_root, RESULTS_MANIFEST))
 
-    async def commit(self, job_root: str, staged: str, final: str) -> tuple[int, int, str] | str:
-        """Verify ``staged`` against the folder and rename it onto ``final``; why not, if refused."""
+    async def commit(self, user: str, job: str, staged: str, final: str) -> tuple[int, int, str] | str:
+        """Verify ``staged`` against the job's folder and rename it onto ``final``; why not, if refused."""
+        job_root = self.job_root(user, job)
         if self.frozen(job_root):
             return "the job's results are already committed"
         self._committing.add(job_root)
         try:
             loop = asyncio.get_running_loop()
-            verdict = await loop.run_in_executor(self._pool, verify_results, job_root, staged, self.MAX_ENTRIES)
-            if isinstance(verdict, str):
-                return verdict
-            os.replace(staged, final)
-            return verdict
+            return await loop.run_in_executor(self._pool, self._commit, user, job, staged, final)
         finally:
             self._committing.discard(job_root)
+
+    def _commit(self, user: str, job: str, staged: str, final: str) -> tuple[int, int, str] | str:
+        """In a commit thread: with the job held against every worker's changes, verify, then rename."""
+        job_root, quota = self.job_root(user, job), self.usage.quota
+        with self.usage.committing(user, job):
+            if os.path.lexists(os.path.join(job_root, RESULTS_MANIFEST)):
+                return "the job's results are already committed"
+            verdict = verify_results(job_root, staged, self.MAX_ENTRIES, quota.file_size, quota.job_bytes)
+            if not isinstance(verdict, str):
+                os.replace(staged, final)
+            return verdict
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -162,16 +180,20 @@ class JobSFTPServer(asyncssh.SFTPServer):
         record: Callable[[AuditEvent], object],
         results: Results,
         catalogue: Callable[[str, int], Awaitable[tuple[Path, Path]]],
+        handles: Handles | None = None,
     ):
         super().__init__(chan)
         self._session = session
         self._record = record
         self._results = results
+        #: Handles open on this session's connection, shared with its other SFTP sessions.
+        self.handles = handles or Handles(limit=256)
         self._results_root = results.root
         self._catalogue = catalogue
         self._started = int(time.time())
         self._open: set[int] = set()
         self._real_roots: dict[str, str] = {}
+        self._usage: Account | None = None
 
     # -- the one hook ------------------------------------------------------------------
 
@@ -189,7 +211,110 @@ class JobSFTPServer(asyncssh.SFTPServer):
         shown = escape_text(path) if needs_escape(path) else path  # the reply is UTF-8 too
         if refusal is Refusal.NOT_FOUND:
             raise asyncssh.SFTPNoSuchFile(f"{shown}: no such file")
+        if refusal is Refusal.LIMIT:
+            raise asyncssh.SFTPQuotaExceeded(f"{shown}: {reason}")
+        if refusal is Refusal.UNSUPPORTED:
+            raise asyncssh.SFTPOpUnsupported(f"{op}: {reason}")
         raise asyncssh.SFTPPermissionDenied(f"{shown}: permission denied ({reason})")
+
+    def refuse_request(self, op: str, reason: str) -> None:
+        """Refuse and audit a request that names no path (an extension the platform does not serve)."""
+        self._refuse("", op, Refusal.UNSUPPORTED, reason)
+
+    # -- limits ------------------------------------------------------------------------
+
+    def take_handle(self, vpath: str, op: str) -> None:
+        """Count one more open handle on the connection, or refuse: it holds ``max_open_handles``."""
+        h = self.handles
+        if h.held >= h.limit:
+            self._refuse(vpath, op, Refusal.LIMIT, f"the connection already holds {h.limit} open handles "
+                         "(max_open_handles); close some first")  # fmt: skip
+        h.held += 1
+
+    def give_handle(self) -> None:
+        self.handles.held = max(self.handles.held - 1, 0)
+
+    def _writable(self, f: OpenFile, op: str) -> str:
+        """The job a change through ``f`` charges; refused (and audited) unless the handle may still change."""
+        if not f.writable or f.job is None:
+            self._refuse(f.path, op, Refusal.DENIED, "opened read-only")
+        if f.job_root and self._results.frozen(f.job_root):
+            self._refuse(f.path, op, Refusal.DENIED, "the job's results are committed and can no longer change")
+        assert f.job is not None
+        return f.job
+
+    def _too_large(self, vpath: str, op: str, end: int) -> None:
+        limit = self._results.usage.quota.file_size
+        if end > limit:
+            self._refuse(vpath, op, Refusal.LIMIT, f"a result file may not grow past {limit} bytes "
+                         f"(results_max_file_size): {end} asked")  # fmt: skip
+
+    @contextlib.contextmanager
+    def _charged(self, vpath: str, op: str, job: str, measure: Callable[[], tuple[int, int]]) -> Iterator[None]:
+        """Run a change of ``job``'s results under the user's lock, charged to its quota first.
+
+        ``measure`` says, under the lock, what the change will add (bytes, entries; negative:
+        give back); past a limit it is refused.  The lock is held across the change, so what
+        several workers do for one user is checked and recorded one change at a time, and a
+        change that raises is not charged.
+        """
+        account = self._account()
+        try:
+            with account.locked(job):
+                size, entries = measure()
+                try:
+                    account.charge(job, size, entries)
+                except OverQuota as exc:
+                    self._refuse(vpath, op, Refusal.LIMIT, str(exc))
+                try:
+                    yield
+                except BaseException:
+                    account.charge(job, -size, -entries, check=False)
+                    raise
+        except Committing as exc:
+            self._refuse(vpath, op, Refusal.DENIED, str(exc))
+
+    def _account(self) -> Account:
+        if self._usage is None:
+            assert self._session is not None
+            self._usage = self._results.usage.account(self._session.user)
+        return self._usage
+
+    def _resize(self, f: OpenFile, op: str, start: int, length: int, change: Callable[[], int]) -> int:
+        """Run ``change``: a write of ``length`` bytes at ``start``, or (``length`` -1) a truncate to ``start``.
+
+        Its growth is charged first, under the user's lock (which every change of the user's
+        results holds, in every worker), and corrected by what it did: a short write, an
+        append, a full disk.  ``change`` returns the bytes written (a truncate: 0).
+        """
+        job = self._writable(f, op)
+        account = self._account()
+        try:
+            account.acquire(job)
+        except Committing as exc:
+            self._refuse(f.path, op, Refusal.DENIED, str(exc))
+        try:
+            before = os.fstat(f.fd).st_size
+            truncate = length < 0
+            if f.append and not truncate:  # O_APPEND writes at the end, whatever the offset
+                start = before
+            end = start if truncate else start + length
+            self._too_large(f.path, op, end)
+            growth = end - before if truncate else max(end - before, 0)
+            try:
+                account.charge(job, growth, 0, check=growth > 0)
+            except OverQuota as exc:
+                self._refuse(f.path, op, Refusal.LIMIT, str(exc))
+            after = before  # unless the change happens
+            try:
+                done = change()
+                after = start if truncate else max(before, start + done)
+            finally:
+                if after - before != growth:
+                    account.charge(job, after - before - growth, 0, check=False)
+            return done
+        finally:
+            account.release()
 
     def _resolve(self, raw: bytes, action: Action, op: str) -> tuple[Target, str | None]:
         """Decide and map one path; returns the target and its real path (None if virtual)."""
@@ -346,28 +471,55 @@ class JobSFTPServer(asyncssh.SFTPServer):
         writing = bool(pflags & _WRITE_FLAGS)
         target, real = self._resolve(path, Action.WRITE if writing else Action.READ, "open")
         vpath = normalise(os.fsdecode(path))
-        which = _catalogue_file(target)
-        if which is not None:
-            return self._open_catalogue(target, which, vpath)
-        flags = 0
-        if writing:
-            flags |= os.O_RDWR if pflags & asyncssh.FXF_READ else os.O_WRONLY
-            for sftp_flag, os_flag in (
-                (asyncssh.FXF_APPEND, os.O_APPEND),
-                (asyncssh.FXF_CREAT, os.O_CREAT),
-                (asyncssh.FXF_TRUNC, os.O_TRUNC),
-                (asyncssh.FXF_EXCL, os.O_EXCL),
-            ):
-                if pflags & sftp_flag:
-                    flags |= os_flag
+        self.take_handle(vpath, "open")
+        try:
+            which = _catalogue_file(target)
+            if which is not None:
+                return self._open_catalogue(target, which, vpath)
+            if writing:
+                handle = self._open_for_writing(target, real, vpath, pflags, attrs)
+            else:
+                fd, _ = _open_regular(target, real, vpath, os.O_RDONLY)
+                handle = OpenFile(fd, vpath, False, target.kind is Kind.DATASET)
+        except BaseException:
+            self.give_handle()
+            raise
+        self._open.add(handle.fd)
+        return self._opened(handle)
+
+    def _open_for_writing(self, target: Target, real: str | None, vpath: str, pflags: int,
+                          attrs: SFTPAttrs) -> OpenFile:  # fmt: skip
+        """Open a result for writing: a new file is one more entry, a truncated one gives its bytes back."""
+        assert self._session is not None and target.job is not None
+        flags = os.O_RDWR if pflags & asyncssh.FXF_READ else os.O_WRONLY
+        for sftp_flag, os_flag in (
+            (asyncssh.FXF_APPEND, os.O_APPEND),
+            (asyncssh.FXF_CREAT, os.O_CREAT),
+            (asyncssh.FXF_TRUNC, os.O_TRUNC),
+            (asyncssh.FXF_EXCL, os.O_EXCL),
+        ):
+            if pflags & sftp_flag:
+                flags |= os_flag
         perms = 0o640 if attrs.permissions is None else attrs.permissions & 0o750
-        fd, _ = _open_regular(target, real, vpath, flags, perms)
-        self._open.add(fd)
-        job_root = self._root(self._session, target) if writing and self._session is not None else None
-        return self._opened(OpenFile(fd, vpath, writing, target.kind is Kind.DATASET, job_root=job_root))
+
+        def measure() -> tuple[int, int]:  # a new file is one more entry, a truncated one gives its bytes back
+            before = _lstat(real)
+            if before is None:
+                return 0, 1 if flags & os.O_CREAT else 0
+            return (-before.st_size if flags & os.O_TRUNC and stat.S_ISREG(before.st_mode) else 0), 0
+
+        with self._charged(vpath, "open", target.job, measure):
+            fd, _ = _open_regular(target, real, vpath, flags, perms)
+        job_root = self._root(self._session, target)
+        return OpenFile(fd, vpath, True, False, job_root=job_root, job=target.job, append=bool(flags & os.O_APPEND))
 
     async def _open_catalogue(self, target: Target, which: int, vpath: str) -> OpenFile:
-        fd = os.open(await self._catalogue_path(target, which), os.O_RDONLY | os.O_CLOEXEC)
+        """(Its handle already counted by :meth:`open`: given back if it cannot be opened.)"""
+        try:
+            fd = os.open(await self._catalogue_path(target, which), os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            self.give_handle()
+            raise
         self._open.add(fd)
         return self._opened(OpenFile(fd, vpath, False, True))
 
@@ -417,16 +569,13 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
         f = _handle(file_obj)
-        if not f.writable:
-            raise asyncssh.SFTPPermissionDenied(f"{f.path}: opened read-only")
-        if f.job_root and self._results.frozen(f.job_root):
-            raise asyncssh.SFTPPermissionDenied(f"{f.path}: the job's results are committed")
-        n = os.pwrite(f.fd, data, offset)
+        n = self._resize(f, "write", offset, len(data), lambda: os.pwrite(f.fd, data, offset))
         f.bytes_written += n
         return n
 
     def close(self, file_obj: object) -> None:
         f = _handle(file_obj)
+        self.give_handle()
         self._open.discard(f.fd)
         os.close(f.fd)
         seconds = round(time.monotonic() - f.opened, 3)
@@ -440,20 +589,43 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         f = _handle(file_obj)
-        if not f.writable:
-            raise asyncssh.SFTPPermissionDenied(f"{f.path}: opened read-only")
-        _apply_attrs(f.fd, attrs)
+        self._writable(f, "fsetstat")
+        self._set_attrs(f, attrs, "fsetstat")
+
+    def _set_attrs(self, f: OpenFile, attrs: SFTPAttrs, op: str) -> None:
+        """Apply what a client may change (size, permission bits, times); a size is charged like a write."""
+        if attrs.size is not None:
+            size = attrs.size
+
+            def truncate() -> int:
+                os.ftruncate(f.fd, size)
+                return 0
+
+            self._resize(f, op, size, -1, truncate)
+            self._event("sftp.truncate", f.path, size=size, op=op)
+        if attrs.permissions is not None:
+            os.fchmod(f.fd, attrs.permissions & 0o750)
+        if attrs.atime is not None and attrs.mtime is not None:
+            os.utime(f.fd, (attrs.atime, attrs.mtime))
 
     def fsync(self, file_obj: object) -> None:
         f = _handle(file_obj)
         os.fsync(f.fd)
 
     def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        _, real = self._resolve(path, Action.WRITE, "setstat")
-        assert real is not None
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        target, real = self._resolve(path, Action.WRITE, "setstat")
+        assert real is not None and target.job is not None
+        vpath = normalise(os.fsdecode(path))
+        flags = os.O_WRONLY if attrs.size is not None else os.O_RDONLY
+        fd = os.open(real, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            _apply_attrs(fd, attrs)
+            st = os.fstat(fd)
+            regular = stat.S_ISREG(st.st_mode)
+            if attrs.size is not None and not regular:
+                raise asyncssh.SFTPFailure(f"{vpath}: not a regular file")
+            job_root = self._root(self._session, target) if self._session is not None else None
+            f = OpenFile(fd, vpath, True, False, job_root=job_root, job=target.job)
+            self._set_attrs(f, attrs, "setstat")
         finally:
             os.close(fd)
 
@@ -463,21 +635,24 @@ class JobSFTPServer(asyncssh.SFTPServer):
     # -- names that change ---------------------------------------------------------------
 
     def remove(self, path: bytes) -> None:
-        _, real = self._resolve(path, Action.WRITE, "remove")
-        assert real is not None
-        os.remove(real)
+        target, real = self._resolve(path, Action.WRITE, "remove")
+        assert real is not None and target.job is not None
+        with self._charged(target.path, "remove", target.job, lambda: _given_back(real)):
+            os.remove(real)
         self._audit_change("sftp.remove", path)
 
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
-        _, real = self._resolve(path, Action.WRITE, "mkdir")
-        assert real is not None
-        os.mkdir(real, 0o750)
+        target, real = self._resolve(path, Action.WRITE, "mkdir")
+        assert real is not None and target.job is not None
+        with self._charged(target.path, "mkdir", target.job, lambda: (0, 1)):
+            os.mkdir(real, 0o750)
         self._audit_change("sftp.mkdir", path)
 
     def rmdir(self, path: bytes) -> None:
-        _, real = self._resolve(path, Action.WRITE, "rmdir")
-        assert real is not None
-        os.rmdir(real)
+        target, real = self._resolve(path, Action.WRITE, "rmdir")
+        assert real is not None and target.job is not None
+        with self._charged(target.path, "rmdir", target.job, lambda: (0, -1)):
+            os.rmdir(real)
         self._audit_change("sftp.rmdir", path)
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
@@ -497,16 +672,17 @@ class JobSFTPServer(asyncssh.SFTPServer):
         if committing:
             await self._commit(target, old, new)
         else:
-            os.replace(old, new)
+            assert target.job is not None
+            with self._charged(target.path, "rename", target.job, lambda: _given_back(new)):  # what it replaces
+                os.replace(old, new)
         self._audit_change("sftp.rename", oldpath, to=normalise(os.fsdecode(newpath)))
 
     async def _commit(self, target: Target, staged: str, final: str) -> None:
         """Outputs are complete only when a manifest naming them verifies here, on the platform."""
         s = self._session
         assert s is not None
-        job_root = self._results.job_root(s.user, target.job or "")
         try:
-            verdict = await self._results.commit(job_root, staged, final)
+            verdict = await self._results.commit(s.user, target.job or "", staged, final)
         except (InvalidInput, OSError) as exc:
             verdict = str(exc)
         if isinstance(verdict, str):
@@ -536,6 +712,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
                 if exc.errno != errno.EBADF:
                     raise
         self._open.clear()
+        if self._usage is not None:
+            self._usage.close()
+            self._usage = None
 
 
 def _open_regular(target: Target, real: str | None, vpath: str, flags: int,
@@ -608,6 +787,52 @@ class SFTPHandler(SFTPServerHandler):
             writer.write(reply if n == length else memoryview(reply)[: _DATA_HEAD.size + n])  # type: ignore[arg-type]
         return True
 
+    async def _process_opendir(self, packet: SSHPacket) -> bytes:
+        """A directory handle counts against ``max_open_handles`` like a file handle."""
+        server = self._server
+        assert isinstance(server, JobSFTPServer)
+        path = SSHPacket(packet.get_remaining_payload()).get_string()
+        server.take_handle(os.fsdecode(path), "opendir")  # escaped by the audit and the reply
+        try:
+            return await super()._process_opendir(packet)
+        except BaseException:
+            server.give_handle()
+            raise
+
+    async def _process_close(self, packet: SSHPacket) -> None:
+        handle = SSHPacket(packet.get_remaining_payload()).get_string()
+        directory = handle in self._dir_handles
+        await super()._process_close(packet)
+        if directory:  # files are given back by JobSFTPServer.close
+            server = self._server
+            assert isinstance(server, JobSFTPServer)
+            server.give_handle()
+
+    async def _cleanup(self, exc: Exception | None) -> None:
+        server = self._server
+        if isinstance(server, JobSFTPServer):
+            for _ in self._dir_handles:
+                server.give_handle()
+            self._dir_handles.clear()
+        await super()._cleanup(exc)
+
+    async def _process_limits(self, packet: SSHPacket) -> SFTPLimits:
+        """What a client may ask of one request, and the handles it may hold (not the process's descriptors)."""
+        packet.check_end()
+        server = self._server
+        assert isinstance(server, JobSFTPServer)
+        return SFTPLimits(MAX_SFTP_PACKET_LEN, MAX_READ, MAX_SFTP_WRITE_LEN, server.handles.limit)
+
+    async def _process_refused(self, packet: SSHPacket) -> None:
+        """``copy-data`` and ``ranges@asyncssh.com``: never offered; asked anyway, refused and audited.
+
+        ``copy-data`` copies inside the server with one request (the issue's attack: a handle
+        copied onto itself filled a disk in seconds while the event loop did nothing else).
+        """
+        server = self._server
+        assert isinstance(server, JobSFTPServer)
+        server.refuse_request("extension", "copy-data and ranges@asyncssh.com are not served")
+
     async def _process_read_file(self, packet: SSHPacket) -> tuple[bytes, bool]:
         path = packet.get_string()
         offset = packet.get_uint64()
@@ -619,8 +844,18 @@ class SFTPHandler(SFTPServerHandler):
         return (await data if inspect.isawaitable(data) else data), False
 
     # asyncssh's own tables, extended (class attributes there too, never mutated)
-    _extensions = [*SFTPServerHandler._extensions, (READ_FILE_EXTENSION, str(MAX_READ).encode())]  # noqa: RUF012
-    _packet_handlers = {**SFTPServerHandler._packet_handlers, READ_FILE_EXTENSION: _process_read_file}  # type: ignore[dict-item]  # noqa: RUF012
+    _extensions = [  # noqa: RUF012
+        *((name, value) for name, value in SFTPServerHandler._extensions if name not in _REFUSED_EXTENSIONS),
+        (READ_FILE_EXTENSION, str(MAX_READ).encode()),
+    ]
+    _packet_handlers: dict[int | bytes, Any] = {  # noqa: RUF012
+        **SFTPServerHandler._packet_handlers,
+        READ_FILE_EXTENSION: _process_read_file,
+        FXP_OPENDIR: _process_opendir,
+        FXP_CLOSE: _process_close,
+        b"limits@openssh.com": _process_limits,
+        **dict.fromkeys(_REFUSED_EXTENSIONS, _process_refused),
+    }
     _return_types = {**SFTPServerHandler._return_types, READ_FILE_EXTENSION: FXP_DATA}  # noqa: RUF012
 
 
@@ -652,6 +887,16 @@ class _CorkedWriter(PassJoiner):
 
 class PlatformSession(asyncssh.SSHServerProcess[bytes]):
     """A session channel: commands go to the process factory, the sftp subsystem to :class:`SFTPHandler`."""
+
+    def __init__(self, *args: Any, closed: Callable[[], None] | None = None):
+        super().__init__(*args)
+        self._closed = closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._closed is not None:  # once: the connection's count of open channels
+            self._closed()
+            self._closed = None
 
     def session_started(self) -> None:
         chan = self._chan
@@ -694,8 +939,14 @@ def _catalogue_file(target: Target) -> int | None:
     return None
 
 
-def verify_results(job_root: str, manifest_file: str, max_entries: int) -> tuple[int, int, str] | str:
-    """Check every file a results manifest names; ``(files, bytes, manifest sha256)`` or why not."""
+def verify_results(
+    job_root: str, manifest_file: str, max_entries: int, max_file: int, max_bytes: int
+) -> tuple[int, int, str] | str:
+    """Check every file a results manifest names; ``(files, bytes, manifest sha256)`` or why not.
+
+    Sizes are checked before anything is hashed, so no manifest makes the platform hash
+    more than a job may hold (a sparse file counts whole: its holes are hashed too).
+    """
     fd = os.open(manifest_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
@@ -709,11 +960,20 @@ def verify_results(job_root: str, manifest_file: str, max_entries: int) -> tuple
     if len({rel for _, rel in entries}) != len(entries):
         return "the manifest names a file twice"
     real_root = os.path.realpath(job_root)
-    total = 0
-    for sha, rel in entries:
+    paths, size = [], 0
+    for _, rel in entries:
         path = os.path.realpath(os.path.join(job_root, rel))
         if not within(real_root, path) or not os.path.isfile(path) or rel.endswith(PARTIAL_SUFFIX):
             return f"{rel} is missing"
+        st = os.stat(path)
+        if st.st_size > max_file:
+            return f"{rel} is larger than a result file may be ({st.st_size} > {max_file} bytes)"
+        size += st.st_size
+        paths.append(path)
+    if size > max_bytes:
+        return f"the files it names hold {size} bytes, more than a job may ({max_bytes})"
+    total = 0
+    for (sha, rel), path in zip(entries, paths, strict=True):
         total += os.path.getsize(path)
         if sha256_file(path) != sha:
             return f"{rel} does not match its SHA-256"
@@ -726,11 +986,18 @@ def _handle(file_obj: object) -> OpenFile:
     return file_obj
 
 
-def _apply_attrs(fd: int, attrs: SFTPAttrs) -> None:
-    """Apply the attributes a client may change: size, permission bits, times."""
-    if attrs.size is not None:
-        os.ftruncate(fd, attrs.size)
-    if attrs.permissions is not None:
-        os.fchmod(fd, attrs.permissions & 0o750)
-    if attrs.atime is not None and attrs.mtime is not None:
-        os.utime(fd, (attrs.atime, attrs.mtime))
+def _given_back(path: str) -> tuple[int, int]:
+    """What removing (or replacing) ``path`` gives back: its bytes if a file, and its entry; nothing if absent."""
+    st = _lstat(path)
+    if st is None:
+        return 0, 0
+    return (-st.st_size if stat.S_ISREG(st.st_mode) else 0), -1
+
+
+def _lstat(path: str | None) -> os.stat_result | None:
+    if path is None:
+        return None
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None

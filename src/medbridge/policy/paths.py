@@ -30,6 +30,8 @@ class Refusal(enum.Enum):
 
     NOT_FOUND = "no such file"
     DENIED = "permission denied"
+    LIMIT = "limit reached"
+    UNSUPPORTED = "not supported"
 
 
 class Kind(enum.Enum):

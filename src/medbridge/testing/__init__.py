@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -27,7 +29,7 @@ from medbridge.config import CIPHERS, Home
 from medbridge.control.audit import Record
 from medbridge.control.store import Store
 from medbridge.platform.background import BackgroundPlatform
-from medbridge.platform.keys import KEY_ALG, fingerprint, public_line
+from medbridge.platform.keys import KEY_ALG, fingerprint, load_private_key, public_line
 from medbridge.platform.server import Platform
 from medbridge.platform.storage import add_dataset, init_home
 
@@ -80,7 +82,7 @@ class RunningPlatform:
 
     @property
     def fingerprint(self) -> str:
-        return self.background.fingerprint
+        return fingerprint(load_private_key(self.home.host_key))
 
     @property
     def address(self) -> str:
@@ -101,6 +103,33 @@ class RunningPlatform:
     def start(self) -> RunningPlatform:
         self.background.start()
         return self
+
+    @contextlib.contextmanager
+    def process(self, *, nofile: int | None = None, timeout: float = 60) -> Iterator[int]:
+        """Serve the home from ``medbridge platform serve`` (one worker) in a process of its own; its port.
+
+        ``nofile`` runs it under that descriptor limit (``prlimit``), as a server started by
+        a service manager with a low ``LimitNOFILE`` would be.  Stopped by PID on leaving.
+        """
+        serve = [sys.executable, "-m", "medbridge", "platform", "serve", "--home", str(self.home.root),
+                 "--listen", "127.0.0.1:0", "--workers", "1"]  # fmt: skip
+        cmd = [*(["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []), *serve]
+        log = (self.root / "platform-process.log").open("w+")
+        with log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True) as proc:
+            try:
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                if "listening on" not in line:
+                    log.seek(0)
+                    raise RuntimeError(f"the platform did not start: {line}{log.read()[-2000:]}")
+                yield int(line.split("listening on ", 1)[1].split()[0].rsplit(":", 1)[1])
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
     def call(self, coro: Any) -> Any:
         return self.background.call(coro)
@@ -179,11 +208,13 @@ class RunningPlatform:
             agent.stop()
             shutil.rmtree(folder, ignore_errors=True)
 
-    async def connect(self, user: str, client_keys: Sequence[Any]) -> asyncssh.SSHClientConnection:
-        """An asyncssh client connection presenting exactly ``client_keys``."""
+    async def connect(
+        self, user: str, client_keys: Sequence[Any], port: int | None = None
+    ) -> asyncssh.SSHClientConnection:
+        """An asyncssh client connection presenting exactly ``client_keys`` (to ``port``, or the platform's)."""
         return await asyncssh.connect(
             self.host,
-            self.port,
+            port or self.port,
             username=user,
             client_keys=list(client_keys),
             known_hosts=None,

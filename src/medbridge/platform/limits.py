@@ -1,0 +1,255 @@
+"""What one user, job or connection can make the platform spend: sessions, handles, results.
+
+Workers are separate processes, so what must hold across them is kept in small files
+under locks the kernel releases when a process dies (``flock``): nothing to clean up
+after a crash, nothing shared in memory.
+
+- **Sessions per user**: a session holds a lock on one of ``max_sessions_per_user``
+  slot files of its user (``<home>/run/sessions/<user>/<n>``); no free slot, no session.
+- **Results usage**: per user and per job, bytes (apparent sizes, so a sparse file counts
+  whole) and entries (files and folders), in ``<results>/.medbridge-usage/<user>/``.  Every
+  change that grows usage is checked against the quotas and recorded under the user's
+  lock, in the same step as the change itself, so workers cannot together overshoot.  A
+  missing record is recounted from the files; a crash between a write and its record
+  leaves the record short by at most that one write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import stat
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+#: A usage record: bytes, entries.
+_RECORD = struct.Struct("<qq")
+#: The user's total, beside one file per job (job names start with a letter or digit).
+_TOTAL = "_total"
+
+
+class SessionSlots:
+    """At most ``limit`` sessions per user, over every worker process of the platform."""
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder = folder
+        self.limit = limit
+
+    def take(self, user: str) -> int | None:
+        """A locked slot (a descriptor: close it to give the slot back), or None when all are held."""
+        folder = self.folder / user
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        start = random.randrange(self.limit)  # a busy user's logins do not all try slot 0 first
+        for i in range(self.limit):
+            fd = os.open(folder / str((start + i) % self.limit), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return fd
+        return None
+
+
+@dataclass(frozen=True)
+class Quota:
+    """The results limits of ``platform.toml``."""
+
+    user_bytes: int
+    job_bytes: int
+    user_entries: int
+    job_entries: int
+    file_size: int
+
+
+class OverQuota(Exception):
+    """A change would take a user or a job past a results limit; the message says which."""
+
+
+class Committing(Exception):
+    """A change to a job's results while a worker verifies its commit."""
+
+
+@dataclass
+class Handles:
+    """File and directory handles one connection holds, over all its SFTP sessions."""
+
+    limit: int
+    held: int = 0
+
+
+class Usage:
+    """Results usage of every user and job, shared by the platform's worker processes."""
+
+    FOLDER = ".medbridge-usage"
+
+    def __init__(self, root: Path, quota: Quota):
+        self.root = root
+        self.folder = root / self.FOLDER
+        self.quota = quota
+
+    def account(self, user: str) -> Account:
+        return Account(self, user)
+
+    @contextlib.contextmanager
+    def committing(self, user: str, job: str) -> Iterator[None]:
+        """Hold ``job``'s record exclusively while its commit verifies: no worker changes the job meanwhile.
+
+        Blocks until changes under way end; run it off the event loop (the commit threads do).
+        """
+        folder = self.folder / user
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = _open_record(folder / job)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+class Account:
+    """One user's usage records, as one SFTP session uses them: opened once, locked per change.
+
+    Cheap enough for every write: a lock, two 16-byte reads and writes, no allocation of
+    messages unless a limit is reached.
+    """
+
+    def __init__(self, usage: Usage, user: str):
+        self._usage = usage
+        self._user = user
+        self._total: int | None = None
+        self._jobs: dict[str, int] = {}
+        self._held: int | None = None
+
+    def acquire(self, job: str) -> None:
+        """Take the user's lock for a change of ``job``'s results (release it with :meth:`release`).
+
+        The job's record is also held shared, so while a commit of the job verifies in any
+        worker (it holds the record exclusively, :meth:`Usage.committing`) the change is
+        refused: Committing.
+        """
+        total = self._total if self._total is not None else self._open_total()
+        fcntl.flock(total, fcntl.LOCK_EX)
+        try:
+            fd = self._job(job)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(total, fcntl.LOCK_UN)
+            raise Committing(f"job {job!r}'s results are being committed and can no longer change") from None
+        except BaseException:
+            fcntl.flock(total, fcntl.LOCK_UN)
+            raise
+        self._held = fd
+
+    def release(self) -> None:
+        assert self._held is not None and self._total is not None
+        fcntl.flock(self._held, fcntl.LOCK_UN)
+        fcntl.flock(self._total, fcntl.LOCK_UN)
+        self._held = None
+
+    @contextlib.contextmanager
+    def locked(self, job: str) -> Iterator[Account]:
+        """:meth:`acquire` … :meth:`release` around a block."""
+        self.acquire(job)
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def _open_total(self) -> int:
+        folder = self._usage.folder / self._user
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = self._total = _open_record(folder / _TOTAL)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_size < _RECORD.size:  # first use: count what is stored
+                _write(fd, *count(self._usage.root / self._user))
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return fd
+
+    def _job(self, job: str) -> int:
+        """The job's record (the user's lock held: a missing one is counted from the files)."""
+        fd = self._jobs.get(job)
+        if fd is None:
+            fd = self._jobs[job] = _open_record(self._usage.folder / self._user / job)
+            if os.fstat(fd).st_size < _RECORD.size:
+                _write(fd, *count(self._usage.root / self._user / job))
+        return fd
+
+    def charge(self, job: str, size: int, entries: int, *, check: bool = True) -> None:
+        """Add ``size`` bytes and ``entries`` entries (negative: give back); growth past a limit raises OverQuota."""
+        assert self._held is not None and self._total is not None, "charge only while acquired"
+        fd = self._jobs[job]
+        job_bytes, job_entries = _read(fd)
+        user_bytes, user_entries = _read(self._total)
+        q = self._usage.quota
+        if check and (
+            (size > 0 and (job_bytes + size > q.job_bytes or user_bytes + size > q.user_bytes))
+            or (entries > 0 and (job_entries + entries > q.job_entries or user_entries + entries > q.user_entries))
+        ):
+            raise OverQuota(self._why(job, size, entries, (job_bytes, job_entries), (user_bytes, user_entries)))
+        _write(fd, max(job_bytes + size, 0), max(job_entries + entries, 0))
+        _write(self._total, max(user_bytes + size, 0), max(user_entries + entries, 0))
+
+    def _why(self, job: str, size: int, entries: int, used_job: tuple[int, int], used_user: tuple[int, int]) -> str:
+        q, user = self._usage.quota, self._user
+        for used, grow, limit, what in (
+            (used_job[0], size, q.job_bytes, f"job {job!r} results quota (results_quota_per_job"),
+            (used_user[0], size, q.user_bytes, f"user {user!r} results quota (results_quota_per_user"),
+            (used_job[1], entries, q.job_entries, f"job {job!r} entry limit (results_max_entries_per_job"),
+            (used_user[1], entries, q.user_entries, f"user {user!r} entry limit (results_max_entries_per_user"),
+        ):
+            if grow > 0 and used + grow > limit:
+                return f"{what} = {limit}) reached: {used} used, {grow} more asked"
+        raise AssertionError("no limit was passed")
+
+    def used(self, job: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(bytes, entries) recorded for the job, and for the user."""
+        with self.locked(job):
+            assert self._total is not None
+            return _read(self._jobs[job]), _read(self._total)
+
+    def close(self) -> None:
+        for fd in [*self._jobs.values(), *([self._total] if self._total is not None else [])]:
+            os.close(fd)
+        self._jobs.clear()
+        self._total = None
+
+
+def count(folder: Path) -> tuple[int, int]:
+    """(bytes, entries) below ``folder``: apparent sizes of regular files, every file and folder once."""
+    size = entries = 0
+    stack = [str(folder)]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                entries += 1
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+                elif stat.S_ISREG(st.st_mode):
+                    size += st.st_size
+    return size, entries
+
+
+def _open_record(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+
+def _read(fd: int) -> tuple[int, int]:
+    size, entries = _RECORD.unpack(os.pread(fd, _RECORD.size, 0))
+    return int(size), int(entries)
+
+
+def _write(fd: int, size: int, entries: int) -> None:
+    if os.pwrite(fd, _RECORD.pack(size, entries), 0) != _RECORD.size:
+        raise OSError(f"short write to the results usage record of descriptor {fd}")
