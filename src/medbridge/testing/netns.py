@@ -1,14 +1,19 @@
-"""Three sites on one machine: ``hpc`` — ``gw`` — ``platform``, as Linux network namespaces.
+"""Three sites on one machine: ``hpc`` — ``gw`` — ``platform``, as Linux network namespaces; with
+``Sites(FOUR_PLACES)`` the original system's four places (a second campus and the experimental server too).
 
     hpc (compute nodes)          gw (gateway)                    platform
     10.N.1.2, 10.N.1.3  ──veth── 10.N.1.1 │ 10.N.2.1  ──veth──  10.N.2.2
+                                 10.N.3.1 │ 10.N.4.1
+    campus  10.N.3.2    ──veth───────┘         └───────veth──   10.N.4.2  exp (experimental server)
 
-The gateway namespace does not forward packets: the only way from ``hpc`` to
-``platform`` is a process in ``gw`` (the medbridge gateway).  Links can be cut and
+The gateway namespace does not forward packets: the only way from one place to another
+is a process in ``gw`` (the medbridge gateway, or a delay relay).  Links can be cut and
 restored (iptables DROP inside ``gw``), rate-limited (``tc tbf``); delay comes from
-:mod:`medbridge.testing.delay` because ``tc netem`` is missing here.  Everything is
-removed by :meth:`Sites.stop`: processes by PID, then the namespaces (and with them
-their veths and iptables rules).  Needs root.
+:mod:`medbridge.testing.delay` because ``tc netem`` is missing here: each link has a
+one-way delay (``delays_ms``), and :meth:`Sites.delayed` starts the relay that carries a
+place's connections to another with the delays of both links.  Everything is removed by
+:meth:`Sites.stop`: processes by PID, then the namespaces (and with them their veths and
+iptables rules).  Needs root.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -39,19 +46,36 @@ def available() -> str | None:
     return None
 
 
-class Sites:
-    """The three namespaces, their addresses, and the processes started in them."""
+THREE_SITES = ("hpc", "gw", "platform")
+#: The original system's places: the HPC centre, a second campus, the data platform, the experimental server.
+FOUR_PLACES = ("hpc", "gw", "platform", "campus", "exp")
+#: One-way delay per link in ms (place to gw), rising with distance as in the original's RTT figure.
+DEFAULT_DELAYS_MS = {"hpc": 0.5, "platform": 0.5, "exp": 1.0, "campus": 3.0}
+_SUBNET = {"hpc": 1, "platform": 2, "campus": 3, "exp": 4}
 
-    def __init__(self) -> None:
+
+class Sites:
+    """The namespaces, their addresses, and the processes started in them."""
+
+    def __init__(self, places: Sequence[str] = THREE_SITES, delays_ms: dict[str, float] | None = None) -> None:
+        unknown = set(places) - set(FOUR_PLACES)
+        if unknown or not set(THREE_SITES) <= set(places):
+            raise ValueError(f"places: hpc, gw and platform, and any of campus, exp (got {', '.join(places)})")
         tag = secrets.token_hex(2)
         self.net = 100 + int(tag, 16) % 150
-        self.ns = {site: f"mb{tag}-{site}" for site in ("hpc", "gw", "platform")}
+        self.ns = {site: f"mb{tag}-{site}" for site in places}
         self.node = f"10.{self.net}.1.2"
         self.other_node = f"10.{self.net}.1.3"
         self.gw_hpc_side = f"10.{self.net}.1.1"
         self.gw_platform_side = f"10.{self.net}.2.1"
         self.platform = f"10.{self.net}.2.2"
+        #: Each place's own address, and gw's address on the place's link.
+        self.address = {p: f"10.{self.net}.{_SUBNET[p]}.2" for p in places if p != "gw"}
+        self.gw_side = {p: f"10.{self.net}.{_SUBNET[p]}.1" for p in places if p != "gw"}
+        self.delays_ms = {p: (delays_ms or DEFAULT_DELAYS_MS).get(p, 0.0) for p in self.address}
         self._veth = {"hpc": f"mb{tag}h", "gw-hpc": f"mb{tag}gh", "gw-platform": f"mb{tag}gp", "platform": f"mb{tag}p"}
+        for p in set(places) - set(THREE_SITES):
+            self._veth[p], self._veth[f"gw-{p}"] = f"mb{tag}{p[0]}", f"mb{tag}g{p[0]}"
         self._procs: list[subprocess.Popen[bytes]] = []
         self._made: list[str] = []
 
@@ -75,6 +99,10 @@ class Sites:
                     ("gw", v["gw-hpc"], [f"{self.gw_hpc_side}/24"]),
                     ("gw", v["gw-platform"], [f"{self.gw_platform_side}/24"]),
                     ("platform", v["platform"], [f"{self.platform}/24"])]  # fmt: skip
+            for p in set(self.ns) - set(THREE_SITES):
+                self._ip("link", "add", v[p], "netns", self.ns[p], "type", "veth", "peer", "name", v[f"gw-{p}"],
+                         "netns", self.ns["gw"])  # fmt: skip
+                plan += [(p, v[p], [f"{self.address[p]}/24"]), ("gw", v[f"gw-{p}"], [f"{self.gw_side[p]}/24"])]
             for site, dev, addrs in plan:
                 for a in addrs:
                     self._ip("-n", self.ns[site], "addr", "add", a, "dev", dev)
@@ -92,6 +120,21 @@ class Sites:
         proc = subprocess.Popen(["ip", "netns", "exec", self.ns[site], *args], **kw)  # type: ignore[call-overload]
         self._procs.append(proc)
         return proc  # type: ignore[no-any-return]
+
+    def delayed(self, src: str, dst: str, port: int, timeout: float = 30) -> tuple[str, int]:
+        """A delay relay in ``gw`` carrying ``src``'s connections to ``port`` at ``dst`` with both links' one-way
+        delays (each direction); where ``src`` connects to reach it."""
+        listen = self.gw_side[src]
+        one_way = self.delays_ms[src] + self.delays_ms[dst]
+        proc = self.popen("gw", [sys.executable, "-m", "medbridge.testing.delay", "--listen", f"{listen}:0",
+                                 "--target", f"{self.address[dst]}:{port}", "--delay-ms", str(one_way)],
+                          stdout=subprocess.PIPE)  # fmt: skip
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline().decode() if ready else ""
+        if "delay relay" not in line:
+            raise RuntimeError(f"the delay relay {src}->{dst} did not start: {line.strip() or 'no answer'}")
+        return listen, int(line.split()[2].rsplit(":", 1)[1])
 
     # -- link faults ------------------------------------------------------------------
 
