@@ -32,7 +32,7 @@ import asyncssh
 
 from medbridge import processes
 from medbridge.bench import client
-from medbridge.bench.network import Loopback, Network, choose, first_line
+from medbridge.bench.network import Loopback, Network, choose, serve
 from medbridge.compute.mount import SSHFS_OPTIONS, Mount
 from medbridge.compute.session import Endpoint
 from medbridge.config import Home
@@ -194,16 +194,7 @@ class World:
     def start_server(self, workers: int) -> None:
         """(Re)start the platform with ``workers`` processes on a fresh port; the data stays."""
         self.stop_server()
-        host = self.net.server_host
-        cmd = [*self.net.prefix("platform"), sys.executable, "-m", "medbridge", "platform", "serve", "--home",
-               str(self.home.root), "--listen", f"{host}:0", "--workers", str(workers),
-               *self.net.serve_args]  # fmt: skip
-        log = self.root / "platform.log"
-        with open(log, "wb") as err:
-            self.server = server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        line = first_line(server, f"listening on {host}:", f"the benchmark's platform (workers={workers})", log)
-        self.port = int(line.split(f"listening on {host}:")[1].split()[0])
-        self.fingerprint = line.split("host key ")[1].split()[0]
+        self.server, self.port, self.fingerprint = serve(self.home.root, self.net, workers, self.root / "platform.log")
 
     @property
     def server_pid(self) -> int:

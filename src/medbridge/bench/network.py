@@ -55,6 +55,19 @@ def first_line(proc: subprocess.Popen[str], words: str, what: str, log: Path | N
     return line
 
 
+def serve(home: Path, net: Network, workers: int, log: Path,
+          what: str = "the benchmark's platform") -> tuple[subprocess.Popen[str], int, str]:  # fmt: skip
+    """``platform serve`` for ``home`` as a process of its own where ``net`` puts servers: the process, its port and
+    its host-key fingerprint, once it says it listens (else it is stopped and its log's last line raised)."""
+    host = net.server_host
+    cmd = [*net.prefix("platform"), sys.executable, "-m", "medbridge", "platform", "serve", "--home", str(home),
+           "--listen", f"{host}:0", "--workers", str(workers), *net.serve_args]  # fmt: skip
+    with open(log, "wb") as err:
+        server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    line = first_line(server, f"listening on {host}:", f"{what} (workers={workers})", log)
+    return server, int(line.split(f"listening on {host}:")[1].split()[0]), line.split("host key ")[1].split()[0]
+
+
 @contextmanager
 def relay(port: int, rtt_ms: float, host: str = "127.0.0.1", prefix: Sequence[str] = (),
           listen: str = "127.0.0.1") -> Iterator[tuple[int, int | None]]:  # fmt: skip

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncssh
+
 from medbridge.compute.session import Endpoint, connect
 from medbridge.errors import InvalidInput, PlatformUnavailable
 from medbridge.net import parse_address
@@ -54,14 +56,20 @@ def tcp_samples(route: Route, samples: int, timeout: float = 5.0) -> list[float]
 async def sftp_samples(route: Route, ep: Endpoint, samples: int, warmup: int = 3) -> list[float]:
     """Seconds per SFTP ``stat`` round trip on one session through ``route``."""
     conn = await connect(ep, route.host, route.port)
-    out = []
     async with conn:
-        sftp = await conn.start_sftp_client()
-        for i in range(warmup + samples):
-            start = time.perf_counter()
-            await sftp.stat("/")
-            if i >= warmup:
-                out.append(time.perf_counter() - start)
+        out = await stat_round_trips(conn, samples, warmup)
+    return out
+
+
+async def stat_round_trips(conn: asyncssh.SSHClientConnection, samples: int, warmup: int) -> list[float]:
+    """Seconds per SFTP ``stat`` of ``/`` on a new SFTP session of ``conn``, after ``warmup`` untimed ones."""
+    sftp = await conn.start_sftp_client()
+    out = []
+    for i in range(warmup + samples):
+        start = time.perf_counter()
+        await sftp.stat("/")
+        if i >= warmup:
+            out.append(time.perf_counter() - start)
     return out
 
 

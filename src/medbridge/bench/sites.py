@@ -203,13 +203,7 @@ async def _sftp(spec: dict[str, Any], samples: int, warmup: int) -> list[float]:
     async with asyncssh.connect(host, port, username=cred.user, client_keys=[(eph, cred.certificate)],
                                 known_hosts=([cred.host_key], [], []), agent_path=None, encryption_algs=list(CIPHERS),
                                 config=None) as conn:  # fmt: skip
-        sftp = await conn.start_sftp_client()
-        out = []
-        for i in range(warmup + samples):
-            start = time.perf_counter()
-            await sftp.stat("/")
-            if i >= warmup:
-                out.append(time.perf_counter() - start)
+        out = await rtt.stat_round_trips(conn, samples, warmup)
     return out
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -13,11 +14,40 @@ from medbridge.cli import output
 
 @click.group()
 def bench() -> None:
-    """Measure: round trips, relay cost, reading by every path, worker scaling."""
+    """Measure: round trips, relay cost, reading by every path, worker scaling, the original experiments."""
+
+
+def _say(as_json: bool) -> Callable[[str], None]:
+    return (lambda m: None) if as_json else (lambda m: output.err.print(m, highlight=False))
+
+
+def _experiments() -> None:
+    """A clear error where torch or MONAI is missing (the experiments extra)."""
+    from medbridge.bench.device import missing
+    from medbridge.errors import MedbridgeError
+
+    why = missing()
+    if why is not None:
+        raise MedbridgeError(f"the experiments need torch and MONAI: {why}")
+
+
+def _items(text: str | None, what: str) -> tuple[str, ...]:
+    from medbridge.errors import InvalidInput
+
+    items = tuple(x.strip() for x in (text or "").split(",") if x.strip())
+    if text is not None and not items:
+        raise InvalidInput(f"{what} {text!r}: a comma-separated list")
+    return items
 
 
 @bench.command("rtt")
-@click.option("--route", "routes", multiple=True, required=True, help="NAME=HOST:PORT to measure (repeatable).")
+@click.option("--route", "routes", multiple=True, help="NAME=HOST:PORT to measure (repeatable).")
+@click.option("--sites", is_flag=True, help="Build the original's four places as network namespaces (root) "
+              "and measure each pair at TCP and SFTP level.")  # fmt: skip
+@click.option("--pairs", default=None, help="With --sites: A-B pairs, comma-separated (default: hpc-exp, "
+              "hpc-platform, campus-exp; places: hpc, campus, platform, exp).")  # fmt: skip
+@click.option("--link-delay", "link_delays", multiple=True, help="With --sites: PLACE=MS one-way delay of a "
+              "place's link (default: hpc 0.5, platform 0.5, exp 1, campus 3).")  # fmt: skip
 @click.option("--samples", type=click.IntRange(1, 10000), default=20, show_default=True)
 @click.option(
     "--level",
@@ -27,11 +57,32 @@ def bench() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a bar chart (PNG).")
-def bench_rtt(routes: Sequence[str], samples: int, level: str | None, as_json: bool, plot: Path | None) -> None:
-    """Min / mean / max round-trip time per route, at TCP and SFTP level."""
+def bench_rtt(routes: Sequence[str], sites: bool, pairs: str | None, link_delays: Sequence[str], samples: int,
+              level: str | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
+    """Min / mean / max round-trip time per route (or, with --sites, per pair of places), at TCP and SFTP level."""
     from medbridge.bench import rtt
     from medbridge.compute.session import endpoint_from_job
+    from medbridge.errors import InvalidInput
 
+    if sites:
+        if routes:
+            raise InvalidInput("--sites measures the places it builds: leave out --route")
+        from medbridge.bench import sites as places
+
+        chosen_pairs = places.parse_pairs(pairs) if pairs else places.PAIRS
+        result = places.run(chosen_pairs, samples, places.parse_delays(link_delays), _say(as_json))
+        if plot is not None:
+            places.plot(result, plot)
+        if as_json:
+            output.emit_json(result)
+            return
+        output.table("round-trip time between places (ms)",
+                     ["pair", "level", "links add", "min", "mean", "median", "max", "samples"],
+                     [(r["name"], r["level"], r["emulated_ms"], r["min_ms"], r["mean_ms"], r["median_ms"], r["max_ms"],
+                       r["samples"]) for r in result["rows"]])  # fmt: skip
+        return
+    if not routes:
+        raise InvalidInput("give --route NAME=HOST:PORT (repeatable), or --sites")
     in_job = "MEDBRIDGE_SSH_CONFIG" in os.environ
     levels = {"tcp": ["tcp"], "sftp": ["sftp"], "both": ["tcp", "sftp"], None: ["tcp", "sftp"] if in_job else ["tcp"]}
     chosen = levels[level]
@@ -194,3 +245,196 @@ def bench_scale(quick: bool, workers: str | None, clients_per_worker: int | None
     output.table("against the targets", ["target", "measured", "workers", "met"],
                  [(t["target"], t["measured"], t["workers"], {True: "yes", False: "no", None: "-"}[t["met"]])
                   for t in result["targets"]])  # fmt: skip
+
+
+# -- the original experiments ------------------------------------------------------------------------------------------
+
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                             help="auto: the GPU (bf16 where supported) when torch sees one.")  # fmt: skip
+scheduler_option = click.option("--scheduler", type=click.Choice(["auto", "slurm", "local"]), default="auto",
+                                show_default=True,
+                                help="auto: sbatch when a Slurm cluster answers, else processes.")  # fmt: skip
+
+
+@bench.command("images")
+@click.option("--quick", is_flag=True, help="One image of 48² (or the model's smallest) per pass, 32 loaded per test.")
+@click.option("--tests", default=None, help="Tests by number or name, comma-separated (default: all 17).")
+@click.option("--paths", default=None, help="local plus any of sshfs, sshfs-default, native (default: "
+              "local,sshfs,native).")  # fmt: skip
+@click.option("--format", "fmt", type=click.Choice(["jpeg", "png", "dicom"]), default="jpeg", show_default=True)
+@click.option("--iterations", type=click.IntRange(1, 1000), default=None, help="Compute passes per path.")
+@click.option("--rtt-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
+              help="Emulated round trip to the platform.")  # fmt: skip
+@click.option("--train", is_flag=True, help="Time training steps instead of inference.")
+@device_option
+@click.option("--network", type=click.Choice(["auto", "loopback", "sites"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the grouped bar chart (PNG).")
+def bench_images(quick: bool, tests: str | None, paths: str | None, fmt: str, iterations: int | None, rtt_ms: float,
+                 train: bool, device: str, network: str, as_json: bool, plot: Path | None) -> None:  # fmt: skip
+    """The AI-benchmark's 17 vision tests: image load and compute timed apart, from local disk, sshfs, the loader."""
+    import dataclasses
+
+    from medbridge.bench import images, vision
+
+    _experiments()
+    plan = images.Plan.quick_plan() if quick else images.Plan()
+    changes: dict[str, object] = {"fmt": fmt, "rtt_ms": rtt_ms, "train": train, "device": device, "network": network}
+    if tests is not None:
+        changes["tests"] = tuple(t.number for t in vision.by_name(_items(tests, "--tests")))
+    if paths is not None:
+        changes["paths"] = _items(paths, "--paths")
+    if iterations:
+        changes["iterations"] = iterations
+    plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
+    result = images.run(plan, _say(as_json))
+    if plot is not None:
+        images.plot(result, plot)
+    if as_json:
+        output.emit_json(result)
+        return
+    output.table(
+        f"bench images ({result['network']}, RTT +{rtt_ms:g} ms, {result['device']['name']})",
+        ["test", "model", "path", "images", "load s", "compute s"],
+        [(r["test"], r["model"], r["path"], r["images"], r["load_s"], r["compute_s"]) for r in result["rows"]],
+    )
+    output.table("remote / local", ["path", "load (all tests)", "load (median)", "compute (median)"],
+                 [(p, v["load_ratio_total"], v["load_ratio_median"], v["compute_ratio_median"])
+                  for p, v in result["summary"].items()])  # fmt: skip
+
+
+@bench.command("ct-train")
+@click.option("--quick", is_flag=True, help="1 job per path, 32³ volumes, 2 steps, 2 validation cases.")
+@click.option("--jobs", "per_path", type=click.IntRange(1, 64), default=None, help="Jobs per path (default 4).")
+@click.option("--paths", default=None, help="local plus any of mount, native (default: local,mount).")
+@click.option("--cases", type=click.IntRange(5, 100_000), default=None, help="Generated cases (default 105: 84/21).")
+@click.option("--size", type=click.IntRange(16, 512), default=None, help="Volume side, a multiple of 16 (default 128).")
+@click.option("--epochs", type=click.IntRange(1, 10_000), default=None)
+@click.option("--max-steps", type=click.IntRange(0, 1_000_000), default=None, help="Steps per epoch at most.")
+@click.option("--val-cases", type=click.IntRange(0, 100_000), default=None, help="Validation cases (0: all).")
+@click.option("--alone/--no-alone", default=None, help="Run one local job alone first (the interference baseline).")
+@click.option("--rtt-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True)
+@scheduler_option
+@device_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep each job's CSVs here (one folder per job).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the per-job chart (PNG).")
+def bench_ct_train(quick: bool, per_path: int | None, paths: str | None, cases: int | None, size: int | None,
+                   epochs: int | None, max_steps: int | None, val_cases: int | None, alone: bool | None,
+                   rtt_ms: float, scheduler: str, device: str, out: Path | None, as_json: bool,
+                   plot: Path | None) -> None:  # fmt: skip
+    """MONAI's V-Net trained by N jobs on local copies and N on the platform at the same time; CSVs per job."""
+    import dataclasses
+
+    from medbridge.bench import cttrain
+
+    _experiments()
+    plan = cttrain.Plan.quick() if quick else cttrain.Plan()
+    changes: dict[str, object] = {"rtt_ms": rtt_ms, "scheduler": scheduler, "device": device}
+    for key, value in (("jobs", per_path), ("cases", cases), ("size", size), ("epochs", epochs),
+                       ("max_steps", max_steps), ("val_cases", val_cases), ("alone", alone)):  # fmt: skip
+        if value is not None:
+            changes[key] = value
+    if paths is not None:
+        changes["paths"] = _items(paths, "--paths")
+    plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    result = cttrain.run(plan, _say(as_json), out=out)
+    if plot is not None:
+        cttrain.plot(result, plot)
+    if as_json:
+        output.emit_json(result)
+        return
+    output.table(f"bench ct-train (via {result['scheduler']})", ["job", "path", "wall s", "load s", "step s", "Dice"],
+                 [(j["name"], j["path"], j["wall_s"], j["load_s"], j["step_s"], j["val_dice"][-1])
+                  for j in result["jobs"]])  # fmt: skip
+    output.table(
+        "mean wall time, remote / local",
+        ["path", "wall", "median step"],
+        [(p, v["wall"], v["step"]) for p, v in result["ratios"].items()],
+    )
+
+
+@bench.command("pretrain")
+@click.option("--quick", is_flag=True, help="3 jobs of 2 steps, 32³ volumes, a small encoder.")
+@click.option("--jobs", "chain", type=click.IntRange(1, 1000), default=None, help="Jobs in the chain (default 4).")
+@click.option("--steps-per-job", type=click.IntRange(1, 10_000_000), default=None)
+@click.option("--size", type=click.IntRange(32, 512), default=None, help="Volume side, a multiple of 32 (default 96).")
+@click.option("--feature-size", type=click.IntRange(12, 192), default=None, help="SwinUNETR feature size.")
+@click.option("--cases", type=click.IntRange(2, 100_000), default=None)
+@click.option("--val-every", type=click.IntRange(0, 1_000_000), default=None)
+@click.option("--path", type=click.Choice(["native", "mount"]), default="native", show_default=True)
+@click.option("--rtt-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True)
+@scheduler_option
+@device_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Where each job's log is kept (the input of 'bench loss-curve').")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the loss curve (PNG).")
+def bench_pretrain(quick: bool, chain: int | None, steps_per_job: int | None, size: int | None,
+                   feature_size: int | None, cases: int | None, val_every: int | None, path: str, rtt_ms: float,
+                   scheduler: str, device: str, out: Path, as_json: bool, plot: Path | None) -> None:  # fmt: skip
+    """Self-supervised Swin Transformer pre-training as a chain of jobs resuming from checkpoints on the platform."""
+    import dataclasses
+
+    from medbridge.bench import losscurve, pretrain
+
+    _experiments()
+    plan = pretrain.Plan.quick() if quick else pretrain.Plan()
+    changes: dict[str, object] = {"path": path, "rtt_ms": rtt_ms, "scheduler": scheduler, "device": device}
+    for key, value in (("jobs", chain), ("steps_per_job", steps_per_job), ("size", size),
+                       ("feature_size", feature_size), ("cases", cases), ("val_every", val_every)):  # fmt: skip
+        if value is not None:
+            changes[key] = value
+    out.mkdir(parents=True, exist_ok=True)
+    result = pretrain.run(dataclasses.replace(plan, **changes), out, _say(as_json))  # type: ignore[arg-type]
+    if plot is not None:
+        losscurve.plot(losscurve.load(out), plot)
+    if as_json:
+        output.emit_json(result)
+        return
+    _curve_table(result)
+
+
+def _curve_table(result: dict[str, Any]) -> None:
+    output.table("pre-training chain", ["jobs", "steps", "lost", "repeated", "continuous", "final val loss"],
+                 [(len(result["jobs"]), result["steps"], len(result["lost_steps"]), len(result["repeated_steps"]),
+                   result["continuous"], result["final_val_loss"])])  # fmt: skip
+
+
+@bench.command("loss-curve")
+@click.argument("results", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the curve (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def bench_loss_curve(results: Path, plot: Path | None, as_json: bool) -> None:
+    """Validation loss over wall time from the pre-training jobs' logs below RESULTS, and whether the chain held."""
+    from medbridge.bench import losscurve
+
+    rows = losscurve.load(results)
+    checked = losscurve.check(rows)
+    if plot is not None:
+        losscurve.plot(rows, plot)
+    if as_json:
+        output.emit_json(checked)
+        return
+    _curve_table(checked)
+
+
+@bench.command("report")
+@click.option("--profile", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+              help="quick: minutes on 2 CPU cores; full: the original sizes, the GPU when there is one.")  # fmt: skip
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder of the report; results already there are reused.")  # fmt: skip
+@click.option("--only", default=None, help="Run only these parts: rtt, images, ct-train, outage, pretrain.")
+@scheduler_option
+@device_option
+def bench_report(profile: str, out: Path, only: str | None, scheduler: str, device: str) -> None:
+    """Every experiment of the original system, and one Markdown report with each figure beside the original's."""
+    from medbridge.bench import report
+
+    _experiments()
+    parts = _items(only, "--only") if only is not None else report.PARTS
+    path = report.run(profile, out, _say(False), scheduler=scheduler, device=device, only=parts)
+    output.ok(str(path))
