@@ -103,6 +103,7 @@ def test_masks_depend_only_on_the_seed() -> None:
         (["bench", "images", "--paths", "sshfs,native"], 2, "--paths: local and"),
         (["bench", "images", "--tests", "18"], 2, "no vision test '18'"),
         (["bench", "ct-train", "--size", "40"], 2, "multiple of 16"),
+        (["bench", "ct-train", "--from", "/nonexistent-cases", "--scheduler", "local"], 2, "not a folder"),
         (["bench", "pretrain", "--size", "48", "--out", "/nonexistent/x"], 2, "multiple of 32"),
         (["bench", "report", "--out", "/nonexistent/x", "--only", "fig9"], 2, "--only fig9"),
     ],

@@ -36,6 +36,25 @@ def generate(folder: Path, cases: int, shape: tuple[int, int, int]) -> None:
         nifti.write(folder / f"ct-{i:03d}{LABEL}", truth.astype(np.uint8), phantom.SPACING)
 
 
+def prepare(own: Path | None, generated: Path, cases: int, shape: tuple[int, int, int], labels: bool,
+            say: Any) -> Path:  # fmt: skip
+    """The folder a benchmark ingests and its local jobs read: ``own`` (checked: volumes, with labels when
+    ``labels``), or ``cases`` generated chest CTs in ``generated``."""
+    if own is None:
+        say(f"generating {cases} chest CTs of {shape[0]}³")
+        generate(generated, cases, shape)
+        return generated
+    if not own.is_dir():
+        raise InvalidInput(f"--from {own}: not a folder")
+    names = set(os.listdir(own))
+    volumes = [n for n in names if n.endswith(".nii") and not n.endswith(LABEL)]
+    unlabelled = [n for n in volumes if labels and label_of(n) not in names]
+    if len(volumes) < 5 or unlabelled:
+        why = f"{unlabelled[0]} has no {label_of(unlabelled[0])}" if unlabelled else f"{len(volumes)} volumes"
+        raise InvalidInput(f"--from {own}: needs at least 5 NIfTI volumes (NAME.nii, with NAME{LABEL}): {why}")
+    return own
+
+
 def split(cases: Sequence[str]) -> tuple[list[str], list[str]]:
     """The original's 84/21 split (80/20 for any other count), in name order."""
     names = sorted(cases)

@@ -41,6 +41,7 @@ class Plan:
     rtt_ms: float = 2.0
     scheduler: str = "auto"
     device: str = "auto"
+    source: Path | None = None  # a folder of one's own CT cases instead of the generated chest CT
     alone: bool = True  # one local job alone first: what "no interference" is measured against
     timeout: float = 24 * 3600.0
 
@@ -69,8 +70,7 @@ def run(plan: Plan, progress: Callable[[str], None] = lambda _m: None, out: Path
         bench = jobs.Bench(root, plan.rtt_ms, progress)
         try:
             src = root / "local" / DATASET
-            progress(f"generating {plan.cases} chest CTs of {plan.size}³")
-            ctdata.generate(src, plan.cases, (plan.size,) * 3)
+            src = ctdata.prepare(plan.source, src, plan.cases, (plan.size,) * 3, True, progress)
             bench.add_dataset(DATASET, src)
             bench.start(workers=min(4, os.cpu_count() or 1))
             requests = [_request(plan, p, i, src, threads) for p in plan.paths for i in range(1, plan.jobs + 1)]

@@ -39,6 +39,7 @@ class Plan:
     rtt_ms: float = 2.0
     scheduler: str = "auto"
     device: str = "auto"
+    source: Path | None = None  # a folder of one's own CT cases instead of the generated chest CT
     timeout: float = 24 * 3600.0
 
     @classmethod
@@ -66,8 +67,7 @@ def run(plan: Plan, out: Path, progress: Callable[[str], None] = lambda _m: None
         bench = jobs.Bench(root, plan.rtt_ms, progress)
         try:
             src = root / "local" / DATASET
-            progress(f"generating {plan.cases} CT volumes of {plan.size}³")
-            ctdata.generate(src, plan.cases, (plan.size,) * 3)
+            src = ctdata.prepare(plan.source, src, plan.cases, (plan.size,) * 3, False, progress)
             bench.add_dataset(DATASET, src)
             bench.start(workers=min(2, threads))
             requests = []

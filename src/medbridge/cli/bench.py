@@ -312,6 +312,13 @@ def bench_images(quick: bool, tests: str | None, paths: str | None, fmt: str, it
 @click.option("--epochs", type=click.IntRange(1, 10_000), default=None)
 @click.option("--max-steps", type=click.IntRange(0, 1_000_000), default=None, help="Steps per epoch at most.")
 @click.option("--val-cases", type=click.IntRange(0, 100_000), default=None, help="Validation cases (0: all).")
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Your own CT cases (NAME.nii with NAME_seg.nii) instead of the generated chest CT; ingested through the gate.",
+)
 @click.option("--alone/--no-alone", default=None, help="Run one local job alone first (the interference baseline).")
 @click.option("--rtt-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True)
 @scheduler_option
@@ -321,7 +328,8 @@ def bench_images(quick: bool, tests: str | None, paths: str | None, fmt: str, it
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the per-job chart (PNG).")
 def bench_ct_train(quick: bool, per_path: int | None, paths: str | None, cases: int | None, size: int | None,
-                   epochs: int | None, max_steps: int | None, val_cases: int | None, alone: bool | None,
+                   epochs: int | None, max_steps: int | None, val_cases: int | None, source: Path | None,
+                   alone: bool | None,
                    rtt_ms: float, scheduler: str, device: str, out: Path | None, as_json: bool,
                    plot: Path | None) -> None:  # fmt: skip
     """MONAI's V-Net trained by N jobs on local copies and N on the platform at the same time; CSVs per job."""
@@ -333,7 +341,8 @@ def bench_ct_train(quick: bool, per_path: int | None, paths: str | None, cases: 
     plan = cttrain.Plan.quick() if quick else cttrain.Plan()
     changes: dict[str, object] = {"rtt_ms": rtt_ms, "scheduler": scheduler, "device": device}
     for key, value in (("jobs", per_path), ("cases", cases), ("size", size), ("epochs", epochs),
-                       ("max_steps", max_steps), ("val_cases", val_cases), ("alone", alone)):  # fmt: skip
+                       ("max_steps", max_steps), ("val_cases", val_cases), ("alone", alone),
+                       ("source", source)):  # fmt: skip
         if value is not None:
             changes[key] = value
     if paths is not None:
@@ -365,6 +374,13 @@ def bench_ct_train(quick: bool, per_path: int | None, paths: str | None, cases: 
 @click.option("--feature-size", type=click.IntRange(12, 192), default=None, help="SwinUNETR feature size.")
 @click.option("--cases", type=click.IntRange(2, 100_000), default=None)
 @click.option("--val-every", type=click.IntRange(0, 1_000_000), default=None)
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Your own CT cases (NAME.nii) instead of the generated chest CT; ingested through the gate.",
+)
 @click.option("--path", type=click.Choice(["native", "mount"]), default="native", show_default=True)
 @click.option("--rtt-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True)
 @scheduler_option
@@ -374,7 +390,8 @@ def bench_ct_train(quick: bool, per_path: int | None, paths: str | None, cases: 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the loss curve (PNG).")
 def bench_pretrain(quick: bool, chain: int | None, steps_per_job: int | None, size: int | None,
-                   feature_size: int | None, cases: int | None, val_every: int | None, path: str, rtt_ms: float,
+                   feature_size: int | None, cases: int | None, val_every: int | None, source: Path | None,
+                   path: str, rtt_ms: float,
                    scheduler: str, device: str, out: Path, as_json: bool, plot: Path | None) -> None:  # fmt: skip
     """Self-supervised Swin Transformer pre-training as a chain of jobs resuming from checkpoints on the platform."""
     import dataclasses
@@ -385,7 +402,8 @@ def bench_pretrain(quick: bool, chain: int | None, steps_per_job: int | None, si
     plan = pretrain.Plan.quick() if quick else pretrain.Plan()
     changes: dict[str, object] = {"path": path, "rtt_ms": rtt_ms, "scheduler": scheduler, "device": device}
     for key, value in (("jobs", chain), ("steps_per_job", steps_per_job), ("size", size),
-                       ("feature_size", feature_size), ("cases", cases), ("val_every", val_every)):  # fmt: skip
+                       ("feature_size", feature_size), ("cases", cases), ("val_every", val_every),
+                       ("source", source)):  # fmt: skip
         if value is not None:
             changes[key] = value
     out.mkdir(parents=True, exist_ok=True)
