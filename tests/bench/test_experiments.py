@@ -88,6 +88,14 @@ def test_loss_curve_command_says_what_is_wrong(tmp_path: Path) -> None:
     assert r.returncode == 2 and "not a pretrain log" in r.stderr
 
 
+def test_a_failed_part_is_said_in_the_report_not_left_out() -> None:
+    from medbridge.bench import report
+
+    text = report.markdown("quick", {"images": {"failed": "the images worker failed (exit 1): boom"}}, 3.0)
+    assert "| images |" in text and "**failed**: the images worker failed (exit 1): boom" in text
+    assert "**Failed in this run**: the images worker failed" in text
+
+
 def test_masks_depend_only_on_the_seed() -> None:
     a, b = cubes((32, 32, 32), 0.5, (0, 7)), cubes((32, 32, 32), 0.5, (0, 7))
     assert (a == b).all() and 0.2 < a.mean() < 0.8

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medbridge.errors import InvalidInput
+from medbridge.errors import InvalidInput, MedbridgeError
 
 PROFILES = ("quick", "full")
 PARTS = ("rtt", "images", "ct-train", "outage", "pretrain")
@@ -69,7 +69,12 @@ def run(profile: str, out: Path, progress: Callable[[str], None] = lambda _m: No
             continue
         progress(f"{part}: running ({profile})")
         t0 = time.monotonic()
-        result = runners[part]()
+        try:
+            result = runners[part]()
+        except MedbridgeError as exc:  # the report says so, the others still run, and the command fails at the end
+            progress(f"{part}: failed: {exc}")
+            results[part] = {"failed": str(exc)}
+            continue
         result["seconds"] = round(time.monotonic() - t0, 1)
         tmp = saved.with_suffix(".json.partial")
         tmp.write_text(json.dumps(result, indent=1, default=str))
@@ -77,6 +82,9 @@ def run(profile: str, out: Path, progress: Callable[[str], None] = lambda _m: No
         results[part] = result
     report = out / "report.md"
     report.write_text(markdown(profile, results, time.monotonic() - started))
+    failed = [p for p, r in results.items() if "failed" in r]
+    if failed:
+        raise MedbridgeError(f"{', '.join(failed)} failed (see {report}); rerun to retry only those")
     return report
 
 
@@ -242,6 +250,8 @@ def markdown(profile: str, results: dict[str, dict[str, Any]], seconds: float) -
         "|---|---|---|---|---|---|",
     ]  # fmt: skip
     lines += [f"| {' | '.join(row)} |" for row in table(results)]
+    lines += [f"| {part} | {ORIGINAL[part]} | **failed**: {r['failed']} | — | — | **not met** |"
+              for part, r in results.items() if "failed" in r]  # fmt: skip
     lines += ["", "Ratios are measured in one run against local disk (or a job alone) on the same machine."]
     for part in PARTS:
         lines += ["", *_section(part, results.get(part))]
@@ -257,6 +267,8 @@ def _section(part: str, r: dict[str, Any] | None) -> list[str]:
         return [*out, "Not run in this report (`--only`)."]
     if "skipped" in r:
         return [*out, f"Not run: {r['skipped']}."]
+    if "failed" in r:
+        return [*out, f"**Failed in this run**: {r['failed']}"]
     if part == "outage":
         for path, run in r["runs"].items():
             if "figure" in run:
