@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def masked_swin(feature_size: int) -> Any:
     """SwinUNETR's encoder (MONAI) with SimMIM's head: a 1x1x1 convolution to 32³ voxels per deepest feature."""
     import torch
-    from monai.networks.nets import SwinUNETR
+    from monai.networks.nets.swin_unetr import SwinUNETR
 
     class MaskedSwin(torch.nn.Module):
         def __init__(self) -> None:

@@ -324,7 +324,7 @@ def dped() -> nn.Module:
 
 
 def unet() -> nn.Module:
-    from monai.networks.nets import BasicUNet
+    from monai.networks.nets.basic_unet import BasicUNet
 
     net: nn.Module = BasicUNet(spatial_dims=2, in_channels=3, out_channels=2, features=(64, 128, 256, 512, 1024, 64))
     return net
@@ -338,7 +338,7 @@ class Spade(nn.Module):
 
     def __init__(self, size: tuple[int, int]):
         super().__init__()
-        from monai.networks.nets import SPADENet
+        from monai.networks.nets.spade_network import SPADENet
 
         self.net = SPADENet(spatial_dims=2, in_channels=3, out_channels=3, label_nc=SPADE_LABELS, input_shape=size,
                             channels=[128, 256, 512, 1024], z_dim=256, is_vae=False)  # fmt: skip
@@ -353,7 +353,7 @@ class Spade(nn.Module):
 
 def _resnet50_trunk(dilate_from: int) -> nn.Sequential:
     """MONAI's 2-D ResNet-50 without its head; stages from ``dilate_from`` (3 or 4) dilated instead of strided."""
-    from monai.networks.nets import resnet50
+    from monai.networks.nets.resnet import resnet50
 
     net = resnet50(spatial_dims=2, n_input_channels=3, conv1_t_size=7, conv1_t_stride=2, num_classes=1)
     rate = 1

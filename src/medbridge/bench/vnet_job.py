@@ -50,8 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     started = time.perf_counter()
     import torch
-    from monai.losses import DiceCELoss
-    from monai.networks.nets import VNet
+    from monai.losses.dice import DiceCELoss
+    from monai.networks.nets.vnet import VNet
 
     from medbridge.bench import device
 
