@@ -236,6 +236,11 @@ def test_sigkilled_wrapper_is_cleaned_up_by_the_epilog(
     job = _killed_job(cluster, platform, base)
     state = json.loads((base / "state" / f"{job}.json").read_text())
     helpers = [state["agent_pid"], state["sshfs_pid"]]
+    # $MEDBRIDGE_SCRATCH is the epilog's to scan too (here inside job_container/tmpfs's /tmp, which Slurm wipes)
+    assert [p for p in state["scan"] if p.endswith("/scratch")] == [
+        p for p in state["scratch"] if p.endswith("/scratch")
+    ]
+    assert len([p for p in state["scan"] if p.endswith("/scratch")]) == 1
     os.kill(state["wrapper_pid"], 9)
     assert cluster.wait_done(job)["JobState"] in {"FAILED", "CANCELLED", "COMPLETED"}
     report = epilog_report(base, job)

@@ -267,6 +267,7 @@ class Job:
         self.scratch = [_own_folder(p) for p in spec.scratch]
         self.started_at: float | None = None
         self.tmpdir: Path | None = None
+        self.job_scratch: Path | None = None  # $MEDBRIDGE_SCRATCH: removed with the job's folder at teardown
 
     async def certify(self) -> JobCredential:
         """A certificate for the job's in-memory key, loaded into its agent."""
@@ -342,7 +343,7 @@ class Job:
         config.write_text(ssh_config(e.host, e.port, cred.user, self.agent.socket, known))
         env = dict(self.environ)
         env.pop("SSH_AGENT_PID", None)
-        scratch = folder / "scratch"
+        self.job_scratch = scratch = folder / "scratch"
         scratch.mkdir(mode=0o700, exist_ok=True)
         if self.tmpdir is not None:
             env["TMPDIR"] = str(self.tmpdir)
@@ -374,6 +375,8 @@ class Job:
         roots = [Path.cwd()]
         if self.environ.get("TMPDIR"):
             roots.append(Path(self.environ["TMPDIR"]))
+        if self.job_scratch is not None and self.job_scratch.exists():  # for the epilog, if this wrapper is killed
+            roots.append(self.job_scratch)
         return roots + list(self.spec.scan)
 
     def own_folders(self) -> list[Path]:
@@ -381,6 +384,8 @@ class Job:
         own = list(self.scratch)
         if self.tmpdir is not None:
             own.append(self.tmpdir)
+        if self.job_scratch is not None and self.job_scratch.exists():
+            own.append(self.job_scratch)
         slurm_id = self.environ.get("SLURM_JOB_ID", "")
         with contextlib.suppress(OSError):
             own += [Path(p) for p in private_temp(Path("/proc/self/mountinfo").read_text(), slurm_id)]
