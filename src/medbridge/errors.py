@@ -4,6 +4,7 @@
     ├── InvalidInput                    2  bad arguments, malformed files, unreadable keys
     │   └── NotAnonymised                  a dataset fails the anonymisation profile
     ├── NotInitialised                  3  the platform home has not been created
+    │   └── SchemaOutdated                 its control database needs `platform migrate`
     ├── NotFound                        4  unknown user, group, dataset or grant
     ├── AlreadyExists                   5  duplicate names, home already initialised
     ├── AccessDenied                    6  the platform said no
@@ -45,6 +46,10 @@ class NotInitialised(MedbridgeError):
     """The platform home does not exist or is incomplete."""
 
     exit_code = 3
+
+
+class SchemaOutdated(NotInitialised):
+    """The control database's schema is older (or newer) than this medbridge's."""
 
 
 class NotFound(MedbridgeError):

@@ -1,8 +1,9 @@
-"""The control store on SQLite: serials, concurrent audit appends, session checks."""
+"""The control store (SQLite; PostgreSQL under --database postgresql): serials, concurrent appends, checks."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,12 +17,18 @@ NOW = datetime.now(UTC)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(f"sqlite:///{tmp_path / 'c.db'}")
+def url(tmp_path: Path, database_url: str) -> str:
+    return database_url or f"sqlite:///{tmp_path / 'c.db'}"
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[Store]:
+    s = Store(url)
     s.create()
     s.add_user("alice", [("ssh-ed25519 AAAA", "SHA256:a")], [], NOW, "t")
     s.add_dataset("chest", "", "/nowhere", [ManifestEntry("a", 1, "0" * 64)], NOW, "t")
-    return s
+    yield s
+    s.close()
 
 
 def _issue(store: Store, job: str = "j", datasets: list[str] | None = None) -> int:
@@ -71,9 +78,9 @@ def test_duplicates_and_unknowns(store: Store) -> None:
         store.revoke("alice", "chest", NOW, "t")
 
 
-def test_concurrent_appends_keep_one_chain(store: Store, tmp_path: Path) -> None:
-    """Two stores on one file (as two server processes would be) append without forking the chain."""
-    other = Store(f"sqlite:///{tmp_path / 'c.db'}")
+def test_concurrent_appends_keep_one_chain(store: Store, url: str) -> None:
+    """Two stores on one database (as two server processes or hosts would be) append without forking the chain."""
+    other = Store(url)
 
     def writer(s: Store, who: str) -> None:
         for i in range(40):

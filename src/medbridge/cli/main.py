@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TimeRemainingColumn
+from rich.text import Text
+from sqlalchemy.exc import SQLAlchemyError
 
 from medbridge import __version__, processes
 from medbridge.cli import ingest as ingest_cli
@@ -74,15 +76,41 @@ def platform() -> None:
 
 @platform.command("init")
 @home_option
-def platform_init(home: Path | None) -> None:
-    """Create a platform home: host key, user CA, control database, storage."""
+@click.option(
+    "--database-url",
+    default="",
+    help="Control database on a server, e.g. postgresql+psycopg://medbridge@db.site/medbridge "
+    "(default: SQLite in the home).",
+)
+def platform_init(home: Path | None, database_url: str) -> None:
+    """Create a platform home: host key, user CA, control database (at the newest schema), storage."""
     from medbridge.platform.storage import init_home
 
     h = Home.resolve(home)
-    fpr = init_home(h, _actor())
+    fpr = init_home(h, _actor(), database_url)
     output.out.print(f"initialised platform home {h.root}")
     output.out.print(f"host key fingerprint: {fpr}")
     output.out.print("give this fingerprint to users; `job run --host-key-fingerprint` pins it")
+
+
+@platform.command("migrate")
+@home_option
+def platform_migrate(home: Path | None) -> None:
+    """Upgrade the control database's schema to this medbridge's (stop every platform first)."""
+    from medbridge.control import schema
+
+    h, store = _store(home)
+    h.require()
+    try:
+        before, after = schema.upgrade(store.engine)
+    except SQLAlchemyError as exc:
+        raise MedbridgeError(f"migration failed, the database is as it was: {exc}") from exc
+    finally:
+        store.close()
+    if before == after:
+        output.out.print(f"control database already at schema revision {after}")
+    else:
+        output.out.print(f"control database upgraded from schema revision {before} to {after}")
 
 
 @platform.command("fingerprint")
@@ -255,32 +283,63 @@ def dataset() -> None:
 @click.option(
     "--allow-report", is_flag=True, help="Administrator: accept the dataset although files fail the profile (audited)."
 )
+@click.option(
+    "--update",
+    is_flag=True,
+    help="Add to an existing dataset: only new files and files whose size or time changed are hashed and recorded; "
+    "files missing from the folder are kept (and reported).",
+)
 def dataset_add(home: Path | None, name: str, src: Path, provider: str, profile: Path | None,
-                pseudonyms: tuple[str, ...], allow_report: bool) -> None:  # fmt: skip
-    """Copy a folder into platform storage: anonymisation gate, SHA-256 manifest, all or nothing."""
+                pseudonyms: tuple[str, ...], allow_report: bool, update: bool) -> None:  # fmt: skip
+    """Copy a folder into platform storage: anonymisation gate, SHA-256 manifest, all or nothing.
+
+    Streams (memory stays flat whatever the file count); --update adds to an existing dataset.
+    """
     from medbridge.errors import NotAnonymised
-    from medbridge.platform.storage import add_dataset, scan_source
+    from medbridge.ingest.gate import GateTally
+    from medbridge.platform.storage import add_dataset, count_source, update_dataset
 
     rules = ingest_cli.gate_profile(profile, pseudonyms)
     h, store = _store(home)
-    total = sum(f.stat().st_size for f in scan_source(src))
+    tally = GateTally(rules.name)
+    files, total = count_source(src)
     try:
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                      console=output.err, transient=True, disable=not output.err.is_terminal) as bar:  # fmt: skip
-            task = bar.add_task(f"copying {name}", total=total)
-            manifest, report = add_dataset(h, store, name, src, provider, _actor(),
-                                           progress=lambda n: bar.advance(task, n), profile=rules,
-                                           allow_report=allow_report)  # fmt: skip
-    except NotAnonymised:
-        from medbridge.ingest.gate import check_tree
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), _FilesPerSecond(),
+                      TimeRemainingColumn(), console=output.err, transient=True,
+                      disable=not output.err.is_terminal) as bar:  # fmt: skip
+            task = bar.add_task(f"{'updating' if update else 'copying'} {name}", total=files)
 
-        _print_failures(check_tree(src, rules).failed)
+            def progress(n: int, _size: int) -> None:
+                bar.advance(task, n)
+
+            if update:
+                done = update_dataset(h, store, name, src, _actor(), progress, rules, allow_report, tally)
+                info = done.info
+            else:
+                info, _ = add_dataset(h, store, name, src, provider, _actor(), progress, rules, allow_report, tally)
+    except NotAnonymised:
+        _print_failures(tally.failed)
         raise
-    if not report.passed:
-        _print_failures(report.failed)
-        output.err.print(f"accepted by an administrator despite {len(report.failed)} failing file(s) (audited)")
-    types = ", ".join(f"{n} {t}" for t, n in report.as_dict()["media_types"].items())
-    output.out.print(f"added dataset {name}: {len(manifest)} files, {sum(m.size for m in manifest)} bytes ({types})")
+    if not tally.passed:
+        _print_failures(tally.failed)
+        output.err.print(f"accepted by an administrator despite {tally.failed_count} failing file(s) (audited)")
+    types = ", ".join(f"{n} {t}" for t, n in sorted(tally.media_types.items()))
+    if update:
+        output.out.print(f"updated dataset {name} to version {info.version}: {done.added} new, {done.changed} changed, "
+                         f"{done.unchanged} unchanged ({types or 'nothing new'}); now {info.files} files, "
+                         f"{info.bytes} bytes")  # fmt: skip
+        if done.missing:
+            output.err.print(f"{done.missing} recorded file(s) are not in {src} and were kept "
+                             f"(first: {', '.join(done.missing_examples[:3])})")  # fmt: skip
+        return
+    output.out.print(f"added dataset {name}: {info.files} files, {total} bytes ({types})")
+
+
+class _FilesPerSecond(ProgressColumn):
+    """How many files a second a long ingest is going at."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} files/s", style="progress.data.speed")
 
 
 def _print_failures(failed: Sequence[Any]) -> None:

@@ -117,6 +117,8 @@ class DatasetFile(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     media_type: Mapped[str] = mapped_column(String(64), default="application/octet-stream")
+    #: The source file's modification time when recorded: an update rehashes only files whose size or time moved.
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class DatasetChange(Base):
@@ -130,6 +132,8 @@ class DatasetChange(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     media_type: Mapped[str] = mapped_column(String(64), default="application/octet-stream")
+    #: The source file's modification time when recorded: an update rehashes only files whose size or time moved.
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Grant(Base):

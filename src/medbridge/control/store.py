@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Table, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
+from medbridge.control import schema
 from medbridge.control.audit import GENESIS, AuditEvent, Record, chain_hash, entry_fields, first_break
 from medbridge.control.models import (
     AuditEntry,
-    Base,
     Certificate,
     Dataset,
     DatasetChange,
@@ -33,7 +33,7 @@ from medbridge.control.models import (
     SerialCounter,
     User,
 )
-from medbridge.errors import AlreadyExists, IntegrityError, InvalidInput, MedbridgeError, NotFound
+from medbridge.errors import AlreadyExists, IntegrityError, InvalidInput, MedbridgeError, NotFound, SchemaOutdated
 from medbridge.policy.credentials import CertificateSpec, IssuanceLimits, certificate_spec, check_issuance
 from medbridge.policy.grants import GrantFact, readable
 from medbridge.policy.names import check_name
@@ -43,6 +43,9 @@ _AUDIT_TABLE = cast(Table, AuditEntry.__table__)  # Core inserts skip the ORM bu
 _FILES_TABLE = cast(Table, DatasetFile.__table__)
 _CHANGES_TABLE = cast(Table, DatasetChange.__table__)
 _T = TypeVar("_T")
+_ENTRY = (DatasetFile.path, DatasetFile.size, DatasetFile.sha256, DatasetFile.media_type, DatasetFile.mtime_ns)
+#: PostgreSQL advisory lock that serialises appends to the audit chain (any constant; ours is "mbaudit").
+AUDIT_LOCK = 0x6D6261756469
 #: Rows per transaction or fetch when files are recorded or manifests streamed: memory stays flat.
 BATCH = 5000
 
@@ -101,6 +104,8 @@ class ManifestEntry:
     size: int
     sha256: str
     media_type: str = "application/octet-stream"
+    #: The source's modification time when it was recorded (None: unknown, always rehashed by an update).
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,9 +155,28 @@ class Store:
             raise InvalidInput(f"database URL {url!r}: {exc}") from exc
         if self.engine.dialect.name == "sqlite":
             _sqlite_tuning(self.engine)
+        self._schema_ok = False
+
+    def check_schema(self) -> None:
+        """Refuse a database whose schema is not this medbridge's, naming the remedy."""
+        try:
+            found, wanted = schema.current(self.engine), schema.head()
+        except _SQLAlchemyError as exc:
+            raise MedbridgeError(f"control database error: {exc}") from exc
+        if found != wanted:
+            raise SchemaOutdated(
+                f"the control database is at schema revision {found or 'none'}, this medbridge needs {wanted}: "
+                "run 'medbridge platform migrate' (once, with every platform stopped)"
+                if found is None or found < wanted
+                else f"the control database is at schema revision {found}, newer than this medbridge ({wanted}): "
+                "upgrade medbridge"
+            )
+        self._schema_ok = True
 
     def create(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """A new control database at the newest schema revision."""
+        schema.create(self.engine)
+        self._schema_ok = True
         with self._tx() as s:
             if s.get(SerialCounter, 1) is None:
                 s.add(SerialCounter(id=1, next_serial=1))
@@ -163,6 +187,8 @@ class Store:
     @contextmanager
     def _tx(self, *, write: bool = True, snapshot: bool = False) -> Iterator[Session]:
         """A transaction; ``snapshot`` reads every statement from one snapshot (SQLite's WAL does anyway)."""
+        if not self._schema_ok:
+            self.check_schema()
         engine = self.engine.execution_options(medbridge_write=write)
         if snapshot and self.engine.dialect.name == "postgresql":
             engine = engine.execution_options(isolation_level="REPEATABLE READ")
@@ -285,7 +311,7 @@ class Store:
         """
         check_name("dataset", name)
         with self._tx() as s:
-            ds = s.scalar(select(Dataset).where(Dataset.name == name))
+            ds = s.scalar(select(Dataset).where(Dataset.name == name).with_for_update())
             if ds is not None:
                 if ds.version > 0:
                     raise AlreadyExists(f"dataset {name!r} already exists")
@@ -342,7 +368,7 @@ class Store:
     def claim(self, name: str) -> DatasetInfo:
         """Claim a visible dataset for one writer (update, pack); a dead writer's claim on this host is taken over."""
         with self._tx() as s:
-            ds = self._dataset(s, name)
+            ds = self._dataset(s, name, lock=True)
             if ds.writer is not None and ds.writer != writer_id() and writer_alive(ds.writer):
                 raise AlreadyExists(f"dataset {name!r} is being changed by {ds.writer}")
             s.execute(delete(DatasetChange).where(DatasetChange.dataset_id == ds.id))
@@ -360,9 +386,7 @@ class Store:
         out: dict[str, ManifestEntry] = {}
         with self._tx(write=False) as s:
             for batch in batched(paths, 500):
-                q = select(DatasetFile.path, DatasetFile.size, DatasetFile.sha256, DatasetFile.media_type).where(
-                    DatasetFile.dataset_id == dataset_id, DatasetFile.path.in_(batch)
-                )
+                q = select(*_ENTRY).where(DatasetFile.dataset_id == dataset_id, DatasetFile.path.in_(batch))
                 out.update({r[0]: ManifestEntry(*r) for r in s.execute(q)})
         return out
 
@@ -387,7 +411,7 @@ class Store:
                 )
             ).one()
             s.execute(delete(DatasetFile).where(DatasetFile.dataset_id == dataset_id, DatasetFile.path.in_(staged)))
-            columns = ["dataset_id", "path", "size", "sha256", "media_type"]
+            columns = ["dataset_id", "path", "size", "sha256", "media_type", "mtime_ns"]
             s.execute(
                 insert(_FILES_TABLE).from_select(
                     [replaced[c] for c in columns],
@@ -441,12 +465,16 @@ class Store:
         with self._tx(write=False, snapshot=True) as s:
             ds = self._dataset(s, name)
             q = (
-                select(DatasetFile.path, DatasetFile.size, DatasetFile.sha256, DatasetFile.media_type)
+                select(*_ENTRY)
                 .where(DatasetFile.dataset_id == ds.id)
                 .order_by(DatasetFile.path)
                 .execution_options(yield_per=BATCH)
             )
-            yield _dataset_info(ds), (ManifestEntry(*r) for r in s.execute(q))
+            result = s.execute(q)
+            try:
+                yield _dataset_info(ds), (ManifestEntry(*r) for r in result)
+            finally:
+                result.close()  # a server-side cursor (PostgreSQL) read only in part
 
     def manifest(self, name: str) -> list[ManifestEntry]:
         """A whole manifest in memory: for small datasets and tests; everything else streams :meth:`manifest_rows`."""
@@ -723,6 +751,10 @@ class Store:
         One executemany of plain rows through the table, not the ORM: the data plane
         writes an entry per file opened, and ORM bulk inserts cost more than the hashing.
         """
+        if s.get_bind().dialect.name == "postgresql":
+            # One total order across every process and host: the chain's tail is read and extended under
+            # one transaction-scoped lock (SQLite's BEGIN IMMEDIATE does the same for its writers).
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK})
         last = s.execute(select(AuditEntry.seq, AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1)).first()
         seq, prev = (last[0], last[1]) if last else (0, GENESIS)
         rows = []
@@ -781,8 +813,9 @@ class Store:
         return cls._named(s, Group, name)
 
     @staticmethod
-    def _dataset(s: Session, name: str) -> Dataset:
-        row = s.scalar(select(Dataset).where(Dataset.name == name, Dataset.version > 0))
+    def _dataset(s: Session, name: str, lock: bool = False) -> Dataset:
+        q = select(Dataset).where(Dataset.name == name, Dataset.version > 0)
+        row = s.scalar(q.with_for_update() if lock else q)
         if row is None:
             raise NotFound(f"no such dataset {name!r}")
         return row
@@ -822,7 +855,8 @@ def _dataset_info(d: Dataset) -> DatasetInfo:
 
 
 def _row(dataset_id: int, f: ManifestEntry) -> dict[str, Any]:
-    return {"dataset_id": dataset_id, "path": f.path, "size": f.size, "sha256": f.sha256, "media_type": f.media_type}
+    return {"dataset_id": dataset_id, "path": f.path, "size": f.size, "sha256": f.sha256, "media_type": f.media_type,
+            "mtime_ns": f.mtime_ns}  # fmt: skip
 
 
 def _record(r: AuditEntry) -> Record:

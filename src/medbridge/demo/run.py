@@ -52,7 +52,7 @@ def run_demo(volumes: int = 4, keep: bool = False, mount: bool | None = None) ->
         incoming.mkdir()
         for i in range(volumes):
             nifti.write(incoming / f"ct-{i + 1:03d}.nii", phantom.chest(seed=i + 1), phantom.SPACING)
-        manifest, _ = add_dataset(home, store, DATASET, incoming, "Synthetic Chest Society", "demo")
+        added, _ = add_dataset(home, store, DATASET, incoming, "Synthetic Chest Society", "demo")
         shutil.rmtree(incoming)
         store.grant(f"@{GROUP}", DATASET, now + timedelta(days=30), now, "demo")
 
@@ -83,7 +83,7 @@ def run_demo(volumes: int = 4, keep: bool = False, mount: bool | None = None) ->
         return {
             "workdir": str(work) if keep else None,
             "platform": {"address": address, "host_key": host_key, "database": "SQLite", "storage": "local"},
-            "dataset": {"name": DATASET, "files": len(manifest), "bytes": sum(m.size for m in manifest),
+            "dataset": {"name": DATASET, "files": added.files, "bytes": added.bytes,
                         "shape": list(phantom.SHAPE), "spacing_mm": list(phantom.SPACING)},
             "access": {"user": USER, "group": GROUP, "grant_until": (now + timedelta(days=30)).date().isoformat()},
             "job": {"id": JOB, "read_via": "sshfs mount" if use_mount else "SFTP (no FUSE here)",

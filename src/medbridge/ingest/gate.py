@@ -13,7 +13,7 @@ import os
 import stat
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -129,9 +129,33 @@ def check_tree(root: Path, profile: Profile) -> GateReport:
     return GateReport(_shown(str(root)), profile.name, tuple(sorted(reports, key=lambda r: r.path)))
 
 
-def check_file(path: Path, profile: Profile) -> FileReport:
-    """Type one file by content and, if it is DICOM, judge it against ``profile``."""
-    return _check(Path(path), _shown(str(path)), profile)
+def check_file(path: Path, profile: Profile, shown: str | None = None) -> FileReport:
+    """Type one file by content and, if it is DICOM, judge it against ``profile``; report it as ``shown``."""
+    return _check(Path(path), _shown(shown if shown is not None else str(path)), profile)
+
+
+@dataclass
+class GateTally:
+    """The gate's verdict on a stream of files in bounded memory: counts, and the first failures in full."""
+
+    profile: str
+    keep: int = 200
+    files: int = 0
+    failed_count: int = 0
+    media_types: Counter[str] = field(default_factory=Counter)
+    failed: list[FileReport] = field(default_factory=list)
+
+    def add(self, report: FileReport) -> None:
+        self.files += 1
+        self.media_types[report.media_type] += 1
+        if not report.passed:
+            self.failed_count += 1
+            if len(self.failed) < self.keep:
+                self.failed.append(report)
+
+    @property
+    def passed(self) -> bool:
+        return self.failed_count == 0
 
 
 def check_dataset(ds: Dataset, profile: Profile) -> list[Issue]:

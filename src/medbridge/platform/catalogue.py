@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import IO
 
 from medbridge.control.store import ManifestEntry, Store
-from medbridge.policy.manifest import PIECE_LINES, Piece, manifest_line
+from medbridge.policy import manifest as _manifest
+from medbridge.policy.manifest import Piece, manifest_line
 
 _VERSIONED = re.compile(r"v(\d+)\.(sha256|index)")
 
@@ -26,10 +27,10 @@ _VERSIONED = re.compile(r"v(\d+)\.(sha256|index)")
 class Catalogue:
     """Manifest files of every dataset version, under ``root`` (``storage/manifests`` in a home)."""
 
-    def __init__(self, store: Store, root: Path, piece_lines: int = PIECE_LINES):
+    def __init__(self, store: Store, root: Path, piece_lines: int | None = None):
         self.store = store
         self.root = root
-        self.piece_lines = piece_lines
+        self.piece_lines = piece_lines or _manifest.PIECE_LINES
 
     def files(self, name: str, version: int) -> tuple[Path, Path]:
         """Where version ``version`` of dataset ``name`` has its manifest and its index."""

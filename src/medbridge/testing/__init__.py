@@ -46,12 +46,12 @@ def write_key(path: Path) -> asyncssh.SSHKey:
 class RunningPlatform:
     """A platform home in ``root`` served on loopback from a background thread."""
 
-    def __init__(self, root: Path, **settings: Any):
+    def __init__(self, root: Path, database_url: str = "", **settings: Any):
         self.root = root
         self.home = Home(root / "home")
-        init_home(self.home, "test")
+        init_home(self.home, "test", database_url)
         if settings:
-            lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
+            lines = [f"{k} = {_toml(v)}" for k, v in {"database_url": database_url, **settings}.items()]
             self.home.settings_file.write_text("\n".join(lines) + "\n")
         self.store = Store(self.home.database_url(self.home.settings()))
         self.keys: dict[str, Path] = {}
