@@ -207,9 +207,9 @@ def test_copied_dataset_files_are_found_purged_and_reported(platform: RunningPla
     assert code == 0
     found = {Path(f["path"]).name: (f["reason"], f["purged"]) for f in rep["residue"]["findings"]}
     assert found == {
-        "copy-in-workdir.bin": ("copy of dataset file scan-001.bin", True),
-        "renamed.tmp": ("copy of dataset file scan-001.bin", True),
-        "copy-in-tmp.bin": ("copy of dataset file scan-002.bin", True),
+        "copy-in-workdir.bin": ("copy of dataset file chest/scan-001.bin", True),
+        "renamed.tmp": ("copy of dataset file chest/scan-001.bin", True),
+        "copy-in-tmp.bin": ("copy of dataset file chest/scan-002.bin", True),
         "slice.dcm": ("DICOM preamble", True),
     }
     work = platform.root / "job" / "work"

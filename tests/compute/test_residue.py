@@ -9,9 +9,13 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from medbridge.compute.residue import JobContext, load_manifests, purge, scan, signature
+from medbridge.errors import InvalidInput
 
 
 def dicom() -> bytes:
@@ -180,3 +184,29 @@ def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--scratch needs --since" in bad.stderr
     bad = subprocess.run([*cmd[:-1], str(tmp_path / "missing")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("medbridge: error: cannot read manifest")
+
+
+def test_manifest_files_are_streamed_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates are looked up CHUNK at a time; the manifest is read per chunk, never held whole."""
+    import medbridge.compute.residue as residue
+
+    secrets_ = [os.urandom(64) for _ in range(7)]
+    for i, data in enumerate(secrets_):
+        (tmp_path / f"c{i}.raw").write_bytes(data)
+    (tmp_path / "unrelated.raw").write_bytes(b"not a dataset file")
+    manifest = tmp_path.parent / f"{tmp_path.name}.sha256"
+    manifest.write_text("".join(f"{hashlib.sha256(d).hexdigest()}  ds/f{i}\n" for i, d in enumerate(secrets_)))
+    asked: list[int] = []
+    files = residue.ManifestFiles([manifest])
+
+    def counting(hashes: Sequence[str]) -> dict[str, str]:
+        asked.append(len(hashes))
+        return files(hashes)
+
+    monkeypatch.setattr(residue, "CHUNK", 3)
+    report = residue.scan([tmp_path], counting)
+    assert sorted(f.reason for f in report.findings) == [f"copy of dataset file ds/f{i}" for i in range(7)]
+    assert asked == [3, 3, 2]
+    manifest.write_text("not a manifest\n")
+    with pytest.raises(InvalidInput, match="line 1"):
+        residue.ManifestFiles([manifest])

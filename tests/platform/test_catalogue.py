@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncssh
+import pytest
 
+from medbridge.compute.credentials import PlatformLookup
+from medbridge.errors import InvalidInput
+from medbridge.loader import Loader
 from medbridge.platform.catalogue import Catalogue
+from medbridge.policy import manifest as manifest_policy
 from medbridge.policy.manifest import find_piece, format_manifest, parse_index, parse_manifest
 from medbridge.testing import RunningPlatform
 from tests.conftest import CHEST, KNEE
@@ -118,3 +124,39 @@ def test_the_index_is_served_beside_the_manifest(platform: RunningPlatform) -> N
     assert ".manifest" in names and ".manifest.index" in names
     (piece,) = parse_index(index.decode())
     assert piece.length == len(manifest) and hashlib.sha256(manifest).hexdigest() == piece.sha256
+
+
+def test_the_loader_verifies_reads_with_the_index_and_one_piece_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """A job reading 2 files of a 40-file dataset fetches the index and at most 2 of its 10 pieces."""
+    monkeypatch.setattr(manifest_policy, "PIECE_LINES", 4)
+    files = {f"s{i % 4}/f{i:02}.bin": os.urandom(50 + i) for i in range(40)}
+    p = RunningPlatform(tmp_path, database_url)
+    p.add_user("alice")
+    p.add_dataset("many", files)
+    p.grant("alice", "many")
+    with p, p.job_endpoint("alice") as ep, Loader(ep) as loader:
+        assert loader.read("/datasets/many/s1/f05.bin") == files["s1/f05.bin"]
+        assert loader.read("/datasets/many/s3/f31.bin") == files["s3/f31.bin"]
+        assert loader.stats.verified == 2
+        reads = [r.as_dict() for r in p.audit() if r.action in ("sftp.read", "sftp.close")
+                 and r.subject.startswith("/datasets/many/.manifest")]  # fmt: skip
+        manifest_bytes = sum(r["detail"]["bytes_read"] for r in reads if r["subject"].endswith(".manifest"))
+        whole = (p.home.manifests / "many" / "v1.sha256").stat().st_size
+        assert [r["subject"] for r in reads].count("/datasets/many/.manifest.index") == 1
+        assert 0 < manifest_bytes <= 2 * whole // 10 + 200, "only the pieces that hold the files read"
+        assert sorted(loader.files("many")) == sorted(f"/datasets/many/{rel}" for rel in files)
+
+
+def test_the_residue_lookup_answers_only_for_the_jobs_datasets(platform: RunningPlatform) -> None:
+    chest, knee = (hashlib.sha256(d).hexdigest() for d in (CHEST["scan-001.bin"], KNEE["knee-001.bin"]))
+    asyncio.run(platform.credential("alice", job_id="j-lookup"))
+    lookup = PlatformLookup(platform.enrolment("alice"), "j-lookup")
+    assert lookup([chest, knee, "0" * 64]) == {chest: "chest/scan-001.bin"}, "knee is not granted to alice"
+    with pytest.raises(InvalidInput, match="no certificate for job"):
+        PlatformLookup(platform.enrolment("alice"), "another-job")([chest])
+    with pytest.raises(InvalidInput, match="64 lowercase hex"):
+        lookup(["../../etc/passwd"])
+    asked = [r.as_dict()["detail"] for r in platform.audit("residue.lookup")]
+    assert asked and asked[-1]["asked"] == 3 and asked[-1]["known"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -13,8 +14,12 @@ import click
 
 from medbridge.cli import output
 from medbridge.compute import residue as residue_mod
+from medbridge.compute.credentials import Enrolment, PlatformLookup
 from medbridge.compute.job import JobSpec, run
 from medbridge.errors import InvalidInput
+from medbridge.net import parse_address
+from medbridge.platform.keys import read_private_key_file
+from medbridge.policy.names import check_name
 
 PATH = click.Path(path_type=Path)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -126,6 +131,17 @@ def residue() -> None:
 @residue.command("scan")
 @click.argument("paths", nargs=-1, required=True, type=PATH)
 @click.option("--manifest", "manifests", multiple=True, type=PATH, help="sha256sum-format manifest (repeatable).")
+@click.option(
+    "--platform",
+    "platform_address",
+    default=None,
+    metavar="HOST:PORT",
+    help="Ask the platform which hashes are dataset files (with --key, --host-key-fingerprint, --job-id).",
+)
+@click.option("--key", "key_file", default=None, type=PATH, help="Enrolment key for --platform.")
+@click.option("--host-key-fingerprint", "host_fingerprint", default=None, help="The platform's pinned host key.")
+@click.option("--user", "user_name", default=None, help="Platform account (default: $MEDBRIDGE_USER, then login).")
+@click.option("--job-id", default=None, help="The job whose datasets count (its certificates named them).")
 @click.option("--purge", is_flag=True, help="Delete what is proven platform data (see below).")
 @click.option("--exclude", "excludes", multiple=True, type=PATH, help="A path not to enter (repeatable).")
 @click.option("--since", default=None, help="When the job started (ISO 8601, or seconds since the epoch).")
@@ -138,28 +154,33 @@ def residue() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def residue_scan(
-    paths: Sequence[Path],
-    manifests: Sequence[Path],
-    purge: bool,
-    excludes: Sequence[Path],
-    since: str | None,
-    scratch: Sequence[Path],
-    as_json: bool,
-) -> None:
+    paths: Sequence[Path], manifests: Sequence[Path], platform_address: str | None, key_file: Path | None,
+    host_fingerprint: str | None, user_name: str | None, job_id: str | None, purge: bool, excludes: Sequence[Path],
+    since: str | None, scratch: Sequence[Path], as_json: bool,
+) -> None:  # fmt: skip
     """Scan PATHS for dataset copies (by SHA-256) and medical-image signatures.
 
-    --purge deletes files whose SHA-256 a --manifest lists, and, given a job's start
-    (--since) and its own folders (--scratch), medical files written in those folders
-    since then.  Every other medical file is reported with why and left in place; those
-    older than --since count as pre-existing, not as residue.
+    Files are hashed and looked up in chunks: in --manifest files (streamed, never loaded
+    whole) or on the platform (--platform, with the enrolment key: which hashes are files
+    of the job's datasets).  --purge deletes the dataset copies found, and, given a job's
+    start (--since) and its own folders (--scratch), medical files written in those
+    folders since then.  Every other medical file is reported with why and left in place;
+    those older than --since count as pre-existing, not as residue.
 
     Exits 0 when nothing is left behind (nothing found, or all of it purged), 10 otherwise.
     """
     if scratch and since is None:
         raise InvalidInput("--scratch needs --since: only files written since the job started are the job's")
-    known = residue_mod.read_manifest_files(manifests)
+    lookup: residue_mod.Lookup | None = residue_mod.ManifestFiles(manifests) if manifests else None
+    if platform_address is not None:
+        if manifests or key_file is None or host_fingerprint is None or job_id is None:
+            raise InvalidInput("--platform needs --key, --host-key-fingerprint and --job-id (and no --manifest)")
+        host, port = parse_address(platform_address)
+        user = check_name("user", user_name or os.environ.get("MEDBRIDGE_USER") or getpass.getuser())
+        enrolment = Enrolment(host, port, user, read_private_key_file(str(key_file)), host_fingerprint)
+        lookup = PlatformLookup(enrolment, check_name("job id", job_id))
     job = residue_mod.JobContext(started=None if since is None else _parse_since(since), scratch=scratch)
-    report = residue_mod.scan(paths, known, exclude=excludes, job=job)
+    report = residue_mod.scan(paths, lookup, exclude=excludes, job=job)
     if purge:
         residue_mod.purge(report)
     if as_json:

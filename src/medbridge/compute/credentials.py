@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +13,7 @@ import asyncssh
 from medbridge import errors
 from medbridge.config import CIPHERS
 from medbridge.errors import HostKeyMismatch, MedbridgeError, PlatformUnavailable
-from medbridge.platform.issuer import ISSUE_COMMAND, REPORT_COMMAND
+from medbridge.platform.issuer import ISSUE_COMMAND, LOOKUP_COMMAND, MAX_LOOKUP, REPORT_COMMAND
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,30 @@ async def request_certificate(
 async def end_job(enrolment: Enrolment, job_id: str, residue: dict[str, Any]) -> None:
     """Tell the platform the job is over (revoking its certificates), with its residue scan if any."""
     await call_platform(enrolment, REPORT_COMMAND, {"job_id": job_id, "report": residue, "ended": True})
+
+
+async def lookup_hashes(enrolment: Enrolment, job_id: str, hashes: list[str]) -> dict[str, str]:
+    """Which of ``hashes`` are dataset files this job could read: ``sha256 -> "dataset/path"``."""
+    known: dict[str, str] = {}
+    for start in range(0, len(hashes), MAX_LOOKUP):
+        reply, _ = await call_platform(enrolment, LOOKUP_COMMAND,
+                                       {"job_id": job_id, "sha256": hashes[start : start + MAX_LOOKUP]})  # fmt: skip
+        found = reply.get("known")
+        if not isinstance(found, dict):
+            raise PlatformUnavailable("the platform sent an unreadable lookup reply")
+        known.update({str(k): str(v) for k, v in found.items()})
+    return known
+
+
+class PlatformLookup:
+    """The residue scan's lookup, asked of the platform with the enrolment key: no manifest comes to the node."""
+
+    def __init__(self, enrolment: Enrolment, job_id: str):
+        self.enrolment = enrolment
+        self.job_id = job_id
+
+    def __call__(self, hashes: Sequence[str]) -> dict[str, str]:
+        return asyncio.run(lookup_hashes(self.enrolment, self.job_id, list(hashes)))
 
 
 def _parse_reply(raw: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """``medbridge job run``: a job's platform access, from certificate to residue scan.
 
 set up   enrolment key → job certificate for an in-memory key → private ssh-agent
-         → dataset manifests → optional sshfs mount → renewal thread (compute.renewal)
+         → optional sshfs mount → renewal thread (compute.renewal)
 payload  runs with SSH_AUTH_SOCK and MEDBRIDGE_* set; SIGTERM/SIGINT/SIGHUP are
          forwarded and turn into an orderly teardown (exit 128+N)
 teardown (always) upload outputs and commit their manifest → unmount (lazy if busy)
@@ -45,12 +45,13 @@ from medbridge.compute import residue
 from medbridge.compute.credentials import (
     Enrolment,
     JobCredential,
+    PlatformLookup,
     end_job,
     request_certificate,
 )
 from medbridge.compute.mount import Mount
 from medbridge.compute.renewal import Renewer, seconds_left
-from medbridge.compute.session import Endpoint, fetch_manifests, upload_outputs, wipe
+from medbridge.compute.session import Endpoint, upload_outputs, wipe
 from medbridge.compute.slurm import SHARED_TEMP, private_temp
 from medbridge.config import CIPHERS
 from medbridge.errors import InvalidInput, JobFailed, MedbridgeError
@@ -262,7 +263,6 @@ class Job:
         self.agent: Agent | None = None
         self.mount: Mount | None = None
         self.renewer: Renewer | None = None
-        self.manifests: dict[str, str] = {}
         self.state_file: Path | None = None
         self.scratch = [_own_folder(p) for p in spec.scratch]
         self.started_at: float | None = None
@@ -292,9 +292,6 @@ class Job:
             self.outcome.certificate_serial = cred.serial
             self.agent = Agent(folder)
             asyncio.run(self.agent.load(self.ephemeral, cred.certificate, int(seconds_left(cred.valid_before))))
-            endpoint = self.endpoint(cred)
-            datasets = list(self.spec.datasets) if self.spec.datasets is not None else None
-            self.manifests = asyncio.run(fetch_manifests(endpoint, datasets))
             env = self.environment(folder, cred)
             if self.spec.mount is not None:
                 self.mount = Mount(self.spec.mount, Path(env["MEDBRIDGE_SSH_CONFIG"]), SSH_HOST_ALIAS)
@@ -417,7 +414,6 @@ class Job:
                 self.say(f"could not tell the platform the job ended: {exc}")
         if self.state_file is not None:
             self.state_file.unlink(missing_ok=True)
-            self.state_file.with_suffix(".manifest").unlink(missing_ok=True)
         if self.agent is not None:
             self.summarise()
 
@@ -450,10 +446,10 @@ class Job:
             wipe(outputs)
 
     def scan(self, keep: list[Path]) -> None:
-        known = residue.load_manifests(self.manifests.values())
         exclude = [p for p in (self.mount.mountpoint if self.mount else None, *keep) if p is not None]
         job = residue.JobContext(started=self.started_at, scratch=self.own_folders())
-        report = residue.scan(self.scan_roots(), known, exclude=exclude, owner=os.getuid(), job=job)
+        lookup = PlatformLookup(self.enrolment, self.job_id)  # hashes are asked of the platform: no manifest here
+        report = residue.scan(self.scan_roots(), lookup, exclude=exclude, owner=os.getuid(), job=job)
         if self.purge:
             residue.purge(report)
         self.outcome.residue = report.as_dict()
@@ -511,10 +507,7 @@ class Job:
         if slurm_id is None or not state_dir.is_dir() or not os.access(state_dir, os.W_OK):
             return
         path = state_dir / f"{check_name('job id', slurm_id)}.json"
-        manifest = path.with_suffix(".manifest")
-        fd = os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("".join(self.manifests.values()))
+        e = self.enrolment
         state = {
             "slurm_job_id": slurm_id,
             "job_id": self.job_id,
@@ -526,8 +519,10 @@ class Job:
             "scan": [str(p) for p in self.scan_roots()],
             "scratch": [str(p) for p in self.own_folders()],
             "started": self.started_at,
-            "manifest": str(manifest),
-        }
+            # how the epilog's scan (run as this user) asks the platform which hashes are dataset files
+            "lookup": {"platform": format_address(e.host, e.port), "user": e.user, "job_id": self.job_id,
+                       "key": str(Path(self.spec.key_file).absolute()), "host_fingerprint": e.host_fingerprint},
+        }  # fmt: skip
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(state, f)

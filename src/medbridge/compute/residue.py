@@ -18,12 +18,12 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medbridge.errors import InvalidInput
+from medbridge.errors import InvalidInput, MedbridgeError
 from medbridge.policy.manifest import parse_manifest
 from medbridge.policy.residue import Kind, judge
 from medbridge.processes import sha256_file
@@ -139,8 +139,14 @@ class ScanReport:
             limit = (longest if limit is None else limit) // 2
 
 
+#: ``lookup(hashes) -> {sha256: what it is a copy of}``: the manifest files, or the platform, asked in chunks.
+Lookup = Callable[[Sequence[str]], Mapping[str, str]]
+#: Candidate hashes held before they are looked up: memory stays flat whatever the scan or manifest size.
+CHUNK = 4096
+
+
 def load_manifests(texts: Iterable[str]) -> dict[str, str]:
-    """Known SHA-256 → the dataset path it belongs to, from sha256sum-format texts."""
+    """Known SHA-256 → the dataset path it belongs to, from sha256sum-format texts (small manifests)."""
     known: dict[str, str] = {}
     for text in texts:
         for sha, path in parse_manifest(text):
@@ -148,14 +154,30 @@ def load_manifests(texts: Iterable[str]) -> dict[str, str]:
     return known
 
 
-def read_manifest_files(paths: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
-    texts = []
-    for p in paths:
-        try:
-            texts.append(Path(p).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"cannot read manifest {p}: {exc}") from exc
-    return load_manifests(texts)
+class ManifestFiles:
+    """A lookup in sha256sum-format files, streamed line by line for each chunk of hashes: never loaded whole."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike[str]]):
+        self.paths = [Path(p) for p in paths]
+        self(())  # one streamed pass now, so a missing or malformed manifest fails before any scan
+
+    def __call__(self, hashes: Sequence[str]) -> dict[str, str]:
+        wanted = set(hashes)
+        found: dict[str, str] = {}
+        for p in self.paths:
+            try:
+                with open(p, encoding="utf-8") as f:
+                    for number, line in enumerate(f, 1):
+                        try:
+                            entries = parse_manifest(line)
+                        except InvalidInput as exc:
+                            raise InvalidInput(f"cannot read manifest {p}: line {number}: {exc}") from exc
+                        for sha, path in entries:
+                            if sha in wanted:
+                                found.setdefault(sha, path)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InvalidInput(f"cannot read manifest {p}: {exc}") from exc
+        return found
 
 
 def _walk(root: Path, exclude: set[str], errors: list[str]) -> Iterator[Path]:
@@ -196,7 +218,7 @@ def _own_folder(path: Path, scratch: Sequence[str]) -> str | None:
 
 def scan(
     roots: Iterable[str | os.PathLike[str]],
-    known: dict[str, str],
+    known: Mapping[str, str] | Lookup | None,
     *,
     exclude: Iterable[str | os.PathLike[str]] = (),
     owner: int | None = None,
@@ -206,8 +228,14 @@ def scan(
     """Scan ``roots`` and the job's own folders for residue; ``owner`` limits it to files that uid owns.
 
     Each medical-looking file is judged by :func:`medbridge.policy.residue.judge`: only
-    what it proves is the job's is marked for :func:`purge`.
+    what it proves is the job's is marked for :func:`purge`.  With ``known`` (a table,
+    or a lookup: the manifests, or the platform) every file is hashed and the hashes
+    are looked up in chunks of :data:`CHUNK`, so memory stays flat; a lookup that fails
+    is an error in the report (those files are not proven to be no copies).
     """
+    lookup: Lookup | None = known if not isinstance(known, Mapping) else None
+    if isinstance(known, Mapping) and known:
+        lookup = lambda hs: {h: known[h] for h in hs if h in known}  # noqa: E731
     scratch = [os.path.realpath(s) for s in job.scratch]
     resolved: list[str] = []
     for r in [*roots, *job.scratch]:
@@ -217,6 +245,20 @@ def scan(
     skip = {str(Path(e).absolute()) for e in exclude}
     report = ScanReport(roots=resolved, started=job.started, scratch=scratch)
     seen: set[tuple[int, int]] = set()
+    pending: list[tuple[Path, str, os.stat_result, str | None]] = []
+
+    def settle() -> None:
+        assert lookup is not None
+        try:
+            found = lookup([sha for _, sha, _, _ in pending])
+        except MedbridgeError as exc:
+            report.errors.append(f"{len(pending)} file(s) not checked against the datasets: {exc}")
+            found = {}
+        for path, sha, st, sig in pending:
+            copy_of = found.get(sha)
+            _judge(report, path, st, copy_of, None if copy_of is not None else sig, job, scratch)
+        pending.clear()
+
     for root in resolved:
         for path in _walk(Path(root), skip, report.errors):
             try:
@@ -229,31 +271,39 @@ def scan(
                 report.files_scanned += 1
                 if progress:
                     progress(path)
-                copy_of = None
-                if known:
-                    digest = sha256_file(path)
+                sig = signature(_head(path))
+                if lookup is not None:
+                    pending.append((path, sha256_file(path), st, sig))
                     report.bytes_hashed += st.st_size
-                    copy_of = known.get(digest)
-                sig = signature(_head(path)) if copy_of is None else None
             except OSError as exc:
                 report.errors.append(f"{path}: {exc.strerror}")
                 continue
-            verdict = judge(
-                copy_of=copy_of,
-                signature=sig,
-                changed=st.st_ctime,
-                started=job.started,
-                own_folder=_own_folder(path, scratch) if sig and scratch else None,
-            )
-            if verdict is None:
-                continue
-            reason = f"copy of dataset file {copy_of}" if copy_of is not None else str(sig)
-            finding = Finding(
-                str(path), reason, st.st_size, ours=verdict.kind is Kind.OURS, why=verdict.why,
-                identity=(st.st_dev, st.st_ino, st.st_ctime_ns),
-            )  # fmt: skip
-            (report.preexisting if verdict.kind is Kind.PREEXISTING else report.findings).append(finding)
+            if lookup is None:
+                _judge(report, path, st, None, sig, job, scratch)
+            elif len(pending) >= CHUNK:
+                settle()
+    if pending:
+        settle()
     return report
+
+
+def _judge(report: ScanReport, path: Path, st: os.stat_result, copy_of: str | None, sig: str | None,
+           job: JobContext, scratch: Sequence[str]) -> None:  # fmt: skip
+    verdict = judge(
+        copy_of=copy_of,
+        signature=sig,
+        changed=st.st_ctime,
+        started=job.started,
+        own_folder=_own_folder(path, scratch) if sig and scratch else None,
+    )
+    if verdict is None:
+        return
+    reason = f"copy of dataset file {copy_of}" if copy_of is not None else str(sig)
+    finding = Finding(
+        str(path), reason, st.st_size, ours=verdict.kind is Kind.OURS, why=verdict.why,
+        identity=(st.st_dev, st.st_ino, st.st_ctime_ns),
+    )  # fmt: skip
+    (report.preexisting if verdict.kind is Kind.PREEXISTING else report.findings).append(finding)
 
 
 def purge(report: ScanReport) -> ScanReport:

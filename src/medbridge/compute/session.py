@@ -14,7 +14,7 @@ import asyncssh
 from medbridge.config import CIPHERS
 from medbridge.errors import AccessDenied, InvalidInput, JobFailed, PlatformUnavailable
 from medbridge.net import parse_address
-from medbridge.policy.manifest import DATASET_MANIFEST, PARTIAL_SUFFIX, RESULTS_MANIFEST, format_manifest
+from medbridge.policy.manifest import PARTIAL_SUFFIX, RESULTS_MANIFEST, format_manifest
 from medbridge.processes import sha256_file
 
 
@@ -76,22 +76,6 @@ async def connect(
         raise AccessDenied(f"the platform refused the job's certificate (expired, revoked, job ended): {exc}") from exc
     except (OSError, asyncssh.Error) as exc:
         raise PlatformUnavailable(f"cannot open the job's data session: {exc}") from exc
-
-
-async def fetch_manifests(ep: Endpoint, datasets: list[str] | None) -> dict[str, str]:
-    """The manifests of the datasets the job uses (all it can see when none were named)."""
-    out: dict[str, str] = {}
-    async with await connect(ep) as conn:
-        sftp = await conn.start_sftp_client()
-        names = (
-            datasets if datasets is not None else [n for n in await sftp.listdir("/datasets") if n not in (".", "..")]
-        )
-        for name in names:
-            async with sftp.open(f"/datasets/{name}/{DATASET_MANIFEST}", "rb", encoding=None) as f:
-                data: bytes = await f.read()
-            out[name] = data.decode()
-        sftp.exit()
-    return out
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 The epilog runs as root on the node after every job, whatever ended it (completion,
 ``scancel``, a time limit, SIGKILL).  ``job run`` tears down by itself when it can;
 the epilog is the safety net for when it could not: it kills the job's leftover
-processes, lazily unmounts its sshfs mount, and scans for residue with the dataset
-manifests ``job run`` left in the state folder.  Nothing a user wrote is trusted
+processes, lazily unmounts its sshfs mount, and scans for residue, asking the platform
+(with the user's enrolment key, as the user) which candidate hashes are dataset files.  Nothing a user wrote is trusted
 beyond their own files: PIDs, mounts and files are acted on only if the job's uid
 owns them.
 """
@@ -245,19 +245,6 @@ def sshfs_mounts(uid: int) -> list[tuple[str, bool]]:
     return out
 
 
-def _owned_regular(path: Path, uid: int) -> os.stat_result | None:
-    """Stat a file without following links or blocking on a FIFO; only a regular file of ``uid`` counts."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    return st if stat.S_ISREG(st.st_mode) and st.st_uid == uid else None
-
-
 def _as_user(uid: int) -> dict[str, Any]:
     """subprocess arguments that drop to ``uid`` (and its primary group) unless it is root already."""
     if uid == os.geteuid():
@@ -273,19 +260,26 @@ def _unmount_as(uid: int, point: str) -> bool:
     return not os.path.ismount(point)
 
 
+def _lookup_args(lookup: Any) -> list[str]:
+    """``residue scan --platform …`` arguments from the state's lookup (strings only, else nothing)."""
+    names = ("platform", "key", "host_fingerprint", "user", "job_id")
+    if not isinstance(lookup, dict) or not all(isinstance(lookup.get(n), str) for n in names):
+        return []
+    return ["--platform", lookup["platform"], "--key", lookup["key"], "--host-key-fingerprint",
+            lookup["host_fingerprint"], "--user", lookup["user"], "--job-id", lookup["job_id"]]  # fmt: skip
+
+
 def _scan_as(
-    uid: int, roots: Sequence[str], manifest: Path | None, exclude: Sequence[str], job: residue.JobContext
+    uid: int, roots: Sequence[str], lookup: list[str], exclude: Sequence[str], job: residue.JobContext
 ) -> dict[str, Any]:
-    """Scan and purge as the job's user: root never deletes by a path a user could have re-pointed."""
-    if uid == os.geteuid():
-        known = residue.read_manifest_files([manifest]) if manifest else {}
-        report = residue.scan(roots, known, exclude=exclude, owner=uid, job=job)
-        return residue.purge(report).as_dict()
-    cmd = [sys.executable, "-m", "medbridge", "residue", "scan", *roots, "--purge", "--json"]
+    """Scan and purge as the job's user: root never deletes by a path a user could have re-pointed.
+
+    Always in a process of the user's own, which reads the user's enrolment key to ask the
+    platform which hashes are dataset files (root never reads it).
+    """
+    cmd = [sys.executable, "-m", "medbridge", "residue", "scan", *roots, "--purge", "--json", *lookup]
     for path in exclude:
         cmd += ["--exclude", path]
-    if manifest:
-        cmd += ["--manifest", str(manifest)]
     if job.started is not None:
         cmd += ["--since", repr(job.started), *(a for p in job.scratch for a in ("--scratch", str(p)))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, **_as_user(uid))
@@ -358,13 +352,9 @@ def epilog(environ: Mapping[str, str], state_dir: Path, container_base: Path | N
         if started is None:
             started = container.stat().st_ctime
     job_context = residue.JobContext(started=started, scratch=scratch if started is not None else [])
-    manifest = state.get("manifest")
-    manifest_path = Path(manifest) if isinstance(manifest, str) and Path(manifest).parent == state_dir else None
-    if manifest_path is not None and _owned_regular(manifest_path, uid) is None:
-        report.notes.append(f"ignored {manifest_path}: not a regular file owned by uid {uid}")
-        manifest_path = None
     if roots:
-        report.residue = _scan_as(uid, roots, manifest_path, [p for p, _ in sshfs_mounts(uid)], job_context)
+        exclude = [p for p, _ in sshfs_mounts(uid)]
+        report.residue = _scan_as(uid, roots, _lookup_args(state.get("lookup")), exclude, job_context)
     for leftover in (state_path, state_dir / f"{job}.manifest"):
         with contextlib.suppress(FileNotFoundError):
             if leftover.is_symlink() or leftover.stat().st_uid == uid:

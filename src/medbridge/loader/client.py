@@ -22,7 +22,7 @@ import sys
 import sysconfig
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
@@ -36,7 +36,7 @@ from medbridge.compute.session import Endpoint, connect, endpoint_from_job
 from medbridge.errors import AccessDenied, IntegrityError, MedbridgeError, PlatformUnavailable
 from medbridge.loader.cache import ReadAheadCache
 from medbridge.loader.wire import Attrs, Buffer, Wire, open_wire
-from medbridge.policy.manifest import DATASET_MANIFEST, parse_manifest
+from medbridge.policy.manifest import DATASET_MANIFEST, MANIFEST_INDEX, Piece, find_piece, parse_index, parse_manifest
 from medbridge.transport import coalesce
 
 # Recycling trusts sys.getrefcount; from 3.14 CPython may borrow references without
@@ -44,6 +44,8 @@ from medbridge.transport import coalesce
 # could look free: recycle only where the count is exact (3.13 and older, with the GIL).
 _REFCOUNT_EXACT = sys.version_info < (3, 14) and not sysconfig.get_config_var("Py_GIL_DISABLED")
 T = TypeVar("T")
+#: Manifest pieces a loader keeps (~100 KB each): enough for a job's working set of directories.
+PIECES_KEPT = 64
 _DROPPED = (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.SFTPConnectionLost, OSError, TimeoutError)
 
 
@@ -136,7 +138,9 @@ class _Pool:
         self.patience = patience
         self.stats = Stats()
         self._next = itertools.count()
-        self._manifests: dict[str, dict[str, str]] = {}
+        self._indexes: dict[str, asyncio.Future[list[Piece]]] = {}
+        #: Manifest pieces fetched (path -> SHA-256), the most recent :data:`PIECES_KEPT` of them.
+        self._pieces: OrderedDict[tuple[str, int], asyncio.Future[dict[str, str]]] = OrderedDict()
         self._visible: set[str] | None = None
         self.recycler = _Recycler(self.stats)
         self.reads: set[asyncio.Task[bytearray]] = set()  # started by read_many, not yet done
@@ -218,12 +222,62 @@ class _Pool:
             self._visible = {n for n in await wire.listdir("/datasets") if n not in (".", "..")}
         return self._visible
 
-    async def manifest(self, dataset: str) -> dict[str, str]:
-        """Dataset-relative path → SHA-256, from the platform's manifest."""
-        if dataset not in self._manifests:
-            raw = await self.read(f"/datasets/{dataset}/{DATASET_MANIFEST}")
-            self._manifests[dataset] = {p: sha for sha, p in parse_manifest(raw.decode())}
-        return self._manifests[dataset]
+    async def index(self, dataset: str) -> list[Piece]:
+        """The dataset's manifest index (a line per piece), fetched once; concurrent callers share the fetch."""
+        job = self._indexes.get(dataset)
+        if job is None:
+
+            async def fetch() -> list[Piece]:
+                raw = await self.read(f"/datasets/{dataset}/{MANIFEST_INDEX}")
+                return parse_index(raw.decode())
+
+            job = self._indexes[dataset] = asyncio.ensure_future(fetch())
+            job.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._indexes.pop(dataset, None))
+        return await asyncio.shield(job)
+
+    async def piece(self, dataset: str, piece: Piece) -> dict[str, str]:
+        """One piece of the manifest (path → SHA-256): a ranged read, checked against the index."""
+        key = (dataset, piece.offset)
+        job = self._pieces.get(key)
+        if job is None:
+
+            async def fetch() -> dict[str, str]:
+                raw = await self.read(f"/datasets/{dataset}/{DATASET_MANIFEST}", piece.offset, piece.length)
+                if hashlib.sha256(raw).hexdigest() != piece.sha256:
+                    self._indexes.pop(dataset, None)  # a new version since the index was read: read it again
+                    raise IntegrityError(f"dataset {dataset!r}: a manifest piece does not match its index "
+                                         "(the dataset changed while it was read; try again)")  # fmt: skip
+                return {p: sha for sha, p in parse_manifest(raw.decode())}
+
+            job = self._pieces[key] = asyncio.ensure_future(fetch())
+            job.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._pieces.pop(key, None))
+            while len(self._pieces) > PIECES_KEPT:
+                self._pieces.popitem(last=False)
+        else:
+            self._pieces.move_to_end(key)
+        return await asyncio.shield(job)
+
+    async def expected(self, dataset: str, rel: str) -> str | None:
+        """The SHA-256 the manifest records for ``rel``, from the one piece that can hold it (None: not listed)."""
+        found = find_piece(await self.index(dataset), rel)
+        return None if found is None else (await self.piece(dataset, found)).get(rel)
+
+    async def listing(self, dataset: str, prefix: str = "") -> list[tuple[str, str]]:
+        """Every ``(path, sha256)`` of the manifest under ``prefix``, piece by piece (only the pieces it spans)."""
+        pieces = await self.index(dataset)
+        out: list[tuple[str, str]] = []
+        for i, p in enumerate(pieces):
+            after = pieces[i + 1].first if i + 1 < len(pieces) else None
+            if (after is not None and after <= prefix) or (
+                prefix and p.first > prefix and not p.first.startswith(prefix)
+            ):
+                continue
+            raw = await self.read(f"/datasets/{dataset}/{DATASET_MANIFEST}", p.offset, p.length)
+            if hashlib.sha256(raw).hexdigest() != p.sha256:
+                self._indexes.pop(dataset, None)
+                raise IntegrityError(f"dataset {dataset!r}: a manifest piece does not match its index")
+            out.extend((path, sha) for sha, path in parse_manifest(raw.decode()) if path.startswith(prefix))
+        return out
 
     async def read_verified(self, sample: Sample, verify: bool) -> bytearray:
         if sample.shard is not None:
@@ -234,7 +288,7 @@ class _Pool:
             expected = sample.sha256
             if expected is None and verify and sample.offset == 0 and sample.size is None:
                 dataset, rel = _split(sample.path)
-                expected = (await self.manifest(dataset)).get(rel) if dataset else None
+                expected = await self.expected(dataset, rel) if dataset else None
         if expected is not None:
             if hashlib.sha256(data).hexdigest() != expected:
                 raise IntegrityError(f"{sample.path}: content does not match the dataset manifest "
@@ -502,14 +556,14 @@ class Loader:
 
     def files(self, dataset: str) -> list[str]:
         """Every file of a dataset (from its manifest), as platform paths; shards left out."""
-        manifest = self._submit(self._runtime()[1].manifest(dataset)).result()
-        return [f"/datasets/{dataset}/{rel}" for rel in sorted(manifest) if not rel.startswith(".shards/")]
+        listing = self._submit(self._runtime()[1].listing(dataset)).result()
+        return [f"/datasets/{dataset}/{rel}" for rel, _ in listing if not rel.startswith(".shards/")]
 
     def shard_samples(self, dataset: str) -> list[Sample]:
         """Every member of the dataset's shards as a :class:`Sample` (one ranged read each)."""
-        manifest = self._submit(self._runtime()[1].manifest(dataset)).result()
+        listing = self._submit(self._runtime()[1].listing(dataset, ".shards/")).result()
         samples = []
-        for rel in sorted(manifest):
+        for rel, _ in listing:
             if not (rel.startswith(".shards/") and rel.endswith(".index.json")):
                 continue
             index = json.loads(self.read(f"/datasets/{dataset}/{rel}"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +25,12 @@ MAX_FINDINGS = 200
 #: Requests beyond this are clamped before any arithmetic (the platform maximum applies anyway).
 MAX_REQUESTED_LIFETIME = 10 * 366 * 24 * 3600
 MAX_REQUEST = 64 * 1024
+#: The residue scan asks which of its candidate files' hashes are dataset files (no manifest leaves the platform).
+LOOKUP_COMMAND = "medbridge-residue-lookup"
+MAX_LOOKUP = 10_000
+#: Bytes read from a command's input, per command (a lookup carries up to MAX_LOOKUP hashes).
+REQUEST_LIMITS = {LOOKUP_COMMAND: 80 * MAX_LOOKUP}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def parse_request(raw: bytes) -> tuple[asyncssh.SSHKey, str, timedelta, list[str] | None]:
@@ -151,6 +158,30 @@ class Issuer:
             "valid_before": spec.valid_before.isoformat(),
             "datasets": spec.datasets,
         }
+
+    def lookup(self, user: str, raw: bytes, peer: Mapping[str, Any], now: datetime | None = None) -> dict[str, Any]:
+        """Which of a job's candidate hashes are files of a dataset it may read or its certificates named.
+
+        Answers ``{"known": {sha256: "dataset/path"}}``; the residue scan holds no manifest.
+        Asking needs a certificate of that job (the same rule as the report); each ask is audited.
+        """
+        now = now or datetime.now(UTC)
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidInput(f"lookup is not JSON: {exc}") from exc
+        hashes = body.get("sha256") if isinstance(body, dict) else None
+        job_id = body.get("job_id") if isinstance(body, dict) else None
+        if not isinstance(job_id, str) or not isinstance(hashes, list) or len(hashes) > MAX_LOOKUP:
+            raise InvalidInput(f"a lookup needs a job_id and a list of at most {MAX_LOOKUP} sha256 values")
+        if not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in hashes):
+            raise InvalidInput("a lookup's sha256 values must be 64 lowercase hex digits")
+        if not any(c.job_id == job_id for c in self._store.certificates(user)):
+            raise InvalidInput(f"user {user!r} has no certificate for job {job_id!r}")
+        found = self._store.find_hashes(user, job_id, hashes, now)
+        self._store.audit([AuditEvent(actor=user, action="residue.lookup", outcome="ok", subject=job_id,
+                                      detail={"asked": len(hashes), "known": len(found), **peer})], now)  # fmt: skip
+        return {"known": {sha: f"{ds}/{path}" for sha, (ds, path) in found.items()}}
 
     def report(self, user: str, raw: bytes, peer: Mapping[str, Any], now: datetime | None = None) -> dict[str, Any]:
         """A job's last word: its residue scan (if it ran one), and that it ended.

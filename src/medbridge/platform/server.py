@@ -26,7 +26,14 @@ from medbridge.errors import MedbridgeError, PlatformUnavailable
 from medbridge.net import bind, parse_networks
 from medbridge.platform.audit import AuditSink
 from medbridge.platform.catalogue import Catalogue
-from medbridge.platform.issuer import ISSUE_COMMAND, MAX_REQUEST, REPORT_COMMAND, Issuer
+from medbridge.platform.issuer import (
+    ISSUE_COMMAND,
+    LOOKUP_COMMAND,
+    MAX_REQUEST,
+    REPORT_COMMAND,
+    REQUEST_LIMITS,
+    Issuer,
+)
 from medbridge.platform.keys import fingerprint, load_private_key
 from medbridge.platform.limits import Handles, Quota, SessionSlots, Usage
 from medbridge.platform.listener import accept_forever
@@ -280,7 +287,10 @@ class PlatformConnection(asyncssh.SSHServer):
     async def process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         """Commands: only the issuer and the residue report, and only for an enrolment key."""
         command = (process.command or "").strip()
-        handler = {ISSUE_COMMAND: self.platform.issuer.issue, REPORT_COMMAND: self.platform.issuer.report}.get(command)
+        issuer = self.platform.issuer
+        handler = {ISSUE_COMMAND: issuer.issue, REPORT_COMMAND: issuer.report, LOOKUP_COMMAND: issuer.lookup}.get(
+            command
+        )
         if self.enrolment is None or handler is None:
             self.platform.sink.record(
                 AuditEvent(
@@ -295,7 +305,7 @@ class PlatformConnection(asyncssh.SSHServer):
             process.exit(126)
             return
         try:
-            raw = await process.stdin.read(MAX_REQUEST)
+            raw = await process.stdin.read(REQUEST_LIMITS.get(command, MAX_REQUEST))
             await self.platform.sink.flush()
             reply = await asyncio.to_thread(
                 handler, self.username, raw, {**self.where(), "fingerprint": self.enrolment}
