@@ -456,3 +456,51 @@ def bench_report(profile: str, out: Path, only: str | None, scheduler: str, devi
     parts = _items(only, "--only") if only is not None else report.PARTS
     path = report.run(profile, out, _say(False), scheduler=scheduler, device=device, only=parts)
     output.ok(str(path))
+
+
+@bench.command("catalogue")
+@click.option("--sizes", default="10000,100000,1000000", show_default=True, help="Dataset sizes, comma-separated.")
+@click.option("--database", default="", help="Control database URL, or 'postgresql' for a private server started "
+              "for the run (default: SQLite in the benchmark's home).")  # fmt: skip
+@click.option("--concurrent", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Also start this many jobs reading the largest dataset at once (the starvation test).")  # fmt: skip
+@click.option("--seconds", type=click.FloatRange(1, 3600), default=20.0, show_default=True,
+              help="How long each concurrent job reads.")  # fmt: skip
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to generate files (default: the system's temporary folder).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a chart (PNG).")
+def bench_catalogue(sizes: str, database: str, concurrent: int, seconds: float, workdir: Path | None,
+                    as_json: bool, plot: Path | None) -> None:  # fmt: skip
+    """What dataset add, manifests, job start, residue scan and the audit cost as a dataset grows."""
+    from medbridge.bench import catalogue
+    from medbridge.errors import InvalidInput
+
+    try:
+        counts = tuple(int(x) for x in sizes.split(","))
+    except ValueError:
+        raise InvalidInput(f"--sizes {sizes!r}: use counts separated by commas, such as 10000,100000") from None
+    plan = catalogue.Plan(sizes=counts, database=database, concurrent=concurrent, seconds=seconds, workdir=workdir)
+    say = (lambda m: None) if as_json else (lambda m: output.err.print(m, highlight=False))
+    result = catalogue.run(plan, say)
+    if plot is not None:
+        catalogue.plot(result, plot)
+    if as_json:
+        output.emit_json(result)
+        return
+    output.table(f"bench catalogue on {result['database']} ({result['machine']})",
+                 ["step", "files", "seconds", "peak RSS MB", "files/s"],
+                 [(r["step"], r["files"], r["seconds"], r["peak_rss_mb"], r["files_per_s"] or "")
+                  for r in result["rows"]])  # fmt: skip
+    output.table("growth exponents (1 = linear)", ["step", "exponent"], list(result["exponents"].items()))
+    if "concurrent" in result:
+        c = result["concurrent"]
+        output.out.print(f"{c['jobs']} jobs on {c['dataset']}: first files {c['first_file_s']} s; {c['reads']} reads; "
+                         f"longest window with no read {c['longest_gap_s']} s", highlight=False)  # fmt: skip
+        for error in c["errors"]:
+            output.err.print(f"a job failed: {error}", markup=False, highlight=False)
+    output.table(
+        "against the targets",
+        ["target", "measured", "met"],
+        [(v["target"], v["value"], "yes" if v["met"] else "no") for v in result["verdicts"]],
+    )
