@@ -54,6 +54,8 @@ class Plan:
     sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     database: str = ""  # '' SQLite in the home; a URL; "postgresql" a private server started for the run
     concurrent: int = 0
+    #: Which dataset the concurrent jobs read (the largest measured if this size is not).
+    concurrent_size: int = 100_000
     seconds: float = 20.0
     workdir: Path | None = None
     unrelated: int = UNRELATED
@@ -272,9 +274,9 @@ def _ladder(world: World, plan: Plan, base: Path, say: Callable[[str], None]) ->
         "exponents": {s: exponent([r for r in rows if r["step"] == s and r["files"] > 10]) for s in STEPS},
     }
     if plan.concurrent:
-        biggest = f"ds-{max(plan.sizes)}"
-        say(f"{plan.concurrent} jobs reading {biggest} at once")
-        result["concurrent"] = concurrent(world, biggest, plan.concurrent, plan.seconds)
+        target = f"ds-{plan.concurrent_size if plan.concurrent_size in plan.sizes else max(plan.sizes)}"
+        say(f"{plan.concurrent} jobs reading {target} at once")
+        result["concurrent"] = concurrent(world, target, plan.concurrent, plan.seconds)
     result["verdicts"] = verdicts(result)
     return result
 

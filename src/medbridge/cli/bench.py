@@ -463,15 +463,17 @@ def bench_report(profile: str, out: Path, only: str | None, scheduler: str, devi
 @click.option("--database", default="", help="Control database URL, or 'postgresql' for a private server started "
               "for the run (default: SQLite in the benchmark's home).")  # fmt: skip
 @click.option("--concurrent", type=click.IntRange(0, 64), default=0, show_default=True,
-              help="Also start this many jobs reading the largest dataset at once (the starvation test).")  # fmt: skip
+              help="Also start this many jobs reading one dataset at once (the starvation test).")  # fmt: skip
+@click.option("--concurrent-size", type=click.IntRange(1), default=100_000, show_default=True,
+              help="The size whose dataset they read (the largest measured if not among --sizes).")  # fmt: skip
 @click.option("--seconds", type=click.FloatRange(1, 3600), default=20.0, show_default=True,
               help="How long each concurrent job reads.")  # fmt: skip
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to generate files (default: the system's temporary folder).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a chart (PNG).")
-def bench_catalogue(sizes: str, database: str, concurrent: int, seconds: float, workdir: Path | None,
-                    as_json: bool, plot: Path | None) -> None:  # fmt: skip
+def bench_catalogue(sizes: str, database: str, concurrent: int, concurrent_size: int, seconds: float,
+                    workdir: Path | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
     """What dataset add, manifests, job start, residue scan and the audit cost as a dataset grows."""
     from medbridge.bench import catalogue
     from medbridge.errors import InvalidInput
@@ -480,7 +482,8 @@ def bench_catalogue(sizes: str, database: str, concurrent: int, seconds: float, 
         counts = tuple(int(x) for x in sizes.split(","))
     except ValueError:
         raise InvalidInput(f"--sizes {sizes!r}: use counts separated by commas, such as 10000,100000") from None
-    plan = catalogue.Plan(sizes=counts, database=database, concurrent=concurrent, seconds=seconds, workdir=workdir)
+    plan = catalogue.Plan(sizes=counts, database=database, concurrent=concurrent, concurrent_size=concurrent_size,
+                          seconds=seconds, workdir=workdir)  # fmt: skip
     say = (lambda m: None) if as_json else (lambda m: output.err.print(m, highlight=False))
     result = catalogue.run(plan, say)
     if plot is not None:
