@@ -177,9 +177,9 @@ class Home:
         return self.root / "control.db"
 
     def require(self) -> None:
-        """Fail with a clear message unless ``platform init`` has run here."""
-        needed = (self.settings_file, self.host_key, self.ca_key, self.database)
-        if not all(p.exists() for p in needed):
+        """Fail with a clear message unless ``platform init`` has run here (the SQLite file only if it is used)."""
+        needed = (self.settings_file, self.host_key, self.ca_key)
+        if not all(p.exists() for p in needed) or not (self.database.exists() or self.settings().database_url):
             raise NotInitialised(
                 f"platform home {self.root} is not initialised; run 'medbridge platform init --home {self.root}'"
             )

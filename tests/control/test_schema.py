@@ -65,12 +65,17 @@ def test_an_old_database_is_refused_then_migrated_with_its_data(url: str, tmp_pa
     assert _differences(url) == []
 
 
-def test_platform_migrate_says_what_it_did(tmp_path: Path) -> None:
+def test_platform_init_and_migrate_on_either_database(tmp_path: Path, database_url: str) -> None:
     home = tmp_path / "home"
     run = [sys.executable, "-m", "medbridge", "platform"]
-    assert subprocess.run([*run, "init", "--home", str(home)], capture_output=True).returncode == 0
+    made = subprocess.run([*run, "init", "--home", str(home), "--database-url", database_url], capture_output=True)
+    assert made.returncode == 0, made.stderr
+    assert (home / "control.db").exists() == (not database_url)
     again = subprocess.run([*run, "migrate", "--home", str(home)], capture_output=True, text=True)
-    assert again.returncode == 0 and f"already at schema revision {schema.head()}" in again.stdout
+    assert again.returncode == 0 and f"already at schema revision {schema.head()}" in again.stdout, again.stderr
+    listed = subprocess.run([sys.executable, "-m", "medbridge", "dataset", "list", "--home", str(home), "--json"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert listed.returncode == 0 and '"datasets": []' in listed.stdout, listed.stderr
 
 
 def test_a_home_made_between_releases_without_a_revision_upgrades(url: str) -> None:
