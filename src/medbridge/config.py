@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medbridge import outage
 from medbridge.errors import InvalidInput, NotInitialised
 from medbridge.net import parse_networks
 
@@ -46,6 +47,8 @@ class PlatformSettings:
     certificate_source_addresses: tuple[str, ...] = field(default=())
     #: Gateways whose PROXY v2 header is believed (CIDRs); a header from anyone else is refused.
     trusted_proxies: tuple[str, ...] = field(default=())
+    #: Seconds a silent link may last before a session is given up (see medbridge.outage); jobs wait as long.
+    outage_tolerance: float = outage.DEFAULT_TOLERANCE
 
     # -- limits: what one user, job or connection can make the platform spend ------------
     #: File and directory handles open at once on one connection (all its SFTP sessions).
@@ -98,6 +101,10 @@ class PlatformSettings:
         for key in _LIMITS:
             if getattr(settings, key) <= 0:
                 raise InvalidInput(f"{origin}: {key} must be positive")
+        try:
+            outage.check(settings.outage_tolerance, f"{origin}: outage_tolerance")
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
         return settings
 
 

@@ -20,6 +20,7 @@ import pydicom
 import pytest
 
 from medbridge.compute.residue import scan
+from medbridge.compute.session import MAX_FRUITLESS
 from medbridge.platform.sftp import JobSFTPServer, OpenFile
 from medbridge.testing import RunningPlatform
 from tests.compute.test_job_run import job_cmd, job_env, job_run
@@ -110,7 +111,8 @@ def test_interrupted_upload_never_looks_complete_and_a_retry_finishes_it(platfor
     assert platform.platform is not None
     platform.platform.sftp_class = DropAfterFirstFile
     r = job_run(platform, make, "--job-id", "u1", "--outputs", str(outputs))
-    assert DropAfterFirstFile.writes == 1, r.stderr
+    # the first attempt placed a.bin; then MAX_FRUITLESS attempts that moved nothing before it gave up
+    assert DropAfterFirstFile.writes == 1 + MAX_FRUITLESS
     assert r.returncode == 9, r.stderr
     assert "outputs NOT uploaded" in r.stderr and "--job-id u1" in r.stderr
     res = results(platform, "u1")

@@ -22,6 +22,11 @@ from medbridge.platform.keys import read_private_key_file
 from medbridge.policy.names import check_name
 
 PATH = click.Path(path_type=Path)
+TOLERANCE = click.option(
+    "--outage-tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
+    help="Seconds a silent link to the platform may last before the job gives up "
+    "(default: as long as the platform allows, 2400 unless its operators changed it).",
+)  # fmt: skip
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -74,6 +79,7 @@ def job() -> None:
     help="Delete residue proven to be the job's (default: on inside Slurm, else off).",
 )
 @click.option("--report", type=PATH, default=None, help="Write what happened as JSON here.")
+@TOLERANCE
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def job_run(
     platform_addr: str,
@@ -89,6 +95,7 @@ def job_run(
     scratch: Sequence[Path],
     purge: bool | None,
     report: Path | None,
+    outage_tolerance: float | None,
     command: Sequence[str],
 ) -> None:
     """Get a job certificate into a private ssh-agent, run COMMAND, then tear down.
@@ -101,6 +108,9 @@ def job_run(
     medical files written during the job in its own folders (--scratch, its $TMPDIR, a
     private /tmp); other medical files are reported and left in place.
     Its exit code is the payload's (128+N after signal N; 9 if uploading outputs failed).
+    A silent cut of the link shorter than the outage tolerance is waited out; a longer
+    one ends the job with a line naming it, and a failed payload's outputs are uploaded
+    but not committed.
     """
     spec = JobSpec(
         platform=platform_addr,
@@ -117,6 +127,7 @@ def job_run(
         scratch=list(scratch),
         purge=purge,
         report=report,
+        outage_tolerance=outage_tolerance,
     )
     code = run(spec, os.environ)
     sys.stdout.flush()
@@ -231,11 +242,12 @@ RESIDUE_FOUND = 10
 @click.option("--sbatch", "sbatch_args", multiple=True, help="An option passed to sbatch as is (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the batch script instead of submitting it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@TOLERANCE
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def job_submit(
     platform_addr: str, key_file: str, host_key_fingerprint: str, user_name: str | None, datasets: Sequence[str],
     mount: str | None, outputs: str | None, lifetime: int | None, partition: str, sbatch_args: Sequence[str],
-    dry_run: bool, as_json: bool, command: Sequence[str],
+    dry_run: bool, as_json: bool, outage_tolerance: float | None, command: Sequence[str],
 ) -> None:  # fmt: skip
     """Submit COMMAND as a Slurm batch job wrapped in `job run` on the dedicated partition."""
     from medbridge.compute.slurm import Submission, batch_script, submit
@@ -247,6 +259,8 @@ def job_submit(
             args += [flag, value]
     if lifetime:
         args += ["--lifetime", str(lifetime)]
+    if outage_tolerance:
+        args += ["--outage-tolerance", f"{outage_tolerance:g}"]
     for d in datasets:
         args += ["--dataset", d]
     sub = Submission(command=command, job_run_args=args, partition=partition, sbatch_args=sbatch_args)

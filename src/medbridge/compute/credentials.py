@@ -27,6 +27,8 @@ class JobCredential:
     valid_before: str
     certificate: asyncssh.SSHCertificate
     host_key: asyncssh.SSHKey
+    #: The platform's outage tolerance, seconds (None from a platform that does not say).
+    outage_tolerance: float | None = None
 
 
 class _PinnedHost(asyncssh.SSHClient):
@@ -55,10 +57,11 @@ class Enrolment:
     host_fingerprint: str
 
 
-async def call_platform(enrolment: Enrolment, command: str, payload: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """Run one enrolment-key command; return its reply and the verified host key."""
+async def connect_enrolment(enrolment: Enrolment, **options: Any) -> asyncssh.SSHClientConnection:
+    """Log in with the enrolment key, pinning the platform's host key; ``options`` go to asyncssh."""
     e = enrolment
     pin = _PinnedHost(e.host_fingerprint)
+    options.setdefault("connect_timeout", 30)
     try:
         conn, _ = await asyncssh.create_connection(
             lambda: pin,
@@ -69,8 +72,8 @@ async def call_platform(enrolment: Enrolment, command: str, payload: dict[str, A
             known_hosts=([], [], []),
             agent_path=None,
             encryption_algs=list(CIPHERS),
-            connect_timeout=30,
             config=None,
+            **options,
         )
     except asyncssh.HostKeyNotVerifiable as exc:
         seen = pin.seen.get_fingerprint("sha256") if pin.seen else "unknown"
@@ -82,6 +85,14 @@ async def call_platform(enrolment: Enrolment, command: str, payload: dict[str, A
         raise errors.AccessDenied(f"platform {e.host}:{e.port} refused the enrolment key for user {e.user!r}") from exc
     except (OSError, asyncssh.Error, TimeoutError) as exc:
         raise PlatformUnavailable(f"cannot reach platform {e.host}:{e.port}: {exc}") from exc
+    return conn
+
+
+async def call_platform(enrolment: Enrolment, command: str, payload: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Run one enrolment-key command; return its reply and the verified host key."""
+    e = enrolment
+    conn = await connect_enrolment(enrolment)
+    host_key = conn.get_server_host_key()
     try:
         async with conn:
             result = await conn.run(command, input=json.dumps(payload).encode(), encoding=None)
@@ -90,7 +101,7 @@ async def call_platform(enrolment: Enrolment, command: str, payload: dict[str, A
     reply = _parse_reply(result.stdout)
     if result.exit_status != 0 or "error" in reply:
         raise _as_error(reply)
-    return reply, pin.seen
+    return reply, host_key
 
 
 async def request_certificate(
@@ -105,14 +116,21 @@ async def request_certificate(
     }
     reply, host_key = await call_platform(enrolment, ISSUE_COMMAND, request)
     cert = asyncssh.import_certificate(reply["certificate"])
+    tolerance = reply.get("outage_tolerance")
     return JobCredential(
-        reply["user"], reply["job_id"], int(reply["serial"]), reply["key_id"], reply["valid_before"], cert, host_key
-    )
+        reply["user"], reply["job_id"], int(reply["serial"]), reply["key_id"], reply["valid_before"], cert, host_key,
+        float(tolerance) if isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) else None,
+    )  # fmt: skip
 
 
-async def end_job(enrolment: Enrolment, job_id: str, residue: dict[str, Any]) -> None:
-    """Tell the platform the job is over (revoking its certificates), with its residue scan if any."""
-    await call_platform(enrolment, REPORT_COMMAND, {"job_id": job_id, "report": residue, "ended": True})
+async def end_job(
+    enrolment: Enrolment, job_id: str, residue: dict[str, Any], outages: list[dict[str, Any]] | None = None
+) -> None:
+    """Tell the platform the job is over (revoking its certificates), with its residue scan and outages if any."""
+    body: dict[str, Any] = {"job_id": job_id, "report": residue, "ended": True}
+    if outages:
+        body["outages"] = outages
+    await call_platform(enrolment, REPORT_COMMAND, body)
 
 
 async def lookup_hashes(enrolment: Enrolment, job_id: str, hashes: list[str]) -> dict[str, str]:

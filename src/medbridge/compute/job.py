@@ -24,6 +24,7 @@ import getpass
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -34,13 +35,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import asyncssh
 
-from medbridge import processes
+from medbridge import outage, processes
 from medbridge.compute import residue
 from medbridge.compute.credentials import (
     Enrolment,
@@ -49,7 +51,8 @@ from medbridge.compute.credentials import (
     end_job,
     request_certificate,
 )
-from medbridge.compute.mount import Mount
+from medbridge.compute.linkwatch import LinkWatch
+from medbridge.compute.mount import Mount, sshfs_options
 from medbridge.compute.renewal import Renewer, seconds_left
 from medbridge.compute.session import Endpoint, upload_outputs, wipe
 from medbridge.compute.slurm import SHARED_TEMP, private_temp
@@ -87,6 +90,8 @@ class JobSpec:
     scratch: Sequence[Path] = ()
     purge: bool | None = None
     report: Path | None = None
+    #: Seconds a silent link may last before the job gives up (None: as long as the platform allows).
+    outage_tolerance: float | None = None
 
 
 def default_job_id(environ: Mapping[str, str]) -> str:
@@ -139,8 +144,15 @@ class Agent:
         processes.stop(self._proc)
 
 
-def ssh_config(host: str, port: int, user: str, agent_socket: Path, known_hosts: Path) -> str:
-    """An OpenSSH client config that pins the platform and uses only the job's agent."""
+def ssh_config(host: str, port: int, user: str, agent_socket: Path, known_hosts: Path,
+               tolerance: float = outage.DEFAULT_TOLERANCE) -> str:  # fmt: skip
+    """An OpenSSH client config that pins the platform, uses only the job's agent and waits out outages.
+
+    ssh waits ``tolerance`` seconds of silence before it gives up, and its socket comes
+    from :mod:`medbridge.compute.dial`, tuned so TCP does not give up first.
+    """
+    keepalive = outage.client_keepalive(tolerance)
+    dial = f"{shlex.quote(sys.executable)} -m medbridge.compute.dial %h %p {outage.tcp_user_timeout_ms(tolerance)}"
     return "\n".join(
         [
             f"Host {SSH_HOST_ALIAS}",
@@ -158,8 +170,10 @@ def ssh_config(host: str, port: int, user: str, agent_socket: Path, known_hosts:
             "  KbdInteractiveAuthentication no",
             "  PubkeyAuthentication yes",
             f"  Ciphers {','.join(CIPHERS)}",
-            "  ServerAliveInterval 15",
-            "  ServerAliveCountMax 20",
+            f"  ServerAliveInterval {keepalive.interval}",
+            f"  ServerAliveCountMax {keepalive.count}",
+            f"  ProxyCommand {dial}",
+            "  ProxyUseFdpass yes",
             "  BatchMode yes",
             "  LogLevel ERROR",
             "",
@@ -225,6 +239,9 @@ class Outcome:
     uploaded_files: int = 0
     uploaded_bytes: int = 0
     upload_error: str | None = None
+    committed: bool | None = None
+    outage_tolerance: float = outage.DEFAULT_TOLERANCE
+    outages: list[dict[str, Any]] = field(default_factory=list)
     unmounted: bool | None = None
     agent_stopped: bool = False
     residue: dict[str, Any] = field(default_factory=dict)
@@ -253,6 +270,11 @@ class Job:
         )
         for name in spec.datasets or ():
             check_name("dataset", name)
+        if spec.outage_tolerance is not None:
+            try:
+                outage.check(spec.outage_tolerance, "--outage-tolerance")
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from exc
         self.enrolment = Enrolment(host, port, user, read_private_key_file(spec.key_file), spec.host_fingerprint)
         self.ephemeral = asyncssh.generate_private_key(KEY_ALG)
         self.in_slurm = "SLURM_JOB_ID" in environ
@@ -263,6 +285,8 @@ class Job:
         self.agent: Agent | None = None
         self.mount: Mount | None = None
         self.renewer: Renewer | None = None
+        self.watch: LinkWatch | None = None
+        self.tolerance = spec.outage_tolerance or outage.DEFAULT_TOLERANCE
         self.state_file: Path | None = None
         self.scratch = [_own_folder(p) for p in spec.scratch]
         self.started_at: float | None = None
@@ -290,11 +314,15 @@ class Job:
                 raise JobFailed(f"cannot make the job's $TMPDIR: {exc}") from exc
             cred = asyncio.run(self.certify())
             self.outcome.certificate_serial = cred.serial
+            self.tolerance = self.outcome.outage_tolerance = self.settle_tolerance(cred.outage_tolerance)
             self.agent = Agent(folder)
+            self.watch = LinkWatch(self.enrolment, self.tolerance)
+            self.watch.start()
             asyncio.run(self.agent.load(self.ephemeral, cred.certificate, int(seconds_left(cred.valid_before))))
             env = self.environment(folder, cred)
             if self.spec.mount is not None:
-                self.mount = Mount(self.spec.mount, Path(env["MEDBRIDGE_SSH_CONFIG"]), SSH_HOST_ALIAS)
+                self.mount = Mount(self.spec.mount, Path(env["MEDBRIDGE_SSH_CONFIG"]), SSH_HOST_ALIAS,
+                                   options=sshfs_options(self.tolerance))  # fmt: skip
                 env["MEDBRIDGE_MOUNT"] = str(self.mount.mountpoint)
                 env["MEDBRIDGE_RESULTS"] = str(self.mount.mountpoint / "results" / cred.user / self.job_id)
             try:
@@ -312,10 +340,23 @@ class Job:
         except FileNotFoundError as exc:
             raise JobFailed(f"cannot start {self.spec.command[0]!r}: {exc.strerror}") from exc
         finally:
+            self.outcome.signal = signals.received
             self.teardown(folder, scanned=started or signals.received is not None, cred_ok=self.agent is not None)
             signals.restore()
-        self.outcome.signal = signals.received
         return self.exit_code()
+
+    def settle_tolerance(self, platform: float | None) -> float:
+        """The job's outage tolerance: as asked, but never longer than the platform keeps a silent session."""
+        asked = self.spec.outage_tolerance
+        if platform is None:
+            return asked or outage.DEFAULT_TOLERANCE
+        if asked is None:
+            return platform
+        if asked > platform:
+            self.say(f"--outage-tolerance {asked:g} s is longer than the platform keeps a silent session "
+                     f"({platform:g} s); using {platform:g} s")  # fmt: skip
+            return platform
+        return asked
 
     def exit_code(self) -> int:
         o = self.outcome
@@ -337,7 +378,7 @@ class Job:
         known = folder / "known_hosts"
         known.write_text(known_hosts_line(e.host, e.port, cred.host_key))
         config = folder / "ssh_config"
-        config.write_text(ssh_config(e.host, e.port, cred.user, self.agent.socket, known))
+        config.write_text(ssh_config(e.host, e.port, cred.user, self.agent.socket, known, self.tolerance))
         env = dict(self.environ)
         env.pop("SSH_AGENT_PID", None)
         self.job_scratch = scratch = folder / "scratch"
@@ -358,6 +399,7 @@ class Job:
                 "MEDBRIDGE_RESULTS": f"/results/{cred.user}/{cred.job_id}",
                 "MEDBRIDGE_CERT_SERIAL": str(cred.serial),
                 "MEDBRIDGE_CERT_VALID_BEFORE": cred.valid_before,
+                "MEDBRIDGE_OUTAGE_TOLERANCE": f"{self.tolerance:g}",
             }
         )
         return env
@@ -397,6 +439,8 @@ class Job:
         written = self.written(folder)
         if (self.spec.outputs is not None or written) and cred_ok and self.renewer is not None:
             self.upload(keep, written)
+        if self.watch is not None:
+            o.outages = [x.as_dict() for x in self.watch.stop()]
         if self.mount is not None:
             o.unmounted = self.mount.close()
         if self.agent is not None:
@@ -409,7 +453,7 @@ class Job:
             self.remove_tmpdir(self.tmpdir)
         if cred_ok:
             try:
-                asyncio.run(end_job(self.enrolment, self.job_id, self.residue_summary))
+                asyncio.run(end_job(self.enrolment, self.job_id, self.residue_summary, self.outcome.outages[-20:]))
             except MedbridgeError as exc:
                 self.say(f"could not tell the platform the job ended: {exc}")
         if self.state_file is not None:
@@ -434,14 +478,16 @@ class Job:
         if outputs is not None and not outputs.is_dir():
             o.upload_error = f"--outputs {outputs} is not a folder"
             return
+        complete = o.exit_code == 0 and o.signal is None  # what a failed payload wrote is not its result
         try:
-            done = asyncio.run(upload_outputs(self.endpoint(self.renewer.current), self.job_id, outputs, written))
+            done = asyncio.run(upload_outputs(self.endpoint(self.renewer.current), self.job_id, outputs, written,
+                                              tolerance=self.tolerance, commit=complete))  # fmt: skip
         except MedbridgeError as exc:
             o.upload_error = str(exc)
             if outputs is not None:
                 keep.append(outputs)
             return
-        o.uploaded_files, o.uploaded_bytes = done.files, done.bytes
+        o.uploaded_files, o.uploaded_bytes, o.committed = done.files, done.bytes, done.committed
         if outputs is not None:
             wipe(outputs)
 
@@ -465,17 +511,35 @@ class Job:
 
     def summarise(self) -> None:
         o = self.outcome
-        parts = [f"job {o.job_id}"]
+        failed = o.exit_code != 0 or o.signal is not None or o.upload_error is not None
+        cause = self.watch.during() if self.watch is not None and failed else None
+        broke = self.mount.broke() if self.mount is not None and failed and cause is None else None
+        if cause is not None:
+            parts = [f"job {o.job_id} failed: {cause.describe()}"]
+        elif broke is not None:
+            at = datetime.fromtimestamp(broke[0], UTC).strftime("%H:%M:%S UTC")
+            said = broke[1][:200]
+            parts = [f"job {o.job_id} failed: the mount's link to the platform broke at {at} (sshfs: {said}); "
+                     "files open then could not be read (sshfs reconnects only for files opened later)"]  # fmt: skip
+        else:
+            parts = [f"job {o.job_id}"]
         if o.exit_code is not None:
             parts.append(f"payload exit {o.exit_code}")
+        survived = [x for x in o.outages if not x["beyond"]]
+        if survived and not cause:
+            longest = max(x["seconds"] for x in survived)
+            parts.append(f"waited out {len(survived)} outage(s) of the link to the platform (longest {longest:.0f} s)")
         if o.renewals:
             parts.append(f"certificate renewed {o.renewals}x")
         if self.spec.outputs is not None or o.uploaded_files or o.upload_error:
-            parts.append(
-                f"outputs NOT uploaded ({o.upload_error})"
-                if o.upload_error
-                else f"{o.uploaded_files} output files ({o.uploaded_bytes} bytes) committed"
-            )
+            if o.upload_error:
+                parts.append(f"outputs NOT uploaded ({o.upload_error})")
+            elif not o.uploaded_files:
+                parts.append("no output files")
+            elif not o.committed:
+                parts.append(f"{o.uploaded_files} output files uploaded but NOT committed (the payload failed)")
+            else:
+                parts.append(f"{o.uploaded_files} output files ({o.uploaded_bytes} bytes) committed")
         if o.unmounted is not None:
             parts.append("unmounted" if o.unmounted else "MOUNT STILL PRESENT")
         if o.residue:

@@ -6,23 +6,31 @@ import contextlib
 import os
 import shutil
 import subprocess
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from medbridge import processes
+from medbridge import outage, processes
 from medbridge.errors import JobFailed
 
-#: Chosen for long jobs over a WAN: reconnect after a cut, tolerate ~5 minutes of
-#: silence (15 s x 20) before giving up, several connections for parallel reads.
-SSHFS_OPTIONS = (
-    "reconnect",
-    "ServerAliveInterval=15",
-    "ServerAliveCountMax=20",
-    "max_conns=4",
-    "dir_cache=yes",
-    "noatime",
-)
+
+def sshfs_options(tolerance: float = outage.DEFAULT_TOLERANCE) -> tuple[str, ...]:
+    """For long jobs over a WAN: silent for up to ``tolerance`` seconds before ssh gives up (see
+    medbridge.outage), reconnect after that for files opened later, several connections for parallel reads."""
+    keepalive = outage.client_keepalive(tolerance)
+    return (
+        "reconnect",
+        f"ServerAliveInterval={keepalive.interval}",
+        f"ServerAliveCountMax={keepalive.count}",
+        "max_conns=4",
+        "dir_cache=yes",
+        "noatime",
+    )
+
+
+SSHFS_OPTIONS = sshfs_options()
 
 
 def fusermount() -> str:
@@ -48,6 +56,8 @@ def unmount(path: Path, *, lazy_if_busy: bool = True) -> bool:
 class Mount:
     """``sshfs -f`` of the job's view at ``mountpoint``."""
 
+    mounted = float("inf")
+
     def __init__(self, mountpoint: Path, ssh_config: Path, host_alias: str, *, timeout: float = 30, remote: str = "/",
                  ssh_command: str | None = None, options: Sequence[str] = SSHFS_OPTIONS):  # fmt: skip
         if shutil.which("sshfs") is None:
@@ -72,23 +82,42 @@ class Mount:
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
+        #: What sshfs and its ssh said, with when (time.time()): why a mount failed, or why its link broke later.
+        self.said: deque[tuple[float, str]] = deque(maxlen=20)
+        self._listener = threading.Thread(target=self._listen, name="medbridge-sshfs-stderr", daemon=True)
+        self._listener.start()
         deadline = time.monotonic() + timeout
         while not os.path.ismount(self.mountpoint):
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 err = self._stop_process()
                 raise JobFailed(f"sshfs could not mount the platform at {self.mountpoint}: {err or 'timed out'}")
             time.sleep(0.02)
+        self.mounted = time.time()
 
     @property
     def pid(self) -> int:
         return self._proc.pid
 
+    def _listen(self) -> None:
+        assert self._proc.stderr is not None
+        try:
+            for raw in self._proc.stderr:
+                line = raw.decode(errors="replace").strip()
+                if line:
+                    self.said.append((time.time(), line))
+        except (OSError, ValueError):  # the pipe was closed under us at the end: nothing more to hear
+            return
+
+    def broke(self) -> tuple[float, str] | None:
+        """The first thing sshfs or its ssh said once mounted (a connection reset or given up), with when."""
+        return next(((at, line) for at, line in self.said if at >= self.mounted), None)
+
     def _stop_process(self) -> str:
         processes.stop(self._proc)
-        assert self._proc.stderr is not None
-        err = self._proc.stderr.read().decode(errors="replace").strip()
-        self._proc.stderr.close()
-        return err.splitlines()[-1] if err else ""
+        self._listener.join(timeout=5)  # its ssh may hold the pipe a moment longer
+        if self._proc.stderr is not None and not self._listener.is_alive():
+            self._proc.stderr.close()
+        return self.said[-1][1] if self.said else ""
 
     def close(self) -> bool:
         """Unmount (lazily if busy), stop sshfs by PID, remove a mount point we created."""

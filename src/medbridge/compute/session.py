@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import posixpath
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import asyncssh
 
+from medbridge import outage
 from medbridge.config import CIPHERS
 from medbridge.errors import AccessDenied, InvalidInput, JobFailed, PlatformUnavailable
 from medbridge.net import parse_address
@@ -54,6 +57,7 @@ async def connect(
     it is closed once the connection is up.  ``host``/``port`` reach the platform
     another way (a benchmark route); ``options`` go to asyncssh.
     """
+    options.setdefault("connect_timeout", 30)
     try:
         agent = await asyncssh.connect_agent(ep.agent)
         try:
@@ -66,7 +70,6 @@ async def connect(
                 client_keys=await agent.get_keys(),
                 encryption_algs=list(CIPHERS),
                 config=None,
-                connect_timeout=30,
                 **options,
             )
         finally:
@@ -83,53 +86,105 @@ class Upload:
     files: int
     bytes: int
     manifest: str
+    committed: bool = True
+    attempts: int = 1
+
+
+#: Attempts that reach the platform and still move no byte before an upload gives up (a server that keeps
+#: dropping it); attempts that cannot reach the platform are bounded by the outage tolerance instead.
+MAX_FRUITLESS = 3
 
 
 async def upload_outputs(
-    ep: Endpoint, job_id: str, outputs: Path | None, written: Sequence[tuple[str, str]] = ()
+    ep: Endpoint,
+    job_id: str,
+    outputs: Path | None,
+    written: Sequence[tuple[str, str]] = (),
+    *,
+    tolerance: float = outage.DEFAULT_TOLERANCE,
+    commit: bool = True,
 ) -> Upload:
-    """Upload every file under ``outputs`` to the job's results, then commit a manifest.
+    """Upload every file under ``outputs`` to the job's results, then commit a manifest (if ``commit``).
 
     Each file goes to a ``.medbridge-part`` name and is renamed into place when whole;
-    the platform verifies the manifest against what it holds before accepting it.  An
-    interrupted upload leaves no manifest, so it never looks complete; running it
-    again finishes it.  ``written`` are ``(sha256, path)`` of results the payload already
-    wrote to the platform (through ``medbridge://``): committed with the outputs, unless
-    an output of the same name replaced them.
+    the platform verifies the manifest against what it holds before accepting it.  A
+    dropped link is waited out for up to ``tolerance`` seconds without progress, and the
+    upload goes on from the first file not yet in place.  An upload that still fails
+    leaves no manifest, so it never looks complete; running the job again finishes it.
+    ``written`` are ``(sha256, path)`` of results the payload already wrote to the
+    platform (through ``medbridge://``): committed with the outputs, unless an output
+    of the same name replaced them.
     """
     files = [] if outputs is None else sorted(p for p in outputs.rglob("*") if p.is_file() and not p.is_symlink())
     root = f"/results/{ep.user}/{job_id}"
     if not files and not written:
-        return Upload(0, 0, "")
-    entries = []
+        return Upload(0, 0, "", committed=False)
+    placed: dict[str, str] = {}  # relative path -> SHA-256, for files renamed into place
     total = 0
-    try:
-        async with await connect(ep) as conn, conn.start_sftp_client() as sftp:
-            for path in files:
-                assert outputs is not None
-                rel = path.relative_to(outputs).as_posix()
-                remote = posixpath.join(root, rel)
-                parent = posixpath.dirname(remote)
-                if parent != root:
-                    await sftp.makedirs(parent, exist_ok=True)
-                await sftp.put(str(path), remote + PARTIAL_SUFFIX)
-                await sftp.posix_rename(remote + PARTIAL_SUFFIX, remote)
-                entries.append((sha256_file(path), rel))
-                total += path.stat().st_size
-            uploaded = {rel for _, rel in entries}
-            latest = {rel: sha for sha, rel in written}  # a result written twice: its last version
-            entries += [(sha, rel) for rel, sha in latest.items() if rel not in uploaded]
-            manifest = format_manifest(entries)
-            staged = posixpath.join(root, RESULTS_MANIFEST + PARTIAL_SUFFIX)
-            async with sftp.open(staged, "wb") as f:
-                await f.write(manifest.encode())
-            await sftp.posix_rename(staged, posixpath.join(root, RESULTS_MANIFEST))
-    except (OSError, asyncssh.Error) as exc:
-        raise JobFailed(
-            f"uploading outputs to {root} failed: {exc}; run the job again with --job-id {job_id} "
-            f"--outputs {outputs} to finish it"
-        ) from exc
-    return Upload(len(entries), total, manifest)
+    keepalive = outage.client_keepalive(tolerance)
+    progress = time.monotonic()
+    attempts = fruitless = 0
+
+    def moved(*_: object) -> None:
+        nonlocal progress
+        progress = time.monotonic()
+
+    while True:
+        attempts += 1
+        before = len(placed)
+        reached = False
+        try:
+            async with await connect(ep, keepalive_interval=keepalive.interval, keepalive_count_max=keepalive.count,
+                                     connect_timeout=10) as conn, conn.start_sftp_client() as sftp:  # fmt: skip
+                reached = True
+                moved()
+                for path in files:
+                    assert outputs is not None
+                    rel = path.relative_to(outputs).as_posix()
+                    if rel in placed:
+                        continue
+                    remote = posixpath.join(root, rel)
+                    parent = posixpath.dirname(remote)
+                    if parent != root:
+                        await sftp.makedirs(parent, exist_ok=True)
+                    await sftp.put(str(path), remote + PARTIAL_SUFFIX, progress_handler=moved)
+                    await sftp.posix_rename(remote + PARTIAL_SUFFIX, remote)
+                    placed[rel] = sha256_file(path)
+                    total += path.stat().st_size
+                    moved()
+                latest = {rel: sha for sha, rel in written}  # a result written twice: its last version
+                entries = [*placed.items(), *((rel, sha) for rel, sha in latest.items() if rel not in placed)]
+                manifest = format_manifest((sha, rel) for rel, sha in entries)
+                if commit:
+                    staged = posixpath.join(root, RESULTS_MANIFEST + PARTIAL_SUFFIX)
+                    async with sftp.open(staged, "wb") as f:
+                        await f.write(manifest.encode())
+                    await sftp.posix_rename(staged, posixpath.join(root, RESULTS_MANIFEST))
+            return Upload(len(entries), total, manifest, committed=commit, attempts=attempts)
+        except asyncssh.SFTPError as exc:
+            if not isinstance(exc, asyncssh.SFTPConnectionLost):  # the platform refused: no retry changes that
+                raise _upload_failed(root, job_id, outputs, f"the platform refused it: {exc.reason}") from exc
+            error: Exception = exc
+        except AccessDenied as exc:
+            raise _upload_failed(root, job_id, outputs, str(exc)) from exc
+        except (OSError, asyncssh.Error, PlatformUnavailable) as exc:
+            error = exc
+        fruitless = fruitless + 1 if reached and len(placed) == before else 0
+        waited = time.monotonic() - progress
+        if fruitless >= MAX_FRUITLESS:
+            raise _upload_failed(root, job_id, outputs, f"{error} ({attempts} attempts)") from error
+        if waited > tolerance:
+            raise _upload_failed(
+                root, job_id, outputs, f"{error}; no progress for {waited:.0f} s (outage tolerance {tolerance:.0f} s)"
+            ) from error
+        await asyncio.sleep(min(2.0, max(0.2, tolerance / 20)))
+
+
+def _upload_failed(root: str, job_id: str, outputs: Path | None, why: str) -> JobFailed:
+    return JobFailed(
+        f"uploading outputs to {root} failed: {why}; run the job again with --job-id {job_id} "
+        f"--outputs {outputs} to finish it"
+    )
 
 
 def wipe(outputs: Path) -> None:

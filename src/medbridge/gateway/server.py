@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from medbridge import outage
 from medbridge.descriptors import EXHAUSTED, Reserve, error_name, next_backoff
 from medbridge.gateway import proxy
 from medbridge.gateway.config import Address, GatewayConfig, RouteConfig
@@ -258,6 +259,8 @@ class Listener:
             backend.close()
             c.release()
             return
+        for s in (client, backend):  # a silent link is held as long as the route's idle timeout, not TCP's ~15 min
+            outage.tune(s, int(route.idle_timeout * 1000))
         name = route.name
 
         def count(direction: str, n: int) -> None:

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from medbridge import processes
+from medbridge import outage, processes
 from medbridge.compute.session import Endpoint, connect, endpoint_from_job
 from medbridge.errors import AccessDenied, IntegrityError, MedbridgeError, PlatformUnavailable
 from medbridge.loader.cache import ReadAheadCache
@@ -136,6 +136,7 @@ class _Pool:
         self.block_size = block_size
         self.max_requests = max_requests
         self.patience = patience
+        self.keepalive = outage.client_keepalive(patience)
         self.stats = Stats()
         self._next = itertools.count()
         self._indexes: dict[str, asyncio.Future[list[Piece]]] = {}
@@ -151,12 +152,14 @@ class _Pool:
             if slot.wire is not None:
                 return slot.wire
             try:
-                slot.conn = await connect(self.ep, keepalive_interval=15, keepalive_count_max=20)
+                slot.conn = await connect(self.ep, keepalive_interval=self.keepalive.interval,
+                                          keepalive_count_max=self.keepalive.count, connect_timeout=10)  # fmt: skip
             except AccessDenied as exc:
                 raise PermissionError(str(exc)) from exc
             except PlatformUnavailable as exc:
                 raise ConnectionError(str(exc)) from exc
             coalesce(slot.conn)
+            outage.tune(slot.conn.get_extra_info("socket"), outage.tcp_user_timeout_ms(self.patience))
             try:
                 slot.wire = await open_wire(slot.conn)
             except BaseException:
@@ -177,10 +180,12 @@ class _Pool:
         ranged reads of the same file (shards).
         """
         buf = Buffer(offset, size, self.recycler.alloc)
+        started = time.monotonic()
         stalled_since: float | None = None
         delay = 0.2
         while True:
             slot = self.slots[next(self._next) % len(self.slots)]
+            wire: Wire | None = None
             try:
                 wire = await self._wire(slot)
                 await wire.fill(path, buf, self.block_size, self.max_requests, keep_open)
@@ -189,10 +194,12 @@ class _Pool:
             except _DROPPED as exc:
                 self._drop(slot)
                 now = time.monotonic()
-                stalled_since = stalled_since or now
+                # a silent cut is noticed only when keepalives give up: the stall began when the platform was last heard
+                stalled_since = stalled_since or (max(started, min(now, wire.heard)) if wire is not None else now)
                 if now - stalled_since > self.patience:
                     raise ConnectionError(
-                        f"{path}: the platform has been unreachable for {self.patience:.0f} s"
+                        f"{path}: the platform has been unreachable for {now - stalled_since:.0f} s "
+                        f"(outage tolerance {self.patience:.0f} s)"
                     ) from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -440,8 +447,20 @@ def _split(path: str) -> tuple[str | None, str]:
     return None, path
 
 
+def job_tolerance(environ: Mapping[str, str]) -> float:
+    """The outage tolerance ``job run`` settled with the platform (``MEDBRIDGE_OUTAGE_TOLERANCE``), else the default."""
+    try:
+        return outage.check(float(environ.get("MEDBRIDGE_OUTAGE_TOLERANCE", outage.DEFAULT_TOLERANCE)))
+    except ValueError:
+        return outage.DEFAULT_TOLERANCE
+
+
 class Loader:
-    """Synchronous face of the pool; safe to use after fork (each process gets its own)."""
+    """Synchronous face of the pool; safe to use after fork (each process gets its own).
+
+    ``patience``: seconds the platform may be unreachable before a read fails (default:
+    the job's outage tolerance), waited out by reconnecting and resuming by offset.
+    """
 
     def __init__(
         self,
@@ -452,12 +471,13 @@ class Loader:
         block_size: int = 1 << 20,
         max_requests: int = 16,
         verify: bool = True,
-        patience: float = 900.0,
+        patience: float | None = None,
         environ: Mapping[str, str] | None = None,
         keep_freed_memory: bool = True,
     ):
-        self._endpoint = endpoint or endpoint_from_job(environ if environ is not None else os.environ)
-        self._options = (connections, block_size, max_requests, patience)
+        env = environ if environ is not None else os.environ
+        self._endpoint = endpoint or endpoint_from_job(env)
+        self._options = (connections, block_size, max_requests, patience or job_tolerance(env))
         self.window = window
         self.verify = verify
         if keep_freed_memory:  # process-wide: see processes.keep_freed_memory (False leaves malloc alone)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,6 +204,7 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         self._users: Counter[str] = Counter()  # reads now using a kept handle
         self._out: list[bytes] = []  # requests of this loop pass, sent as one channel write
         self.read_file_max = 0  # the platform's whole-file read (0: not offered, e.g. OpenSSH)
+        self.heard = time.monotonic()  # when the platform last sent this channel data
 
     # -- asyncssh callbacks ------------------------------------------------------------
 
@@ -211,6 +213,7 @@ class Wire(asyncssh.SSHClientSession[bytes]):
         chan.write(_U32.pack(5) + bytes([INIT]) + _U32.pack(3))
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.heard = time.monotonic()
         try:
             self._feed(memoryview(data))
         except Exception as exc:  # a reply we cannot parse ends the channel; no request may wait forever

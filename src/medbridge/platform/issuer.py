@@ -22,6 +22,9 @@ ISSUE_COMMAND = "medbridge-issue-certificate"
 #: The job wrapper reports its residue scan with the enrolment key (its certificate is gone by then).
 REPORT_COMMAND = "medbridge-report-residue"
 MAX_FINDINGS = 200
+#: Outages a job may report (each one audit row); what each may say.
+MAX_OUTAGES = 50
+OUTAGE_FIELDS = ("started", "seconds", "beyond", "how", "tolerance", "still")
 #: Requests beyond this are clamped before any arithmetic (the platform maximum applies anyway).
 MAX_REQUESTED_LIFETIME = 10 * 366 * 24 * 3600
 MAX_REQUEST = 64 * 1024
@@ -157,6 +160,7 @@ class Issuer:
             "valid_after": spec.valid_after.isoformat(),
             "valid_before": spec.valid_before.isoformat(),
             "datasets": spec.datasets,
+            "outage_tolerance": self._settings.outage_tolerance,
         }
 
     def lookup(self, user: str, raw: bytes, peer: Mapping[str, Any], now: datetime | None = None) -> dict[str, Any]:
@@ -220,6 +224,16 @@ class Issuer:
             outcome = "residue" if not detail["clean"] else "purged" if findings else "ok"
             event = AuditEvent(actor=user, action="residue.scan", outcome=outcome, subject=job_id, detail=detail)
             self._store.audit([event], now)
+        reported = body.get("outages")
+        outages: list[Any] = reported if isinstance(reported, list) else []
+        events = [
+            AuditEvent(actor=user, action="job.outage", outcome="beyond_tolerance" if o.get("beyond") else "survived",
+                       subject=job_id, detail={**_outage_detail(o), **peer})
+            for o in outages[:MAX_OUTAGES]
+            if isinstance(o, dict)
+        ]  # fmt: skip
+        if events:
+            self._store.audit(events, now)
         revoked = self._store.end_job(user, job_id, now, user) if body.get("ended") else 0
         return {"recorded": True, "revoked": revoked}
 
@@ -227,3 +241,13 @@ class Issuer:
 def _count(value: object) -> int:
     """A count from a job's report: a non-negative int, else 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _outage_detail(reported: dict[str, Any]) -> dict[str, Any]:
+    """What a job said about one outage, kept only where it is a number, a flag or a short word."""
+    kept: dict[str, Any] = {}
+    for key in OUTAGE_FIELDS:
+        value = reported.get(key)
+        if isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 64):
+            kept[key] = value
+    return kept

@@ -19,6 +19,7 @@ from typing import Any, cast
 import asyncssh
 from asyncssh.channel import SSHChannel
 
+from medbridge import outage
 from medbridge.config import CIPHERS, Home, PlatformSettings
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
@@ -244,7 +245,7 @@ class PlatformConnection(asyncssh.SSHServer):
                     detail={**self.where(), "attempts": self.attempts, **({"reason": str(exc)} if exc else {})},
                 )
             )
-        self.platform.close_session(self, "connection closed")
+        self.platform.close_session(self, f"connection lost: {exc}" if exc else "connection closed")
 
     # -- what an authenticated connection may open --------------------------------------
 
@@ -479,6 +480,8 @@ class Platform:
         """Listen and return the bound address (port 0 picks a free one)."""
         proxies = parse_networks([*self.settings.trusted_proxies, *trusted_proxies], "trusted proxies")
 
+        keepalive = outage.server_keepalive(self.settings.outage_tolerance)
+        user_timeout = outage.tcp_user_timeout_ms(self.settings.outage_tolerance)
         options = asyncssh.SSHServerConnectionOptions(
             server_host_keys=[self.host_key],
             encryption_algs=list(CIPHERS),
@@ -487,8 +490,8 @@ class Platform:
             agent_forwarding=False,
             x11_forwarding=False,
             allow_pty=False,
-            keepalive_interval=30,
-            keepalive_count_max=10,
+            keepalive_interval=keepalive.interval,
+            keepalive_count_max=keepalive.count,
             login_timeout=60,
         )
 
@@ -496,6 +499,7 @@ class Platform:
             def factory() -> PlatformConnection:
                 return PlatformConnection(self, via=via)
 
+            outage.tune(sock, user_timeout)
             try:
                 await asyncssh.run_server(sock, options=options, server_factory=factory)
             except (asyncssh.Error, OSError, TimeoutError) as exc:
