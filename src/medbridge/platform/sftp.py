@@ -104,6 +104,7 @@ class OpenFile:
     bytes_read: int = 0
     bytes_written: int = 0
     opened: float = field(default_factory=time.monotonic)
+    write_failed: bool = False
 
 
 class Results:
@@ -569,9 +570,36 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
         f = _handle(file_obj)
-        n = self._resize(f, "write", offset, len(data), lambda: os.pwrite(f.fd, data, offset))
+        view, cut_short = memoryview(data), []
+
+        def write_all() -> int:
+            n = 0
+            while n < len(view):  # a write the file system cuts short is finished or fails: SFTP says OK or not
+                try:
+                    n += os.pwrite(f.fd, view[n:], offset + n)
+                except OSError as exc:
+                    if not n:
+                        raise
+                    cut_short.append(exc)  # what did land is accounted for; the error still goes back
+                    break
+            return n
+
+        try:
+            n = self._resize(f, "write", offset, len(data), write_all)
+        except OSError as exc:
+            self._write_failed(f, exc, offset)
+            raise
         f.bytes_written += n
+        if cut_short:
+            self._write_failed(f, cut_short[0], offset + n)
+            raise cut_short[0]
         return n
+
+    def _write_failed(self, f: OpenFile, exc: OSError, offset: int) -> None:
+        """Results storage full, say: the job is told (the error goes back), and so is the audit, once per file."""
+        if not f.write_failed:
+            f.write_failed = True
+            self._event("sftp.write", f.path, "failed", reason=exc.strerror or str(exc), offset=offset)
 
     def close(self, file_obj: object) -> None:
         f = _handle(file_obj)
