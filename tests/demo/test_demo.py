@@ -60,7 +60,7 @@ def test_demo_tells_the_whole_story(mount: bool) -> None:
     result = json.loads(r.stdout)
     job = result["job"]
     assert job["exit_code"] == 0 and job["read_bytes"] == result["dataset"]["bytes"]
-    assert job["read_via"] == ("sshfs mount" if mount else "SFTP (no FUSE here)")
+    assert job["read_via"] == ("sshfs mount" if mount else "the native loader (no FUSE here)")
     assert all(1500 < v["lung_ml"] < 4500 for v in job["volumes"])
     assert result["outputs"]["manifest_committed"]
     assert "ct-001_lungs.nii" in result["outputs"]["on_platform"]

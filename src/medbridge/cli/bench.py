@@ -14,7 +14,7 @@ from medbridge.cli import output
 
 @click.group()
 def bench() -> None:
-    """Measure: round trips, relay cost, reading by every path, worker scaling, the original experiments."""
+    """Measure: round trips, relay cost, reading by every path, worker scaling, outages, the original experiments."""
 
 
 def _say(as_json: bool) -> Callable[[str], None]:
@@ -180,6 +180,57 @@ def bench_io(quick: bool, rtts: str, repeats: int | None, server_workers: int | 
         for r in result["rows"]
     ]  # fmt: skip
     output.table(f"bench io (medians, {result['network']})", columns, rows)
+
+
+@bench.command("outage")
+@click.option("--path", "read_path", type=click.Choice(["mount", "native"]), default="mount", show_default=True,
+              help="How the job reads: the sshfs mount, or the native loader.")  # fmt: skip
+@click.option("--cut-at", type=click.FloatRange(min=0), default=None, help="Seconds into the job to cut the link "
+              "[default: 500; --quick 20].")  # fmt: skip
+@click.option("--cut-for", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds the link stays cut [default: 300; --quick 30].")  # fmt: skip
+@click.option("--volumes", type=click.IntRange(1, 10_000), default=None,
+              help="Chest CT volumes (default: enough that the job runs well past the cut).")  # fmt: skip
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="The platform's outage tolerance, seconds (default: its default).")  # fmt: skip
+@click.option("--quick", is_flag=True, help="A 30 s cut 20 s in, fewer volumes (a few minutes here).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the timeline, cut shaded (PNG).")
+def bench_outage(read_path: str, cut_at: float | None, cut_for: float | None, volumes: int | None,
+                 tolerance: float | None, quick: bool, as_json: bool, plot: Path | None) -> None:  # fmt: skip
+    """The original's figure: a lung-segmentation job on the three sites, its link cut at gw mid-inference.
+
+    Reports whether the job completed, whether every mask matches an uncut run (SHA-256),
+    the longest the job waited for a volume (stall), and bytes per second through the
+    gateway over time.  Exits 0 when the job completed with identical outputs, 1 otherwise.
+    """
+    import dataclasses
+
+    from medbridge.bench import outage
+
+    plan = outage.Plan.quick(read_path) if quick else outage.Plan(path=read_path)
+    changes = {k: v for k, v in (("cut_at", cut_at), ("cut_for", cut_for), ("volumes", volumes),
+                                 ("tolerance", tolerance)) if v is not None}  # fmt: skip
+    plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
+    result = outage.run(plan, progress=None if as_json else (lambda m: output.err.print(m, highlight=False)))
+    if plot is not None:
+        outage.plot(result, plot)
+    if as_json:
+        output.emit_json(result)
+    else:
+        output.table(f"bench outage ({result['path']}, three sites)", ["measure", "value"], [
+            ("completed", "yes" if result["completed"] else "NO"),
+            ("outputs match an uncut run", "yes" if result["outputs_match"] else "NO"),
+            ("cut", f"{result['cut_s']} s at {result['cut_at_s']} s"),
+            ("longest wait for a volume (stall)", f"{result['stall_s']} s"),
+            ("first volume after the link returned", f"{result['first_read_after_cut_s']} s"),
+            ("volumes", f"{result['volumes_read']}/{result['volumes']}"),
+            ("job", f"{result['job_seconds']} s, exit {result['exit_code']}"),
+        ])  # fmt: skip
+        if result["job_said"]:
+            output.err.print(result["job_said"], highlight=False, markup=False)
+    if not (result["completed"] and result["outputs_match"]):
+        raise click.exceptions.Exit(1)
 
 
 def _counts(text: str) -> tuple[int, ...]:

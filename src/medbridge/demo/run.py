@@ -86,7 +86,7 @@ def run_demo(volumes: int = 4, keep: bool = False, mount: bool | None = None) ->
             "dataset": {"name": DATASET, "files": added.files, "bytes": added.bytes,
                         "shape": list(phantom.SHAPE), "spacing_mm": list(phantom.SPACING)},
             "access": {"user": USER, "group": GROUP, "grant_until": (now + timedelta(days=30)).date().isoformat()},
-            "job": {"id": JOB, "read_via": "sshfs mount" if use_mount else "SFTP (no FUSE here)",
+            "job": {"id": JOB, "read_via": "sshfs mount" if use_mount else "the native loader (no FUSE here)",
                     "read_bytes": summary["read_bytes"], "volumes": summary["volumes"],
                     "exit_code": job_report["exit_code"], "certificate_serial": job_report["certificate_serial"]},
             "outputs": {"files": job_report["uploaded_files"], "bytes": job_report["uploaded_bytes"],

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
+import posixpath
 import sys
 import time
 from collections.abc import Iterator
@@ -68,50 +68,69 @@ def lungs(volume: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
 
 
 def _volumes(dataset: str) -> Iterator[tuple[str, bytes]]:
-    """Each volume of the dataset: from the sshfs mount if there is one, else over SFTP into memory."""
+    """Each volume of the dataset, read as the job goes: from the sshfs mount if there is one, else by the loader
+    (one volume read ahead, as an inference loop would)."""
     if os.environ.get("MEDBRIDGE_MOUNT"):
         for path in sorted((Path(os.environ["MEDBRIDGE_MOUNT"]) / "datasets" / dataset).glob("*.nii")):
             yield path.name, path.read_bytes()
         return
-    yield from asyncio.run(_fetch_all(dataset))
+    from medbridge.loader import Loader
+
+    with Loader() as loader:
+        names = [p for p in loader.files(dataset) if p.endswith(".nii")]
+        for name, data in zip(names, loader.read_many(names, window=2), strict=True):
+            yield posixpath.basename(name), bytes(data)
 
 
-async def _fetch_all(dataset: str) -> list[tuple[str, bytes]]:
-    from medbridge.compute.session import connect, endpoint_from_job
+def segment_one(name: str, data: bytes, outputs: Path) -> dict[str, Any]:
+    """One volume's lung mask, written to ``outputs`` as ``<name>_lungs.nii``; what it found."""
+    start = time.perf_counter()
+    volume, spacing = nifti.decode(data)
+    mask = lungs(volume)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    nifti.write(outputs / mask_name(name), mask, spacing)
+    seconds = round(time.perf_counter() - start, 3)
+    return {"volume": name, "lung_ml": round(float(mask.sum()) * voxel_ml, 1),
+            "lung_fraction": round(float(mask.mean()), 4), "seconds": seconds}  # fmt: skip
 
-    out: list[tuple[str, bytes]] = []
-    async with await connect(endpoint_from_job(os.environ)) as conn:
-        sftp = await conn.start_sftp_client()
-        names = sorted(n for n in await sftp.listdir(f"/datasets/{dataset}") if n.endswith(".nii"))
-        for name in names:
-            async with sftp.open(f"/datasets/{dataset}/{name}", "rb", encoding=None) as f:
-                data: bytes = await f.read()
-            out.append((name, data))
-    return out
+
+def mask_name(volume: str) -> str:
+    return volume.replace(".nii", "_lungs.nii")
 
 
 def main() -> int:
-    """The demo job's payload: read every volume, write a lung mask per volume to $MEDBRIDGE_DEMO_OUTPUTS."""
+    """The demo job's payload: read every volume, write a lung mask per volume to $MEDBRIDGE_DEMO_OUTPUTS.
+
+    With $MEDBRIDGE_DEMO_TIMINGS, each read's start and end (seconds since the epoch) go there as JSON lines.
+    """
     outputs = Path(os.environ["MEDBRIDGE_DEMO_OUTPUTS"])
     outputs.mkdir(parents=True, exist_ok=True)
     summary: list[dict[str, Any]] = []
     read_bytes = 0
     cache = os.environ.get("MEDBRIDGE_DEMO_CACHE")
-    for name, data in _volumes(os.environ.get("MEDBRIDGE_DEMO_DATASET", "chest-ct")):
-        if cache and not summary:
-            # What many loaders do: keep a local copy for the next epoch. The residue scan must catch it.
-            Path(cache).mkdir(parents=True, exist_ok=True)
-            (Path(cache) / f"cached-{name}").write_bytes(data)
-        start = time.perf_counter()
-        read_bytes += len(data)
-        volume, spacing = nifti.decode(data)
-        mask = lungs(volume)
-        voxel_ml = float(np.prod(spacing)) / 1000.0
-        nifti.write(outputs / name.replace(".nii", "_lungs.nii"), mask, spacing)
-        summary.append(
-            {"volume": name, "lung_ml": round(float(mask.sum()) * voxel_ml, 1),
-             "lung_fraction": round(float(mask.mean()), 4), "seconds": round(time.perf_counter() - start, 3)}
-        )  # fmt: skip
+    timings = os.environ.get("MEDBRIDGE_DEMO_TIMINGS")
+    log = open(timings, "a", buffering=1) if timings else None  # noqa: SIM115 - one line per read, closed below
+    if timings:
+        Path(timings).with_suffix(".started").write_text(f"{time.time()}")
+    volumes = _volumes(os.environ.get("MEDBRIDGE_DEMO_DATASET", "chest-ct"))
+    try:
+        while True:
+            asked = time.time()
+            item = next(volumes, None)
+            if item is None:
+                break
+            name, data = item
+            if log is not None:
+                log.write(json.dumps({"volume": name, "asked": asked, "got": time.time(), "bytes": len(data)}) + "\n")
+            if cache and not summary:
+                # What many loaders do: keep a local copy for the next epoch. The residue scan must catch it.
+                Path(cache).mkdir(parents=True, exist_ok=True)
+                (Path(cache) / f"cached-{name}").write_bytes(data)
+            read_bytes += len(data)
+            summary.append(segment_one(name, data, outputs))
+    finally:
+        if log is not None:
+            log.close()
     result = {"read_bytes": read_bytes, "volumes": summary}
     (outputs / "summary.json").write_text(json.dumps(result, indent=2))
     return 0 if summary else 1

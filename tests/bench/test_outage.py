@@ -1,0 +1,56 @@
+"""``bench outage``: its arithmetic, its plan's checks, and one small run on the three sites with its link cut."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medbridge.bench import outage
+from medbridge.errors import InvalidInput
+from medbridge.testing.netns import available
+
+
+def test_timeline_is_bytes_per_second_by_direction_and_survives_a_counter_reset() -> None:
+    samples = [(100.0, 0, 0), (100.5, 1000, 10), (101.5, 3000, 30), (102.0, 500, 5)]  # the gateway restarted
+    assert outage.timeline(samples, 100.0) == [[0.5, 2020.0, 2000.0, 20.0], [1.5, 2020.0, 2000.0, 20.0],
+                                               [2.0, 1010.0, 1000.0, 10.0]]  # fmt: skip
+
+
+def test_stall_is_the_longest_wait_for_one_volume() -> None:
+    reads = [{"asked": 0.0, "got": 1.0}, {"asked": 5.0, "got": 40.0}, {"asked": 41.0, "got": 42.0}]
+    assert outage.stall(reads) == (35.0, 40.0)
+    assert outage.stall([]) == (0.0, None)
+
+
+def test_enough_volumes_that_the_job_reads_past_the_cut() -> None:
+    plan = outage.Plan(cut_at=500, cut_for=300)
+    n = outage.volumes_for(plan, seconds_per_volume=1.6)
+    assert n * 1.6 > 500 * outage.AFTER_CUT
+    assert outage.volumes_for(outage.Plan(volumes=7), 1.6) == 7
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [({"path": "nfs"}, "--path 'nfs'"), ({"cut_for": 0}, "--cut-for"), ({"volumes": 0}, "--volumes"),
+     ({"tolerance": 1}, "--tolerance must be 3 to 86400")],
+)  # fmt: skip
+def test_plan_refuses_what_cannot_run(changes: dict[str, object], words: str) -> None:
+    with pytest.raises(InvalidInput, match=words):
+        outage.Plan(**changes).check()  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(available() is not None, reason=f"no network namespaces here: {available()}")
+def test_a_small_run_with_its_link_cut_completes_with_identical_outputs(tmp_path: Path) -> None:
+    """Small volumes (16x32x32) so the job is short; the cut lands while it reads."""
+    plan = outage.Plan(path="native", cut_at=5.0, cut_for=8.0, volumes=150, shape=(16, 32, 32))
+    result = outage.run(plan)
+    for key in ("path", "completed", "outputs_match", "cut_at_s", "cut_s", "stall_s", "timeline"):
+        assert key in result
+    assert result["cut_landed"], result["cut_at_s"]
+    assert result["completed"] and result["outputs_match"], result["job_said"]
+    assert result["stall_s"] <= result["cut_s"] + 30
+    assert any(o["seconds"] >= 7 for o in result["outages"]), "the job saw the cut"
+    assert all(len(row) == 4 for row in result["timeline"]) and result["timeline"]
+    outage.plot(result, tmp_path / "outage.png")
+    assert (tmp_path / "outage.png").stat().st_size > 5000
