@@ -63,3 +63,15 @@ def test_tune_sets_tcps_give_up_time_and_caps_its_backoff() -> None:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 2**31 - 1
     with socket.socket(socket.AF_UNIX) as unix:
         outage.tune(unix, 1000)  # not TCP: left alone
+
+
+def test_job_submit_passes_the_tolerance_to_job_run() -> None:
+    from click.testing import CliRunner
+
+    from medbridge.cli.main import cli
+
+    args = ["job", "submit", "--platform", "gw:2201", "--key", "/k", "--host-key-fingerprint", "SHA256:x",
+            "--outage-tolerance", "600", "--dry-run", "--", "python", "train.py"]  # fmt: skip
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "job run --platform gw:2201 --key /k --host-key-fingerprint SHA256:x --outage-tolerance 600 " in r.output
