@@ -95,7 +95,7 @@ def volumes_for(plan: Plan, seconds_per_volume: float) -> int:
     """Enough volumes that the uncut job is still reading well after the cut begins."""
     if plan.volumes is not None:
         return plan.volumes
-    return max(8, math.ceil((plan.cut_at * AFTER_CUT + 60) / max(seconds_per_volume, 0.05)))
+    return max(8, math.ceil((plan.cut_at * AFTER_CUT + 20) / max(seconds_per_volume, 0.05)))
 
 
 def reference(folder: Path, out: Path) -> dict[str, str]:
