@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -10,8 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,8 +21,10 @@ import pytest
 
 from medbridge.compute.residue import scan
 from medbridge.compute.session import MAX_FRUITLESS
+from medbridge.control.store import CertificateInfo
 from medbridge.platform.sftp import JobSFTPServer, OpenFile
 from medbridge.testing import RunningPlatform
+from medbridge.testing.wait import HANG, Lines, until
 from tests.compute.test_job_run import job_cmd, job_env, job_run
 from tests.compute.test_residue import dicom, nifti1
 from tests.conftest import CHEST
@@ -146,19 +148,47 @@ def test_platform_refuses_a_manifest_that_does_not_match(platform: RunningPlatfo
     assert refused and "out.bin does not match" in refused[-1].detail
 
 
-def _teardown_after(platform: RunningPlatform, script: str, *extra: str, sig: int | None = None) -> tuple[int, dict]:
-    """Run a job, optionally signal the wrapper once the payload runs; return its exit code and report."""
+#: A payload waits for a file the test makes (``{0}``), doing ``{1}`` meanwhile; bounded: a failed test leaves no job.
+_WAIT = "n=0; while [ ! -e {0} ]; do {1}n=$((n+1)); [ $n -lt 3000 ] || exit 99; sleep 0.1; done; "
+
+
+@contextlib.contextmanager
+def _ended_if_failed(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """A test that fails while its job runs ends the job (job run tears down on SIGTERM) instead of waiting for it."""
+    try:
+        yield
+    except BaseException:
+        proc.terminate()
+        raise
+
+
+def _teardown_after(
+    platform: RunningPlatform,
+    script: str,
+    *extra: str,
+    sig: int | None = None,
+    during: Callable[[], None] | None = None,
+) -> tuple[int, dict]:
+    """Run a job; once its payload runs, call ``during`` and send ``sig`` if given; return its exit code and report."""
     tmp = platform.root / "job"
     (tmp / "work").mkdir(parents=True, exist_ok=True)
     marker = tmp / "started"
     cmd = job_cmd(platform, f"touch {marker} harmless.txt; {script}", "--report", str(tmp / "report.json"), *extra)
-    with subprocess.Popen(cmd, env=job_env(tmp), cwd=tmp / "work", stderr=subprocess.PIPE, text=True) as proc:
-        if sig is not None:
-            deadline = time.monotonic() + 30
-            while not marker.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
+    with (
+        subprocess.Popen(cmd, env=job_env(tmp), cwd=tmp / "work", stderr=subprocess.PIPE, text=True) as proc,
+        _ended_if_failed(proc),
+    ):
+        assert proc.stderr is not None
+        said = Lines(proc.stderr)
+        if sig is not None or during is not None:
+            until(lambda: marker.exists() or proc.poll() is not None, "the payload to start")
+            assert marker.exists(), f"the job ended before its payload ran:\n{said.join()}"
+            if during is not None:
+                during()
+            if sig is not None:
+                proc.send_signal(sig)
+        proc.wait(timeout=HANG)
+        err = said.join()
     assert (tmp / "report.json").exists(), err
     return proc.returncode, json.loads((tmp / "report.json").read_text())
 
@@ -287,7 +317,7 @@ def test_a_purge_deletes_only_what_the_job_brought(platform: RunningPlatform) ->
 
 @pytest.fixture
 def short_platform(tmp_path: Path) -> Iterator[RunningPlatform]:
-    """Certificates live 4 s at most, so a 10 s job must renew twice or more."""
+    """Certificates live 4 s at most: a job renews every few seconds."""
     p = RunningPlatform(tmp_path, enforcement_interval=0.25, max_certificate_lifetime=4)
     p.add_user("alice")
     p.add_dataset("chest", CHEST)
@@ -298,37 +328,61 @@ def short_platform(tmp_path: Path) -> Iterator[RunningPlatform]:
 
 @needs_fuse
 def test_long_job_renews_its_certificate_and_keeps_its_mount(short_platform: RunningPlatform) -> None:
-    mnt = short_platform.root / "job" / "mnt"
-    script = (
-        'for i in 1 2 3 4 5; do cat "$MEDBRIDGE_MOUNT/datasets/chest/scan-002.bin" > /dev/null || exit 7; sleep 2; done'
-    )
-    code, rep = _teardown_after(short_platform, script, "--mount", str(mnt))
+    """The payload reads through the mount until two renewals have happened and its first certificate
+    has ended, then reads once more: every read must work."""
+    p = short_platform
+    mnt, stop = p.root / "job" / "mnt", p.root / "job" / "stop"
+    read = 'cat "$MEDBRIDGE_MOUNT/datasets/chest/scan-002.bin" > /dev/null || exit 7'
+    script = f"{_WAIT.format(stop, read + '; ')}{read}"
+
+    def renewed_twice() -> list[CertificateInfo]:
+        issued = [c for c in p.store.certificates("alice") if c.job_id == "renew"]
+        return issued if len(issued) >= 3 else []
+
+    def after_two_renewals() -> None:
+        first = min(c.valid_before for c in until(renewed_twice, "two renewals"))
+        until(lambda: datetime.now(UTC) > first, "the first certificate to end")
+        stop.touch()
+
+    code, rep = _teardown_after(p, script, "--mount", str(mnt), "--job-id", "renew", during=after_two_renewals)
     assert code == 0
     assert rep["renewals"] >= 2
-    issued = [c for c in short_platform.store.certificates("alice") if c.job_id == rep["job_id"]]
+    issued = [c for c in p.store.certificates("alice") if c.job_id == rep["job_id"]]
     assert len(issued) == 1 + rep["renewals"]
-    ended = [r for r in short_platform.audit("session.end") if "expired" in r.detail]
+    ended = [r for r in p.audit("session.end") if "expired" in r.detail]
     assert ended == [], "a renewed job's sessions must not be cut at the first certificate's end"
 
 
 def test_refused_renewal_ends_data_access_and_says_why(short_platform: RunningPlatform) -> None:
+    """The grant is revoked while the job runs: its next renewal is refused, said on its standard error,
+    and once its certificate has ended the payload's next listing fails."""
     p = short_platform
     tmp = p.root / "job"
     (tmp / "work").mkdir(parents=True, exist_ok=True)
-    script = (
-        'sleep 1; sftp -q -b - -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST" <<EOF\nls /datasets\nEOF\n'
-        'sleep 6; sftp -q -b - -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST" <<EOF\nls /datasets\nEOF\n'
-    )
-    with subprocess.Popen(
-        job_cmd(p, script, "--report", str(tmp / "report.json")),
-        env=job_env(tmp),
-        cwd=tmp / "work",
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        time.sleep(1.5)
+    listed, go = tmp / "listed", tmp / "go"
+    ls = 'sftp -q -b - -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST" <<EOF\nls /datasets\nEOF\n'
+    script = f"{ls}[ $? = 0 ] || exit 9\ntouch {listed}\n{_WAIT.format(go, '')}\n{ls}"
+    with (
+        subprocess.Popen(
+            job_cmd(p, script, "--report", str(tmp / "report.json"), "--job-id", "refused"),
+            env=job_env(tmp),
+            cwd=tmp / "work",
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc,
+        _ended_if_failed(proc),
+    ):
+        assert proc.stderr is not None
+        said = Lines(proc.stderr)
+        until(lambda: listed.exists() or proc.poll() is not None, "the payload's first listing")
+        assert listed.exists(), said.join()
         p.store.revoke("alice", "chest", datetime.now(UTC), "test")
-        _, err = proc.communicate(timeout=60)
+        said.wait_for("certificate renewal refused")
+        last = max(c.valid_before for c in p.store.certificates("alice") if c.job_id == "refused")
+        until(lambda: datetime.now(UTC) > last, "the job's last certificate to end")
+        go.touch()
+        proc.wait(timeout=HANG)
+        err = said.join()
     assert proc.returncode != 0, "the second listing must fail once the certificate lapsed"
     assert "certificate renewal refused" in err and "no live grant" in err
     assert json.loads((tmp / "report.json").read_text())["renewal_refused"]
@@ -388,10 +442,7 @@ def test_a_session_that_escapes_the_job_is_ended_when_the_job_ends(platform: Run
     script = f"setsid {sys.executable} {holder} </dev/null >/dev/null 2>&1 & while [ ! -s {log} ]; do sleep 0.1; done"
     r = job_run(platform, script, "--job-id", "esc")
     assert r.returncode == 0, r.stderr
-    deadline = time.monotonic() + 10
-    while log.read_text() != "cut off\n" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert log.read_text() == "cut off\n", "the escaped session must not outlive the job"
+    until(lambda: log.read_text() == "cut off\n", "the escaped session to be cut off when the job ends")
     ends = [e for e in platform.audit("session.end") if '"job":"esc"' in e.detail]
     assert any("certificate revoked" in e.detail for e in ends)
     assert [e for e in platform.audit("job.end") if e.subject == "esc"]

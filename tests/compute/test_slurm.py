@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import pytest
 
 from medbridge.compute.slurm import Submission, batch_script, private_temp
 from medbridge.testing import RunningPlatform
-from medbridge.testing.slurm import JOB_USER, OUTSIDER, SlurmCluster, available, job_python
+from medbridge.testing.slurm import DONE, JOB_USER, OUTSIDER, SlurmCluster, available, job_python
+from medbridge.testing.wait import until
 from tests.compute.test_residue import dicom
 from tests.conftest import CHEST
 
@@ -89,9 +89,7 @@ def submit(cluster: SlurmCluster, p: RunningPlatform, base: Path, command: str, 
 
 def epilog_report(base: Path, job: str) -> dict[str, object]:
     path = base / f"epilog-{job}.json"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (path.exists() and path.read_text().strip()):
-        time.sleep(0.2)
+    until(lambda: path.exists() and path.read_text().strip(), f"the epilog's report for job {job}")
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
@@ -166,19 +164,20 @@ def test_job_reads_computes_and_writes_back(cluster: SlurmCluster, platform: Run
 
 
 def test_four_jobs_at_once(cluster: SlurmCluster, platform: RunningPlatform, base: Path) -> None:
+    """A barrier: each job, once it has read through its mount, waits until all four have, so all four run
+    at once however far apart Slurm starts them (bounded: a job alone gives up after a few minutes)."""
+    barrier = platform.root / "barrier"
+    barrier.mkdir()
     command = (
-        'start=$(date +%s.%N); cat "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" > /dev/null; sleep 3; '
-        'echo "$start $(date +%s.%N)" > "$MEDBRIDGE_RESULTS/span.txt"'
+        f'cat "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" > /dev/null && touch {barrier}/$SLURM_JOB_ID && n=0; '
+        f'while [ "$(ls {barrier} | wc -l)" -lt 4 ]; do n=$((n+1)); [ $n -lt 3000 ] || exit 3; sleep 0.1; done; '
+        f'ls {barrier} > "$MEDBRIDGE_RESULTS/seen.txt"'
     )
     jobs = [submit(cluster, platform, base, command, "--mount", str(platform.root / "mnt-{job}")) for _ in range(4)]
-    spans = []
     for job in jobs:
-        assert cluster.wait_done(job)["JobState"] == "COMPLETED", (base / f"slurm-{job}.out").read_text()
-        start, end = map(float, (platform.home.results / "alice" / job / "span.txt").read_text().split())
-        spans.append((start, end))
-    latest_start = max(s for s, _ in spans)
-    earliest_end = min(e for _, e in spans)
-    assert latest_start < earliest_end, f"the four jobs did not run at the same time: {spans}"
+        assert cluster.wait_done(job, timeout=600)["JobState"] == "COMPLETED", (base / f"slurm-{job}.out").read_text()
+        seen = (platform.home.results / "alice" / job / "seen.txt").read_text().split()
+        assert sorted(seen) == sorted(jobs), f"job {job} went on before all four were running: {seen}"
     logins = {r.detail for r in platform.audit("login") if r.subject == "certificate"}
     assert all(any(f'"job":"{job}"' in d for d in logins) for job in jobs)
 
@@ -222,10 +221,9 @@ def test_copies_left_by_a_job_are_found_and_purged(
 def _killed_job(cluster: SlurmCluster, platform: RunningPlatform, base: Path, *extra: str) -> str:
     command = 'cp "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" ./stolen.bin && touch running && sleep 600'
     job = submit(cluster, platform, base, command, "--mount", str(platform.root / "mnt-{job}"), *extra)
-    deadline = time.monotonic() + 60
-    while not (workdir(platform, job) / "running").exists():
-        assert time.monotonic() < deadline, (base / f"slurm-{job}.out").read_text()
-        time.sleep(0.2)
+    until(lambda: (workdir(platform, job) / "running").exists() or cluster.job_state(job).get("JobState") in DONE,
+          f"job {job} to run its payload")  # fmt: skip
+    assert (workdir(platform, job) / "running").exists(), (base / f"slurm-{job}.out").read_text()
     return job
 
 

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from medbridge.config import Home
 from medbridge.control.audit import Record
 from medbridge.testing import RunningPlatform
 from medbridge.testing.netns import Sites, available
+from medbridge.testing.wait import until
 from tests.conftest import CHEST
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"no network namespaces here: {available()}")
@@ -195,10 +195,11 @@ def test_emulated_5ms_rtt_measures_5ms(world: World) -> None:
     assert r.returncode == 0, r.stderr
     print(r.stdout)  # the figures docs/benchmarks.md quotes (pytest -s shows them)
     rows = {(row["name"], row["level"]): row for row in json.loads(r.stdout)["routes"]}
-    added = rows[("slow", "sftp")]["median_ms"] - rows[("direct", "sftp")]["median_ms"]
-    # 2.5 ms each way, plus the relay threads' wake-ups on a shared 2-core VM (measured 5.6-6.5 ms in all)
-    assert 4.5 <= added <= 7.0, rows
-    assert rows[("slow", "sftp")]["min_ms"] >= 5.0, "a relay with 2.5 ms each way cannot beat 5 ms"
+    slow, direct = rows[("slow", "sftp")], rows[("direct", "sftp")]
+    assert slow["min_ms"] >= 5.0, "a relay with 2.5 ms each way cannot beat 5 ms"
+    # The fastest of 40 round trips: a busy machine delays many samples (the medians docs/benchmarks.md
+    # quotes), hardly all; 2.5 ms each way plus the relay threads' wake-ups.
+    assert slow["min_ms"] - direct["min_ms"] <= 7.0, rows
     assert plot.stat().st_size > 1000
 
 
@@ -214,6 +215,7 @@ def test_a_cut_link_stalls_then_recovers_the_same_session(world: World) -> None:
         "        first = await sftp.stat('/datasets/chest/scan-001.bin')\n"
         f"        pathlib.Path('{log}').write_text('connected\\n')\n"
         f"        while not pathlib.Path('{flag}').exists(): await asyncio.sleep(0.1)\n"
+        f"        pathlib.Path('{log}').write_text('reading\\n')\n"
         "        start = time.monotonic()\n"
         "        async with sftp.open('/datasets/chest/scan-001.bin', 'rb') as f: data = await f.read()\n"
         f"        pathlib.Path('{log}').write_text(f'read {{len(data)}} after {{time.monotonic()-start:.1f}}\\n')\n"
@@ -223,16 +225,16 @@ def test_a_cut_link_stalls_then_recovers_the_same_session(world: World) -> None:
     work = world.root / "work"
     cmd = job_cmd(world, sys.executable, str(world.root / "cut.py"))
     with subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        deadline = time.monotonic() + 60
-        while not (log.exists() and log.read_text().startswith("connected")):
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.1)
+        until(lambda: (log.exists() and log.read_text().startswith("connected")) or proc.poll() is not None,
+              "the payload's session")  # fmt: skip
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         world.sites.cut("hpc")
         try:
-            time.sleep(0.5)
             flag.touch()
-            time.sleep(5)
-            assert log.read_text().startswith("connected"), "no read may complete while the link is cut"
+            until(lambda: log.read_text().startswith("reading"), "the payload to start its read")
+            dropped = world.sites.dropped("hpc")
+            until(lambda: world.sites.dropped("hpc") >= dropped + 3, "the read's packets to be dropped by the cut")
+            assert log.read_text().startswith("reading"), "no read may complete while the link is cut"
         finally:
             world.sites.restore("hpc")
         _, err = proc.communicate(timeout=120)

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from medbridge.errors import IntegrityError
 from medbridge.loader import Loader, Sample
 from medbridge.testing import RunningPlatform
 from medbridge.testing.relay import CuttableRelay
+from medbridge.testing.wait import HANG, until
 from tests.loader.conftest import alice_reads
 
 FILES = {f"img/{i:03d}.bin": os.urandom(20_000 + 17 * i) for i in range(60)}
@@ -110,12 +110,12 @@ def test_a_consumer_that_stops_early_starts_no_more_reads(endpoint: Endpoint) ->
         for _ in range(3):
             next(got)
         got.close()
-        time.sleep(0.3)
-        settled = loader.stats.files
-        time.sleep(0.3)
-        assert loader.stats.files == settled <= 3 + 8 + 2, (
-            "at most the window ahead was read; nothing started after the stop"
-        )
+        loader.datasets()  # a round trip through the loader's loop: every start and the cancel sent before it ran
+        started = loader.stats.started
+        assert started <= 3 + 8 + 2, "at most the window ahead was started"
+        loader.datasets()
+        assert loader.stats.started == started, "nothing started after the stop"
+        assert loader.stats.files <= started
 
 
 def test_closing_the_loader_mid_epoch_fails_the_epoch_instead_of_hanging(
@@ -126,7 +126,9 @@ def test_closing_the_loader_mid_epoch_fails_the_epoch_instead_of_hanging(
     via = Endpoint(endpoint.host, relay.port, endpoint.user, endpoint.host_key, endpoint.agent)
     try:
         loader = Loader(via, window=12)
-        epoch = loader.read_many(["/datasets/xr/big/volume.raw"] * 12)  # 240 MiB, all started at once
+        loader.datasets()  # connected through the relay
+        relay.cut()  # every read of the epoch now stalls, reconnecting
+        epoch = loader.read_many(["/datasets/xr/big/volume.raw"] * 12)
         outcome: list[str] = []
 
         def drain() -> None:
@@ -139,11 +141,9 @@ def test_closing_the_loader_mid_epoch_fails_the_epoch_instead_of_hanging(
 
         consumer = threading.Thread(target=drain, daemon=True)
         consumer.start()
-        time.sleep(0.05)
-        relay.cut()  # what is still in flight now stalls, reconnecting
-        time.sleep(0.5)
+        until(lambda: relay.refused >= 2 and loader.stats.started == 12, "the epoch's reads stalled, reconnecting")
         loader.close()
-        consumer.join(20)
+        consumer.join(HANG)
         assert outcome and "loader was closed" in outcome[0]
     finally:
         relay.close()
@@ -177,22 +177,26 @@ def test_a_cut_link_stalls_reads_then_they_resume_and_match(platform: RunningPla
     try:
         with Loader(via, connections=2, window=8) as loader:
             paths = loader.files("xr")
-            got: list[bytes] = []
+            epoch = loader.read_many(paths)
+            got = [bytes(next(epoch))]  # under way: one handed over, at most the window ahead started
+            relay.cut()  # the fifty-odd reads not started yet can only happen over the link
+            failed: list[OSError] = []
             done = threading.Event()
 
-            def epoch() -> None:
-                got.extend(loader.read_many(paths))
+            def finish() -> None:
+                try:
+                    got.extend(bytes(data) for data in epoch)
+                except OSError as exc:
+                    failed.append(exc)
                 done.set()
 
-            worker = threading.Thread(target=epoch)
+            worker = threading.Thread(target=finish)
             worker.start()
-            time.sleep(0.05)
-            relay.cut()
-            time.sleep(2.0)
-            assert not done.is_set(), "reads must stall while the link is down"
+            until(lambda: relay.refused >= 2, "the loader trying to reconnect through the cut")
+            assert not done.is_set() and not failed, "reads must stall while the link is down"
             relay.restore()
-            worker.join(timeout=120)
-            assert done.is_set()
+            worker.join(timeout=HANG)
+            assert done.is_set() and not failed, failed
             assert got == [FILES[p.removeprefix("/datasets/xr/")] for p in paths]
             assert loader.stats.reconnects >= 1
     finally:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +15,7 @@ from medbridge.compute.session import Endpoint  # noqa: E402
 from medbridge.loader import Loader  # noqa: E402
 from medbridge.loader.torch import MedbridgeDataset, MedbridgeIterableDataset  # noqa: E402
 from medbridge.testing import RunningPlatform  # noqa: E402
-from medbridge.testing.delay import DelayRelay  # noqa: E402
+from medbridge.testing.wait import until  # noqa: E402
 from tests.loader.conftest import alice_reads  # noqa: E402
 
 FILES = {f"cxr/{i:03d}.bin": os.urandom(4096 + i) for i in range(48)}
@@ -55,25 +53,13 @@ def test_iterable_with_two_workers_reads_each_sample_once(endpoint: Endpoint) ->
     assert len(seen) == len(FILES) and set(seen) == {f"/datasets/cxr/{k}" for k in FILES}
 
 
-def test_prefetching_overlaps_compute(endpoint: Endpoint) -> None:
-    """Through a 60 ms round-trip relay, loading 24 samples ahead of a 25 ms-per-sample consumer."""
-    relay = DelayRelay(("127.0.0.1", 0), (endpoint.host, endpoint.port), 0.030)
-    threading.Thread(target=relay.serve_forever, daemon=True).start()
-    via = Endpoint(endpoint.host, relay.address[1], endpoint.user, endpoint.host_key, endpoint.agent)
-    compute = 0.025
-    try:
-        with Loader(via, connections=2) as loader:
-            paths = loader.files("cxr")[:24]
-            loader.read(paths[0])
-            start = time.perf_counter()
-            for p in paths:
-                loader.read(p)
-            load_alone = time.perf_counter() - start
-            start = time.perf_counter()
-            for _ in MedbridgeIterableDataset(paths, loader, window=24):
-                time.sleep(compute)
-            overlapped = time.perf_counter() - start
-    finally:
-        relay.close()
-    serial = load_alone + compute * len(paths)
-    assert overlapped < 0.6 * serial, f"overlapped {overlapped:.2f} s vs load {load_alone:.2f} s + compute"
+def test_prefetching_reads_ahead_while_the_consumer_computes(endpoint: Endpoint) -> None:
+    """While the consumer holds its first sample (as if computing on it), the other 23 are read in the
+    background: counted by the loader, not timed (a busy machine stretches the time, not the count)."""
+    with Loader(endpoint) as loader:
+        paths = loader.files("cxr")[:24]
+        items = iter(MedbridgeIterableDataset(paths, loader, window=24))
+        first = next(items)
+        until(lambda: loader.stats.files >= 24, "the samples after the first, read while the consumer holds it")
+        rest = list(items)
+    assert [first["path"], *(item["path"] for item in rest)] == paths

@@ -62,6 +62,7 @@ class Sample:
 
 @dataclass
 class Stats:
+    started: int = 0  # reads read_many has started (at most its window ahead of the consumer)
     files: int = 0
     bytes: int = 0
     reconnects: int = 0
@@ -427,6 +428,7 @@ def _start(pool: _Pool, batch: list[tuple[_Pending, Sample]], verify: bool) -> N
     if pool.closed:  # a batch that raced close(): nothing starts (no reconnect after close)
         return
     loop = asyncio.get_running_loop()
+    pool.stats.started += len(batch)
     for pending, sample in batch:
         pending.task = task = loop.create_task(pool.read_verified(sample, verify))
         pool.reads.add(task)

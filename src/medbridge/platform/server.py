@@ -363,6 +363,8 @@ class Platform:
         self.sftp_class: type[JobSFTPServer] = JobSFTPServer
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: Enforcement ticks completed: the clock that "ends within one tick" is measured by.
+        self.enforcement_ticks = 0
 
     async def manifest_files(self, dataset: str, version: int) -> tuple[Path, Path]:
         """The manifest and index files of a dataset (``version`` if built, else its current one).
@@ -471,6 +473,8 @@ class Platform:
                 await self.enforce_once()
             except Exception:  # enforcement must outlive any one bad tick: log it and check again
                 log.exception("enforcement check failed, will retry")
+            else:
+                self.enforcement_ticks += 1
 
     # -- serving ------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from medbridge.platform.background import BackgroundPlatform
 from medbridge.platform.keys import KEY_ALG, fingerprint, load_private_key, public_line
 from medbridge.platform.server import Platform
 from medbridge.platform.storage import add_dataset, init_home
+from medbridge.testing.wait import HANG, until
 
 
 def write_key(path: Path) -> asyncssh.SSHKey:
@@ -147,7 +148,7 @@ class RunningPlatform:
     # -- observing ---------------------------------------------------------------------
 
     def audit(
-        self, action: str | None = None, until: Callable[[Record], bool] | None = None, timeout: float = 10
+        self, action: str | None = None, until: Callable[[Record], bool] | None = None, timeout: float = HANG
     ) -> list[Record]:
         """Audit entries (flushed first), optionally of one action.
 
@@ -163,6 +164,21 @@ class RunningPlatform:
             if until is None or any(until(r) for r in records) or time.monotonic() > deadline:
                 return records
             time.sleep(0.05)
+
+    def enforced(self, ticks: int = 2, timeout: float = HANG) -> None:
+        """Wait until ``ticks`` whole enforcement ticks have run from now.
+
+        The first may have begun before this call (and decided on older facts); the
+        second began after it, so two ticks see everything done before the call.
+        """
+        assert self.platform is not None
+        platform = self.platform
+
+        async def ticks_done() -> int:
+            return platform.enforcement_ticks
+
+        start = int(self.call(ticks_done()))
+        until(lambda: int(self.call(ticks_done())) >= start + ticks, f"{ticks} enforcement ticks", timeout)
 
     def live_sessions(self) -> int:
         assert self.platform is not None

@@ -147,6 +147,19 @@ class Sites:
         for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
             self.exec("gw", "iptables", "-I", chain, flag, dev, "-j", "DROP").check_returncode()
 
+    def dropped(self, link: str = "hpc") -> int:
+        """Packets the cut of ``link`` has dropped so far, both directions (what a test waits on, not a time)."""
+        dev = self._gw_dev(link)
+        total = 0
+        for chain, column in (("INPUT", 5), ("OUTPUT", 6)):  # pkts bytes target prot opt in out source destination
+            listing = self.exec("gw", "iptables", "-L", chain, "-v", "-x", "-n")
+            listing.check_returncode()
+            for line in listing.stdout.splitlines()[2:]:
+                fields = line.split()
+                if len(fields) > column and fields[2] == "DROP" and fields[column] == dev:
+                    total += int(fields[0])
+        return total
+
     def restore(self, link: str = "hpc") -> None:
         dev = self._gw_dev(link)
         for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):

@@ -22,6 +22,8 @@ class CuttableRelay:
         self._up = threading.Event()
         self._up.set()
         self._stop = threading.Event()
+        #: Connections refused while cut: a client's attempts to reconnect, for a test to wait on.
+        self.refused = 0
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -36,6 +38,7 @@ class CuttableRelay:
                 return
             if not self._up.is_set():
                 client.close()
+                self.refused += 1
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)

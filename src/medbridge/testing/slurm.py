@@ -16,17 +16,19 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 from medbridge import processes
+from medbridge.testing.wait import until
 
 PARTITION = "bridge"
 ALLOWED_GROUP = "mbbridge"
 JOB_USER = "mbjob"
 OUTSIDER = "mboutsider"
+#: The states of a job that has ended, however.
+DONE = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"})
 #: Held while a cluster runs: its Unix users and node name are machine-wide, so two test
 #: runs on one machine (parallel checkouts) take turns instead of deleting each other's users.
 LOCK_FILE = Path("/run/lock/medbridge-test-slurm.lock")
@@ -46,15 +48,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 class SlurmCluster:
@@ -152,7 +145,7 @@ class SlurmCluster:
         )  # fmt: skip
         self._pids["munge"] = proc.pid
         self._procs = [proc]
-        _wait(sock.exists, 15, "munged's socket")
+        until(sock.exists, "munged's socket", 15)
 
     def _start(self, name: str, *args: str) -> None:
         proc = subprocess.Popen(
@@ -176,7 +169,7 @@ class SlurmCluster:
             self._start_munge()
             self._start("slurmctld")
             self._start("slurmd")
-            _wait(self.node_idle, 60, "the node to become idle")
+            until(self.node_idle, "the node to become idle", 60)
         except BaseException:
             self.stop()
             raise
@@ -194,7 +187,7 @@ class SlurmCluster:
             for user in (JOB_USER, OUTSIDER):
                 subprocess.run(["scancel", "--full", f"--user={user}"], env=self.env, capture_output=True)
             with contextlib.suppress(TimeoutError):
-                _wait(lambda: not self.queue(), 60, "the queue to drain")
+                until(lambda: not self.queue(), "the queue to drain", 60)
         for proc in reversed(getattr(self, "_procs", [])):
             processes.stop(proc, timeout=20)
         self._pids.clear()
@@ -222,16 +215,15 @@ class SlurmCluster:
             fields[key] = value
         return fields
 
-    def wait_done(self, job_id: str, timeout: float = 180) -> dict[str, str]:
-        done = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+    def wait_done(self, job_id: str, timeout: float = 300) -> dict[str, str]:
         state: dict[str, str] = {}
 
         def finished() -> bool:
             nonlocal state
             state = self.job_state(job_id)
-            return state.get("JobState", "") in done
+            return state.get("JobState", "") in DONE
 
-        _wait(finished, timeout, f"job {job_id}")
+        until(finished, f"job {job_id}", timeout)
         return state
 
     def as_user(self, user: str, *cmd: str, **kw: object) -> subprocess.CompletedProcess[str]:
