@@ -49,20 +49,25 @@ def test_platform_setting_is_checked() -> None:
             PlatformSettings.from_mapping({"outage_tolerance": bad})
 
 
-def test_tune_sets_tcps_give_up_time_and_caps_its_backoff() -> None:
+def test_tune_sets_tcps_give_up_time_and_leaves_its_backoff_alone() -> None:
     server = socket.create_server(("127.0.0.1", 0))
     with server, socket.create_connection(server.getsockname()) as sock:
+        before = _rto_max(sock)
         outage.tune(sock, 123_000)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 123_000
-        try:
-            capped = sock.getsockopt(socket.IPPROTO_TCP, outage.TCP_RTO_MAX_MS)
-        except OSError:
-            pytest.skip("this kernel has no TCP_RTO_MAX_MS (Linux < 6.15): TCP keeps its 120 s back-off")
-        assert capped == outage.RTO_MAX_MS
+        # a capped back-off makes Linux 6.18 drop the connection after ~a minute of retries, whatever the timeout
+        assert _rto_max(sock) == before
         outage.tune(sock, 10**12)  # clamped, not an overflow
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 2**31 - 1
     with socket.socket(socket.AF_UNIX) as unix:
         outage.tune(unix, 1000)  # not TCP: left alone
+
+
+def _rto_max(sock: socket.socket) -> int | None:
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_RTO_MAX_MS", 44))
+    except OSError:  # Linux < 6.15 has no such option
+        return None
 
 
 def test_job_submit_passes_the_tolerance_to_job_run() -> None:

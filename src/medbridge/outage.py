@@ -8,10 +8,15 @@ others (a keepalive budget of its own was how a 300 s cut broke the mount path):
   watch) waits the tolerance, then says so;
 - the platform keeps a silent session two keepalive rounds longer, so the job is
   always the side that decides and names the outage;
-- TCP under both gives up only after SSH has (``TCP_USER_TIMEOUT``: Linux would
-  otherwise drop a connection holding unacknowledged data after ~15 minutes), and
-  retransmits at least every :data:`RTO_MAX_MS`, so a link that comes back is noticed
-  within seconds rather than after TCP's two-minute back-off.
+- TCP under both is asked to give up only after SSH has (``TCP_USER_TIMEOUT``).  Where
+  the kernel holds to its own limit instead (Linux 6.18 drops a connection holding
+  unacknowledged data after ``tcp_retries2`` back-offs, ~15 minutes by default, whatever
+  the option says), a longer cut ends the connection: the loader, the upload and the
+  link watch reconnect and go on; sshfs reconnects for files opened afterwards.
+
+TCP's retransmission back-off is left alone: capping it (``TCP_RTO_MAX_MS``) would make
+a returning link noticed sooner, but the kernel then drops the connection after its
+retries at the capped interval (about a minute at 5 s), far inside any tolerance.
 
 Revocation, expiry and the end of a job do not wait for any of this: the platform's
 enforcement closes those sessions on its own tick.
@@ -31,10 +36,6 @@ DEFAULT_TOLERANCE = 2400.0
 MIN_TOLERANCE = 3.0
 #: Longest tolerance accepted (a day): a dead client's session lingers this long.
 MAX_TOLERANCE = 86400.0
-#: Cap on TCP's retransmission back-off, so a returning link is used within seconds.
-RTO_MAX_MS = 5000
-#: ``TCP_RTO_MAX_MS`` (Linux 6.15+); older kernels refuse it and keep their 120 s cap.
-TCP_RTO_MAX_MS = getattr(socket, "TCP_RTO_MAX_MS", 44)
 #: How long the client's keepalive rounds may be at most, seconds.
 MAX_INTERVAL = 15
 
@@ -78,14 +79,12 @@ def tcp_user_timeout_ms(tolerance: float) -> int:
 
 
 def tune(sock: Any, user_timeout_ms: int) -> None:
-    """Set TCP's give-up time and cap its retransmission back-off on a connected socket (Linux).
+    """Ask TCP to hold unacknowledged data ``user_timeout_ms`` before it gives up, on a connected socket (Linux).
 
-    Best effort: a platform without these options keeps its own (about 15 minutes,
-    and up to two minutes to notice a returning link).
+    Best effort: where the option is missing or the kernel keeps its own limit (see the
+    module's docstring), the connection may end sooner, and the layers above reconnect.
     """
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(0, min(user_timeout_ms, 2**31 - 1)))
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, RTO_MAX_MS)

@@ -1,10 +1,11 @@
 """The job's OpenSSH ``ProxyCommand``: connect to the platform, tune the socket for outages, hand it to ssh.
 
-OpenSSH cannot set ``TCP_USER_TIMEOUT`` or cap TCP's retransmission back-off, and
-without them a cut of more than ~15 minutes with reads in flight drops the
-connection under sshfs (whose files open at that moment then fail, even after it
-reconnects).  With ``ProxyUseFdpass`` ssh takes the connected socket from this
-process, which then exits: nothing of ours stays in the data path.
+OpenSSH cannot set ``TCP_USER_TIMEOUT``; without it a cut of more than ~15 minutes
+(``tcp_retries2``) drops the connection under sshfs, whose files open at that moment
+then fail even after it reconnects.  Kernels that honour the option hold it for the
+outage tolerance; others keep their own limit (see :mod:`medbridge.outage`).  With
+``ProxyUseFdpass`` ssh takes the connected socket from this process, which then
+exits: nothing of ours stays in the data path.
 
     ProxyCommand python -m medbridge.compute.dial %h %p USER_TIMEOUT_MS
     ProxyUseFdpass yes
