@@ -11,7 +11,8 @@ import pytest
 
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import ManifestEntry, Store
-from medbridge.errors import AlreadyExists, NotFound
+from medbridge.errors import AccountDisabled, AlreadyExists, CertificateRefused, NotFound
+from medbridge.policy.sessions import SessionDecision, decide_session
 
 NOW = datetime.now(UTC)
 
@@ -31,14 +32,14 @@ def store(url: str) -> Iterator[Store]:
     s.close()
 
 
-def _issue(store: Store, job: str = "j", datasets: list[str] | None = None) -> int:
+def _issue(store: Store, job: str = "j", datasets: list[str] | None = None, now: datetime = NOW) -> int:
     spec, _ = store.issue_certificate(
         user="alice",
         job_id=job,
         requested=timedelta(hours=1),
         datasets=datasets,
         key_fingerprint="SHA256:e",
-        now=NOW,
+        now=now,
         max_lifetime=timedelta(hours=2),
         source_addresses=(),
         sign=lambda spec: "signed",
@@ -53,18 +54,47 @@ def test_serials_are_unique_and_recorded(store: Store) -> None:
     assert [c.job_id for c in store.certificates("alice")] == ["j0", "j1", "j2"]
 
 
-def test_session_check_follows_grants_and_accounts(store: Store) -> None:
+def _decide(store: Store, serial: int, now: datetime = NOW, **kw: object) -> SessionDecision:
+    return decide_session(store.session_facts([serial], now)[serial], now, **kw)  # type: ignore[arg-type]
+
+
+def test_session_facts_follow_grants_and_accounts(store: Store) -> None:
     store.grant("alice", "chest", None, NOW, "t")
     serial = _issue(store, datasets=["chest"])
-    assert store.check_sessions([serial], NOW)[serial].datasets == {"chest"}
+    assert _decide(store, serial).datasets == {"chest"}
     store.revoke("alice", "chest", NOW, "t")
-    assert store.check_sessions([serial], NOW)[serial].datasets == frozenset()
+    assert _decide(store, serial).reason == "grant ended for dataset(s) chest", "a login is refused, not left empty"
     store.grant("alice", "chest", None, NOW, "t")
     store.set_enabled("alice", False, NOW, "t")
-    check = store.check_sessions([serial], NOW)[serial]
-    assert not check.ok and "disabled" in check.reason
-    assert not store.check_sessions([serial], NOW + timedelta(hours=3))[serial].ok
-    assert store.check_sessions([999], NOW)[999].reason == "certificate not issued by this platform"
+    assert _decide(store, serial).reason == "account 'alice' disabled"
+    with pytest.raises(AccountDisabled):
+        _issue(store, "j2")
+    store.set_enabled("alice", True, NOW, "t")
+    assert _decide(store, serial, NOW + timedelta(hours=3)).reason == "certificate expired"
+    assert _decide(store, 999).reason == "certificate not issued by this platform"
+
+
+def test_renewals_are_the_same_jobs_later_certificates_for_the_same_key(store: Store) -> None:
+    store.grant("alice", "chest", None, NOW, "t")
+    first = _issue(store)
+    later = NOW + timedelta(minutes=50)
+    renewal = _issue(store, now=later)
+    _issue(store, "other-job", now=later)
+    facts = store.session_facts([first], NOW + timedelta(minutes=70))[first]
+    assert [c.serial for c in facts.renewals] == [renewal]
+    assert _decide(store, first, NOW + timedelta(minutes=70)).certificate == store.certificate(renewal)
+
+
+def test_an_ended_job_gets_no_certificate_and_its_old_ones_never_log_in(store: Store) -> None:
+    store.grant("alice", "chest", None, NOW, "t")
+    serial = _issue(store, "done")
+    expired = _issue(store, "done", now=NOW - timedelta(hours=3))
+    assert store.end_job("alice", "done", NOW, "alice") == 2, "expired certificates are marked too"
+    assert store.session_facts([expired], NOW)[expired].job_ended
+    assert _decide(store, serial).reason == "certificate revoked: job 'done' has ended"
+    with pytest.raises(CertificateRefused, match="job 'done' of user 'alice' has ended"):
+        _issue(store, "done")
+    assert _issue(store, "next") > serial, "another job of the same user is not affected"
 
 
 def test_duplicates_and_unknowns(store: Store) -> None:

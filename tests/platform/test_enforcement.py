@@ -14,7 +14,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncssh
+import pytest
 
+from medbridge.compute.credentials import end_job
+from medbridge.compute.session import Endpoint, connect
+from medbridge.errors import AccessDenied, CertificateRefused
 from medbridge.testing import RunningPlatform
 from medbridge.testing.wait import HANG
 
@@ -101,3 +105,63 @@ def test_a_new_grant_appears_in_a_live_session(platform: RunningPlatform) -> Non
 
     assert asyncio.run(go()) == ["chest", "knee"]
     assert platform.live_sessions() == 0
+
+
+class _Told(asyncssh.SSHClient):
+    """Remembers why the platform ended the connection."""
+
+    def __init__(self) -> None:
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+def test_a_session_ended_by_policy_tells_the_client_why(platform: RunningPlatform) -> None:
+    """Not a bare close a client would take for a cut link: an SSH disconnect that says access was revoked."""
+
+    async def go() -> Exception | None:
+        key, cred = await platform.credential("alice")
+        told = _Told()
+        async with await platform.connect("alice", [(key, cred.certificate)], client_factory=lambda: told) as conn:
+            sftp = await conn.start_sftp_client()
+            assert await sftp.exists("/datasets/chest/scan-001.bin")
+            platform.store.revoke("alice", "chest", datetime.now(UTC), "t")
+            return await asyncio.wait_for(told.lost, HANG)
+
+    exc = asyncio.run(go())
+    assert isinstance(exc, asyncssh.PermissionDenied)
+    assert exc.reason == "access revoked: grant ended for dataset(s) chest"
+
+
+def test_revoked_disabled_and_ended_certificates_are_refused_at_login_with_the_reason(
+    platform: RunningPlatform,
+) -> None:
+    """Ended is ended: a certificate whose grant, account or job ended logs in to nothing, and says why."""
+    now = datetime.now(UTC)
+
+    def login(ep: Endpoint) -> str:
+        async def go() -> str:
+            with pytest.raises(AccessDenied) as refused:
+                await connect(ep)
+            return str(refused.value)
+
+        return asyncio.run(go())
+
+    with platform.job_endpoint("alice", job_id="j1") as ep:
+        platform.store.revoke("alice", "chest", now, "t")
+        assert "no live grant left for user 'alice'" in login(ep), "not an empty view"
+        platform.grant("alice", "chest")
+        platform.store.set_enabled("alice", False, now, "t")
+        assert "account 'alice' disabled" in login(ep)
+        platform.store.set_enabled("alice", True, now, "t")
+        asyncio.run(end_job(platform.enrolment("alice"), "j1", {}))
+        assert "job 'j1' has ended" in login(ep)
+    with pytest.raises(CertificateRefused, match="job 'j1' of user 'alice' has ended"):
+        asyncio.run(platform.credential("alice", job_id="j1"))
+    refusals = platform.audit("login", until=lambda r: "has ended" in r.detail)
+    reasons = [r.detail for r in refusals if r.outcome == "refused"]
+    assert any("no live grant left" in d for d in reasons) and any("has ended" in d for d in reasons)
+    issued = [r for r in platform.audit("certificate.issue") if r.outcome == "refused"]
+    assert issued and "has ended" in issued[-1].detail

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from medbridge.errors import CertificateRefused, GrantMissing, InvalidInput
+from medbridge.errors import AccountDisabled, CertificateRefused, GrantMissing, InvalidInput
 from medbridge.policy.credentials import BACKDATE, certificate_spec, serial_from_principals, serial_principal
 from medbridge.policy.grants import GrantFact, readable, scope
 
@@ -24,6 +24,8 @@ def spec(**kw: object):  # type: ignore[no-untyped-def]
         max_lifetime=timedelta(hours=12),
         rights={"chest": None},
         datasets=None,
+        enabled=True,
+        job_ended=False,
     )
     args.update(kw)
     return certificate_spec(**args)  # type: ignore[arg-type]
@@ -63,6 +65,10 @@ def test_refusals() -> None:
         spec(requested=timedelta(0))
     with pytest.raises(CertificateRefused):
         spec(rights={"chest": NOW + timedelta(milliseconds=200)})
+    with pytest.raises(AccountDisabled, match="account 'alice' is disabled"):
+        spec(enabled=False)
+    with pytest.raises(CertificateRefused, match="job '42' of user 'alice' has ended"):
+        spec(job_ended=True)
 
 
 def test_readable_combines_user_and_group_grants() -> None:

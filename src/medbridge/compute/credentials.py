@@ -124,10 +124,19 @@ async def request_certificate(
 
 
 async def end_job(
-    enrolment: Enrolment, job_id: str, residue: dict[str, Any], outages: list[dict[str, Any]] | None = None
+    enrolment: Enrolment,
+    job_id: str,
+    residue: dict[str, Any],
+    outages: list[dict[str, Any]] | None = None,
+    *,
+    ended: bool = True,
 ) -> None:
-    """Tell the platform the job is over (revoking its certificates), with its residue scan and outages if any."""
-    body: dict[str, Any] = {"job_id": job_id, "report": residue, "ended": True}
+    """Tell the platform the job is over, with its residue scan and outages if any.
+
+    An ended job's certificates are revoked and it gets no new one, ever; ``ended=False``
+    reports only, leaving the job open (its outputs still have to be uploaded).
+    """
+    body: dict[str, Any] = {"job_id": job_id, "report": residue, "ended": ended}
     if outages:
         body["outages"] = outages
     await call_platform(enrolment, REPORT_COMMAND, body)

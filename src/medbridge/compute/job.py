@@ -452,8 +452,11 @@ class Job:
         if self.tmpdir is not None:
             self.remove_tmpdir(self.tmpdir)
         if cred_ok:
+            # An ended job gets no certificate again: left open while its outputs wait for 'job run --job-id'.
+            ended = o.upload_error is None
             try:
-                asyncio.run(end_job(self.enrolment, self.job_id, self.residue_summary, self.outcome.outages[-20:]))
+                asyncio.run(end_job(self.enrolment, self.job_id, self.residue_summary, self.outcome.outages[-20:],
+                                    ended=ended))  # fmt: skip
             except MedbridgeError as exc:
                 self.say(f"could not tell the platform the job ended: {exc}")
         if self.state_file is not None:

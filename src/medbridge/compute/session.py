@@ -17,6 +17,7 @@ from medbridge import outage
 from medbridge.config import CIPHERS
 from medbridge.errors import AccessDenied, InvalidInput, JobFailed, PlatformUnavailable
 from medbridge.net import parse_address
+from medbridge.policy.credentials import REFUSED_BANNER
 from medbridge.policy.manifest import PARTIAL_SUFFIX, RESULTS_MANIFEST, format_manifest
 from medbridge.processes import sha256_file
 
@@ -48,20 +49,52 @@ def endpoint_from_job(environ: Mapping[str, str]) -> Endpoint:
         raise JobFailed(f"not inside 'medbridge job run' (job environment incomplete: {exc})") from exc
 
 
+class PlatformSays(asyncssh.SSHClient):
+    """What the platform told one connection: why it refused the certificate, and why it ended.
+
+    A refusal's reason comes in an authentication banner; a session the platform
+    ends on policy grounds is a disconnect that asyncssh raises as ``PermissionDenied``
+    (its channels are closed just before, so their own error cannot tell it from a cut).
+    """
+
+    def __init__(self) -> None:
+        self.refusal = ""
+        self.ended = asyncio.Event()
+        self.ended_by: Exception | None = None
+
+    def auth_banner_received(self, msg: str, lang: str) -> None:
+        if msg.startswith(REFUSED_BANNER):
+            self.refusal = msg.removeprefix(REFUSED_BANNER).strip()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended_by = exc
+        self.ended.set()
+
+
 async def connect(
     ep: Endpoint, host: str | None = None, port: int | None = None, **options: Any
 ) -> asyncssh.SSHClientConnection:
-    """Log in with exactly the certificates in the job's agent, pinning the platform.
+    """Log in with exactly the certificates in the job's agent, pinning the platform."""
+    conn, _ = await connect_watched(ep, host, port, **options)
+    return conn
+
+
+async def connect_watched(
+    ep: Endpoint, host: str | None = None, port: int | None = None, **options: Any
+) -> tuple[asyncssh.SSHClientConnection, PlatformSays]:
+    """:func:`connect`, and what the platform says to the connection (why it ends).
 
     The agent is needed only while authenticating (its key pairs sign through it), so
     it is closed once the connection is up.  ``host``/``port`` reach the platform
-    another way (a benchmark route); ``options`` go to asyncssh.
+    another way (a benchmark route); ``options`` go to asyncssh.  A refused
+    certificate is :class:`AccessDenied` naming the platform's reason.
     """
     options.setdefault("connect_timeout", 30)
+    says = PlatformSays()
     try:
         agent = await asyncssh.connect_agent(ep.agent)
         try:
-            return await asyncssh.connect(
+            conn = await asyncssh.connect(
                 host or ep.host,
                 port or ep.port,
                 username=ep.user,
@@ -70,15 +103,18 @@ async def connect(
                 client_keys=await agent.get_keys(),
                 encryption_algs=list(CIPHERS),
                 config=None,
+                client_factory=lambda: says,
                 **options,
             )
         finally:
             agent.close()
             await agent.wait_closed()
     except asyncssh.PermissionDenied as exc:
-        raise AccessDenied(f"the platform refused the job's certificate (expired, revoked, job ended): {exc}") from exc
+        why = says.refusal or f"expired, revoked or the job ended ({exc.reason})"
+        raise AccessDenied(f"the platform refused the job's certificate: {why}") from exc
     except (OSError, asyncssh.Error) as exc:
         raise PlatformUnavailable(f"cannot open the job's data session: {exc}") from exc
+    return conn, says
 
 
 @dataclass(frozen=True)

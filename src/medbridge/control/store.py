@@ -37,6 +37,7 @@ from medbridge.errors import AlreadyExists, IntegrityError, InvalidInput, Medbri
 from medbridge.policy.credentials import CertificateSpec, IssuanceLimits, certificate_spec, check_issuance
 from medbridge.policy.grants import GrantFact, readable
 from medbridge.policy.names import check_name
+from medbridge.policy.sessions import CertificateFact, SessionFacts
 
 _Named = TypeVar("_Named", User, Group, Dataset)
 _AUDIT_TABLE = cast(Table, AuditEntry.__table__)  # Core inserts skip the ORM bulk path
@@ -113,28 +114,6 @@ class GrantInfo:
     subject: str
     dataset: str
     expires_at: datetime | None
-
-
-@dataclass(frozen=True)
-class CertificateInfo:
-    serial: int
-    user: str
-    job_id: str
-    key_id: str
-    valid_after: datetime
-    valid_before: datetime
-    revoked: bool
-    datasets: tuple[str, ...] | None
-
-
-@dataclass(frozen=True)
-class SessionCheck:
-    """A live session's standing: may it go on, which datasets, until when."""
-
-    ok: bool
-    reason: str
-    datasets: frozenset[str]
-    ends_at: datetime | None
 
 
 def parse_subject(subject: str) -> tuple[str | None, str | None]:
@@ -611,6 +590,7 @@ class Store:
         another by every process (``limits``: the user's rate, the job's live certificates,
         checked once the request itself is known to be valid).
         """
+        check_name("job id", job_id)  # before it reaches a query
         with self._tx() as s:
             u = self._user(s, user)
             counter = s.get(SerialCounter, 1, with_for_update=True)
@@ -628,6 +608,8 @@ class Store:
                 rights=self._rights(s, u, now),
                 datasets=datasets,
                 source_addresses=source_addresses,
+                enabled=u.enabled,
+                job_ended=self._job_ended(s, u.id, job_id),
             )
             if limits is not None:
                 check_issuance(
@@ -661,7 +643,11 @@ class Store:
         return int(s.scalar(select(func.count()).select_from(Certificate).where(*where)) or 0)
 
     def end_job(self, user: str, job_id: str, now: datetime, actor: str) -> int:
-        """Revoke every certificate of a finished job: its live sessions end at the next check."""
+        """Revoke every certificate of a finished job: its live sessions end at the next check.
+
+        Every one, expired or not, so the job stays ended: its certificates never log in
+        again and the issuer signs no new one for it (see ``_job_ended``).
+        """
         with self._tx() as s:
             u = self._user(s, user)
             live = list(s.scalars(select(Certificate).where(
@@ -673,68 +659,53 @@ class Store:
                                         detail={"revoked_serials": [c.serial for c in live]})], now)  # fmt: skip
             return len(live)
 
-    def certificate(self, serial: int) -> CertificateInfo | None:
+    def certificate(self, serial: int) -> CertificateFact | None:
         with self._tx(write=False) as s:
             c = s.get(Certificate, serial)
             return None if c is None else _cert_info(c)
 
-    def certificates(self, user: str | None = None) -> list[CertificateInfo]:
+    def certificates(self, user: str | None = None) -> list[CertificateFact]:
         with self._tx(write=False) as s:
             q = select(Certificate).order_by(Certificate.serial)
             if user is not None:
                 q = q.where(Certificate.user_id == self._user(s, user).id)
             return [_cert_info(c) for c in s.scalars(q)]
 
-    def check_sessions(
-        self, serials: Iterable[int], now: datetime, *, follow_renewals: bool = True
-    ) -> dict[int, SessionCheck]:
-        """Re-decide every live session at once: the enforcement loop's one query per tick.
+    def session_facts(self, serials: Iterable[int], now: datetime) -> dict[int, SessionFacts]:
+        """What policy needs to judge each certificate's session, read in one transaction.
 
-        A session outlives its own certificate only through a renewal: a later
-        certificate of the same user and job for the same key, which the job's
-        agent holds.  ``follow_renewals=False`` judges the certificate alone (logins).
+        The enforcement loop's one query per tick, and each login's.  Renewals are the
+        other certificates of the same user, job and key that have not expired by ``now``.
         """
-        out: dict[int, SessionCheck] = {}
+        out: dict[int, SessionFacts] = {}
         with self._tx(write=False) as s:
             for serial in set(serials):
                 c = s.get(Certificate, serial)
-                if follow_renewals and c is not None and now >= c.valid_before:
-                    c = self._renewal(s, c, now) or c
-                out[serial] = self._check(s, c, now)
+                if c is None:
+                    out[serial] = SessionFacts(certificate=None)
+                    continue
+                groups, grants = self._grant_facts(s, c.user)
+                renewals = s.scalars(
+                    select(Certificate)
+                    .where(
+                        Certificate.user_id == c.user_id,
+                        Certificate.job_id == c.job_id,
+                        Certificate.key_fingerprint == c.key_fingerprint,
+                        Certificate.serial != c.serial,
+                        Certificate.valid_before > now,
+                    )
+                    .order_by(Certificate.valid_before.desc())
+                    .limit(8)
+                )
+                out[serial] = SessionFacts(
+                    certificate=_cert_info(c),
+                    enabled=c.user.enabled,
+                    job_ended=self._job_ended(s, c.user_id, c.job_id),
+                    groups=groups,
+                    grants=grants,
+                    renewals=tuple(_cert_info(r) for r in renewals),
+                )
         return out
-
-    @staticmethod
-    def _renewal(s: Session, c: Certificate, now: datetime) -> Certificate | None:
-        return s.scalar(
-            select(Certificate)
-            .where(
-                Certificate.user_id == c.user_id,
-                Certificate.job_id == c.job_id,
-                Certificate.key_fingerprint == c.key_fingerprint,
-                Certificate.revoked_at.is_(None),
-                Certificate.valid_after <= now,
-                Certificate.valid_before > now,
-            )
-            .order_by(Certificate.valid_before.desc())
-            .limit(1)
-        )
-
-    def _check(self, s: Session, c: Certificate | None, now: datetime) -> SessionCheck:
-        none: frozenset[str] = frozenset()
-        if c is None:
-            return SessionCheck(False, "certificate not issued by this platform", none, None)
-        if c.revoked_at is not None:
-            return SessionCheck(False, "certificate revoked", none, None)
-        if not c.user.enabled:
-            return SessionCheck(False, f"account {c.user.name!r} disabled", none, None)
-        if now >= c.valid_before:
-            return SessionCheck(False, "certificate expired", none, c.valid_before)
-        if now < c.valid_after:
-            return SessionCheck(False, "certificate not yet valid", none, c.valid_before)
-        rights = self._rights(s, c.user, now)
-        wanted = None if c.datasets is None else json.loads(c.datasets)
-        granted = frozenset(rights) if wanted is None else frozenset(d for d in wanted if d in rights)
-        return SessionCheck(True, "", granted, c.valid_before)
 
     # -- audit ------------------------------------------------------------------------
 
@@ -821,11 +792,11 @@ class Store:
         return row
 
     @staticmethod
-    def _rights(s: Session, u: User, now: datetime) -> dict[str, datetime | None]:
-        groups = [g.name for g in u.groups]
+    def _grant_facts(s: Session, u: User) -> tuple[tuple[str, ...], tuple[GrantFact, ...]]:
+        """The user's groups and every grant that names the user or one of them."""
         group_ids = [g.id for g in u.groups]
         q = select(Grant).where((Grant.user_id == u.id) | (Grant.group_id.in_(group_ids)))
-        facts = [
+        facts = tuple(
             GrantFact(
                 dataset=g.dataset.name,
                 user=g.user.name if g.user else None,
@@ -833,20 +804,39 @@ class Store:
                 expires_at=g.expires_at,
             )
             for g in s.scalars(q)
-        ]
+        )
+        return tuple(g.name for g in u.groups), facts
+
+    @classmethod
+    def _rights(cls, s: Session, u: User, now: datetime) -> dict[str, datetime | None]:
+        groups, facts = cls._grant_facts(s, u)
         return readable(u.name, groups, facts, now)
 
+    @staticmethod
+    def _job_ended(s: Session, user_id: int, job_id: str) -> bool:
+        """Was the job ended?  ``end_job`` revokes every certificate of it, and nothing else revokes."""
+        return (
+            s.scalar(
+                select(Certificate.serial)
+                .where(
+                    Certificate.user_id == user_id, Certificate.job_id == job_id, Certificate.revoked_at.is_not(None)
+                )
+                .limit(1)
+            )
+            is not None
+        )
 
-def _cert_info(c: Certificate) -> CertificateInfo:
-    return CertificateInfo(
-        c.serial,
-        c.user.name,
-        c.job_id,
-        c.key_id,
-        c.valid_after,
-        c.valid_before,
-        c.revoked_at is not None,
-        None if c.datasets is None else tuple(json.loads(c.datasets)),
+
+def _cert_info(c: Certificate) -> CertificateFact:
+    return CertificateFact(
+        serial=c.serial,
+        user=c.user.name,
+        job_id=c.job_id,
+        key_id=c.key_id,
+        valid_after=c.valid_after,
+        valid_before=c.valid_before,
+        revoked=c.revoked_at is not None,
+        datasets=None if c.datasets is None else tuple(json.loads(c.datasets)),
     )
 
 

@@ -39,8 +39,9 @@ from medbridge.platform.keys import fingerprint, load_private_key
 from medbridge.platform.limits import Handles, Quota, SessionSlots, Usage
 from medbridge.platform.listener import accept_forever
 from medbridge.platform.sftp import JobSFTPServer, PlatformSession, Results
-from medbridge.policy.credentials import serial_from_principals, serial_principal
+from medbridge.policy.credentials import REFUSED_BANNER, serial_from_principals, serial_principal
 from medbridge.policy.paths import View
+from medbridge.policy.sessions import decide_session
 from medbridge.transport import CoalescingTransport, coalesce, sealing_channel
 
 log = logging.getLogger("medbridge.platform")
@@ -154,7 +155,9 @@ class PlatformConnection(asyncssh.SSHServer):
         if serial is None:
             attempt["reason"] = "no medbridge serial principal"
             return None
-        cert = self.platform.store.certificate(serial)
+        now = _now()
+        facts = self.platform.store.session_facts([serial], now)[serial]
+        cert = facts.certificate
         if cert is None:
             attempt["reason"] = "serial not issued by this platform"
             return None
@@ -165,9 +168,12 @@ class PlatformConnection(asyncssh.SSHServer):
         if sorted(principals) != sorted([cert.user, serial_principal(serial)]):
             attempt["reason"] = "principals are not the ones this platform signed"
             return None
-        checked = self.platform.store.check_sessions([serial], _now(), follow_renewals=False)[serial]
-        if not checked.ok:
-            attempt["reason"] = checked.reason
+        decision = decide_session(facts, now, follow_renewals=False)
+        if not decision.ok:
+            attempt["reason"] = decision.reason
+            # Our own certificate, for this user: whoever holds it may learn why it no longer opens data.
+            assert self.conn is not None
+            self.conn.send_auth_banner(f"{REFUSED_BANNER}{decision.reason}\n")
             return None
         attempt["reason"] = "accepted by policy"
         return {"medbridge-serial": str(serial)}
@@ -387,10 +393,17 @@ class Platform:
 
     def open_session(self, owner: PlatformConnection, serial: int) -> None:
         assert owner.conn is not None
-        cert = self.store.certificate(serial)
-        check = self.store.check_sessions([serial], _now(), follow_renewals=False)[serial]
-        if cert is None or not check.ok:
-            owner.conn.close()
+        now = _now()
+        check = decide_session(self.store.session_facts([serial], now)[serial], now, follow_renewals=False)
+        cert = check.certificate
+        if cert is None or not check.ok:  # policy changed between the key check and now
+            detail = {"serial": serial, "reason": check.reason, **owner.where()}
+            self.sink.record(
+                AuditEvent(
+                    actor=owner.username, action="login", outcome="refused", subject="certificate", detail=detail
+                )
+            )
+            owner.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, f"access revoked: {check.reason}")
             return
         results = self.results_root / cert.user / cert.job_id
         try:
@@ -423,7 +436,13 @@ class Platform:
             )
         )
 
-    def close_session(self, owner: PlatformConnection, reason: str) -> None:
+    def close_session(self, owner: PlatformConnection, reason: str, *, revoked: bool = False) -> None:
+        """End a live session; ``revoked`` (policy ended it) tells the client why, as an access refusal.
+
+        The client sees an SSH disconnect "no more auth methods available" with
+        ``access revoked: <reason>`` (asyncssh raises it as ``PermissionDenied``,
+        OpenSSH prints it), never a bare close it would take for a cut link.
+        """
         session = self.sessions.pop(owner, None)
         if session is None:
             return
@@ -436,7 +455,10 @@ class Platform:
                 detail={"reason": reason, **session.identity()},
             )
         )
-        session.conn.close()
+        if revoked:
+            session.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, f"access revoked: {reason}")
+        else:
+            session.conn.close()
 
     async def enforce_once(self) -> None:
         """Re-decide every live session: expiry, revocation, disabled accounts, lost grants."""
@@ -445,19 +467,20 @@ class Platform:
         now = _now()
         serials = [s.serial for s in self.sessions.values()]
         loop = asyncio.get_running_loop()
-        checks = await loop.run_in_executor(self._enforcer, self.store.check_sessions, serials, now)
+        facts = await loop.run_in_executor(self._enforcer, self.store.session_facts, serials, now)
+        checks = {  # a session that logged in while this tick's query ran is decided by the next tick
+            owner: decide_session(facts[s.serial], now, current=s.view.datasets)
+            for owner, s in self.sessions.items()
+            if s.serial in facts
+        }
         names = {n for c in checks.values() for n in c.datasets}
         catalogue = await loop.run_in_executor(self._enforcer, self.store.dataset_versions, names)
-        for owner, session in list(self.sessions.items()):
-            check = checks.get(session.serial)
-            if check is None:
-                continue  # logged in while this tick's query ran: the next tick decides it
+        for owner, check in checks.items():
+            session = self.sessions.get(owner)
+            if session is None:
+                continue  # ended while the catalogue was read
             if not check.ok:
-                self.close_session(owner, check.reason)
-                continue
-            lost = session.view.datasets - check.datasets
-            if lost:
-                self.close_session(owner, f"grant ended for dataset(s) {', '.join(sorted(lost))}")
+                self.close_session(owner, check.reason, revoked=True)
                 continue
             gained = check.datasets - session.view.datasets
             if gained:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from medbridge.errors import CertificateRefused, GrantMissing, InvalidInput, LimitReached
+from medbridge.errors import AccountDisabled, CertificateRefused, GrantMissing, InvalidInput, LimitReached
 from medbridge.policy.names import check_name
 
 #: Certificates start slightly in the past so a compute node's clock skew does not
@@ -14,6 +14,9 @@ from medbridge.policy.names import check_name
 BACKDATE = timedelta(seconds=30)
 
 SERIAL_PRINCIPAL_PREFIX = "medbridge-cert-"
+
+#: Opens the authentication banner in which the platform says why it refused a job certificate.
+REFUSED_BANNER = "medbridge: certificate refused: "
 
 
 def serial_principal(serial: int) -> str:
@@ -60,6 +63,8 @@ def certificate_spec(
     max_lifetime: timedelta,
     rights: Mapping[str, datetime | None],
     datasets: Sequence[str] | None,
+    enabled: bool,
+    job_ended: bool,
     source_addresses: Sequence[str] = (),
 ) -> CertificateSpec:
     """Decide a certificate for ``user``'s job, or refuse.
@@ -67,8 +72,16 @@ def certificate_spec(
     ``rights`` are the user's readable datasets with their grant ends.  The
     lifetime is the smallest of what was asked, the platform maximum and the end
     of the grants the job relies on: the named datasets, else the longest grant.
+    A disabled account gets none, and neither does a job that has ended.
     """
     check_name("job id", job_id)
+    if not enabled:
+        raise AccountDisabled(f"account {user!r} is disabled")
+    if job_ended:
+        raise CertificateRefused(
+            f"job {job_id!r} of user {user!r} has ended; its certificates are revoked and no new one is issued "
+            "(a new job needs a new job id)"
+        )
     if requested <= timedelta(0):
         raise InvalidInput("certificate lifetime must be positive")
     if datasets is not None:

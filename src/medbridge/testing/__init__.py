@@ -225,9 +225,12 @@ class RunningPlatform:
             shutil.rmtree(folder, ignore_errors=True)
 
     async def connect(
-        self, user: str, client_keys: Sequence[Any], port: int | None = None
+        self, user: str, client_keys: Sequence[Any], port: int | None = None, **options: Any
     ) -> asyncssh.SSHClientConnection:
-        """An asyncssh client connection presenting exactly ``client_keys`` (to ``port``, or the platform's)."""
+        """An asyncssh client connection presenting exactly ``client_keys`` (to ``port``, or the platform's).
+
+        ``options`` go to asyncssh.
+        """
         return await asyncssh.connect(
             self.host,
             port or self.port,
@@ -237,6 +240,7 @@ class RunningPlatform:
             agent_path=None,
             encryption_algs=list(CIPHERS),
             config=None,
+            **options,
         )
 
 
