@@ -11,16 +11,25 @@
     │   ├── AccountDisabled                the account exists but is disabled
     │   ├── GrantMissing                   no live grant covers the dataset
     │   ├── CertificateRefused             the issuer would not sign
-    │   └── LimitReached                   a configured limit (certificate rate, live certificates)
+    │   ├── LimitReached                   a configured limit (certificate rate, live certificates)
+    │   └── AccessRevoked                  refused: a job's session was refused or ended (PermissionError)
     ├── IntegrityError                  7  audit chain or manifest does not verify
     ├── PlatformUnavailable             8  the platform cannot be reached or served
     │   ├── AddressInUse                   the listen address is taken
     │   ├── HostKeyMismatch                the platform is not the one pinned
-    │   └── AuditUnavailable               the audit cannot record a decision, so it is refused
+    │   ├── AuditUnavailable               the audit cannot record a decision, so it is refused
+    │   ├── PlatformUnreachable            cut: unreachable past the loader's patience (ConnectionError)
+    │   └── BadReply                       broken: a reply outside the protocol (OSError)
+    ├── LoaderClosed                    1  closed: the loader's caller closed it (OSError)
     └── JobFailed                       9  the job wrapper could not set up the job
 
 A payload started by ``medbridge job run`` passes its own exit code through;
 signals end it with 128+N.  Codes 1-9 come only from medbridge itself.
+
+The loader's errors are also the built-in ``OSError`` (in brackets) that file-like
+callers expect; by type they say what to do: refused is final (never retried),
+cut was retried for as long as allowed, closed means the caller stopped it, and
+broken means the connection could not be trusted.
 """
 
 from __future__ import annotations
@@ -86,6 +95,14 @@ class LimitReached(AccessDenied):
     """A limit the operator configured was reached; the message names the setting."""
 
 
+class AccessRevoked(AccessDenied, PermissionError):
+    """The platform refused a job's session, or ended it: revoked, expired, job or grant ended.
+
+    Raised at once and never retried (another login would be refused too); the
+    message carries the reason the platform gave.
+    """
+
+
 class IntegrityError(MedbridgeError):
     """Stored data failed verification (audit chain, manifest)."""
 
@@ -108,6 +125,18 @@ class HostKeyMismatch(PlatformUnavailable):
 
 class AuditUnavailable(PlatformUnavailable):
     """The audit could not record a decision: the request it would have allowed is refused."""
+
+
+class PlatformUnreachable(PlatformUnavailable, ConnectionError):
+    """The link stayed cut longer than the loader's patience; reads were retried until then."""
+
+
+class BadReply(PlatformUnavailable, OSError):
+    """The platform answered outside the protocol (a malformed or mismatched reply): not retried."""
+
+
+class LoaderClosed(MedbridgeError, OSError):
+    """The loader was closed by its caller while a read was pending or about to start."""
 
 
 class JobFailed(MedbridgeError):

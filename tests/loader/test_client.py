@@ -6,14 +6,18 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from asyncssh import SFTPAttrs
 
 from medbridge.compute.session import Endpoint
-from medbridge.errors import IntegrityError
+from medbridge.errors import AccessRevoked, BadReply, IntegrityError, LoaderClosed, PlatformUnreachable
 from medbridge.loader import Loader, Sample
+from medbridge.platform.sftp import JobSFTPServer
 from medbridge.testing import RunningPlatform
 from medbridge.testing.relay import CuttableRelay
 from medbridge.testing.wait import HANG, until
@@ -27,6 +31,7 @@ FILES["big/volume.raw"] = os.urandom(20 << 20)
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
     p = alice_reads(tmp_path_factory.mktemp("loader"), "xr", FILES, 256 << 10, enforcement_interval=0.25)
     p.add_dataset("secret", {"a.bin": b"no"})
+    p.add_user("carol")  # whose grants the refusal tests revoke
     with p:
         yield p
 
@@ -129,7 +134,7 @@ def test_closing_the_loader_mid_epoch_fails_the_epoch_instead_of_hanging(
         loader.datasets()  # connected through the relay
         relay.cut()  # every read of the epoch now stalls, reconnecting
         epoch = loader.read_many(["/datasets/xr/big/volume.raw"] * 12)
-        outcome: list[str] = []
+        outcome: list[BaseException | str] = []
 
         def drain() -> None:
             try:
@@ -137,14 +142,15 @@ def test_closing_the_loader_mid_epoch_fails_the_epoch_instead_of_hanging(
                     pass
                 outcome.append("finished")
             except OSError as exc:
-                outcome.append(str(exc))
+                outcome.append(exc)
 
         consumer = threading.Thread(target=drain, daemon=True)
         consumer.start()
         until(lambda: relay.refused >= 2 and loader.stats.started == 12, "the epoch's reads stalled, reconnecting")
         loader.close()
         consumer.join(HANG)
-        assert outcome and "loader was closed" in outcome[0]
+        assert outcome and isinstance(outcome[0], LoaderClosed), outcome
+        assert "loader was closed" in str(outcome[0])
     finally:
         relay.close()
 
@@ -228,3 +234,65 @@ def test_process_leaves_no_threads_behind(endpoint: Endpoint) -> None:
     after = {t.name for t in threading.enumerate()}
     assert "medbridge-loader" not in after - before
     assert subprocess.run(["true"]).returncode == 0
+
+
+def test_a_refused_login_fails_at_once_naming_the_reason_and_is_never_retried(platform: RunningPlatform) -> None:
+    """The grant is revoked before the job reads: not an empty view, not a cut link retried for the patience."""
+    platform.grant("carol", "xr")
+    with platform.job_endpoint("carol", job_id="refused") as ep, Loader(ep, patience=120) as loader:
+        platform.store.revoke("carol", "xr", datetime.now(UTC), "test")
+        start = time.monotonic()
+        with pytest.raises(AccessRevoked, match="no live grant left for user 'carol'") as refused:
+            loader.read("/datasets/xr/img/000.bin")
+        assert time.monotonic() - start < 5, "at once, not after the patience"
+        assert loader.stats.reconnects == 0
+        assert isinstance(refused.value, PermissionError)
+
+
+def test_a_session_the_platform_ended_is_a_refusal_naming_why_not_a_cut(platform: RunningPlatform) -> None:
+    platform.grant("carol", "xr")
+    with platform.job_endpoint("carol", job_id="ended-session") as ep, Loader(ep, connections=1) as loader:
+        assert loader.read("/datasets/xr/img/000.bin") == FILES["img/000.bin"]
+        platform.store.revoke("carol", "xr", datetime.now(UTC), "test")
+        ends = platform.audit("session.end", until=lambda r: "ended-session" in r.detail and "grant ended" in r.detail)
+        assert any("ended-session" in r.detail for r in ends), "the platform ended the session"
+        with pytest.raises(AccessRevoked, match=r"img/001\.bin: access revoked: grant ended for dataset\(s\) xr"):
+            loader.read("/datasets/xr/img/001.bin")
+        assert loader.stats.reconnects == 0
+
+
+def test_a_link_cut_past_the_patience_is_platform_unreachable(platform: RunningPlatform, endpoint: Endpoint) -> None:
+    relay = CuttableRelay((platform.host, platform.port))
+    via = Endpoint(endpoint.host, relay.port, endpoint.user, endpoint.host_key, endpoint.agent)
+    try:
+        with Loader(via, patience=0.5) as loader:
+            assert loader.read("/datasets/xr/img/000.bin") == FILES["img/000.bin"]
+            relay.cut()
+            with pytest.raises(PlatformUnreachable, match=r"unreachable for 0\.5 s") as cut:
+                loader.read("/datasets/xr/img/001.bin")
+            assert isinstance(cut.value, ConnectionError) and loader.stats.reconnects >= 1, "retried until then"
+    finally:
+        relay.close()
+
+
+class _NoSizes(JobSFTPServer):
+    """Fault: file attributes without a size (a reply the loader must not read as an empty file)."""
+
+    def fstat(self, file_obj: object) -> SFTPAttrs:
+        attrs = super().fstat(file_obj)
+        attrs.size = None
+        return attrs
+
+
+def test_a_reply_outside_the_protocol_is_bad_reply_and_not_retried(
+    platform: RunningPlatform, endpoint: Endpoint
+) -> None:
+    assert platform.platform is not None
+    platform.platform.sftp_class = _NoSizes
+    try:
+        with Loader(endpoint, patience=120) as loader:
+            with pytest.raises(BadReply, match=r"volume\.raw: file attributes without a size"):
+                loader.read("/datasets/xr/big/volume.raw")
+            assert loader.stats.reconnects == 0
+    finally:
+        platform.platform.sftp_class = JobSFTPServer

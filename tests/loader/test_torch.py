@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -12,6 +14,7 @@ torch = pytest.importorskip("torch", reason="torch is an optional extra; scripts
 from torch.utils.data import DataLoader  # noqa: E402
 
 from medbridge.compute.session import Endpoint  # noqa: E402
+from medbridge.errors import AccessRevoked  # noqa: E402
 from medbridge.loader import Loader  # noqa: E402
 from medbridge.loader.torch import MedbridgeDataset, MedbridgeIterableDataset  # noqa: E402
 from medbridge.testing import RunningPlatform  # noqa: E402
@@ -23,7 +26,10 @@ FILES = {f"cxr/{i:03d}.bin": os.urandom(4096 + i) for i in range(48)}
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
-    with alice_reads(tmp_path_factory.mktemp("torch"), "cxr", FILES, 64 << 10) as p:
+    p = alice_reads(tmp_path_factory.mktemp("torch"), "cxr", FILES, 64 << 10, enforcement_interval=0.25)
+    p.add_user("carol")  # whose grant the revocation test ends
+    p.grant("carol", "cxr")
+    with p:
         yield p
 
 
@@ -63,3 +69,21 @@ def test_prefetching_reads_ahead_while_the_consumer_computes(endpoint: Endpoint)
         until(lambda: loader.stats.files >= 24, "the samples after the first, read while the consumer holds it")
         rest = list(items)
     assert [first["path"], *(item["path"] for item in rest)] == paths
+
+
+#: Sessions the platform ends say so; a connection opened after the revocation is refused with why.
+REVOKED = r"access revoked: grant ended for dataset\(s\) cxr|no live grant left for user 'carol'"
+
+
+def test_a_grant_revoked_mid_epoch_ends_the_dataloader_with_the_revocation(platform: RunningPlatform) -> None:
+    """From a DataLoader worker, the loader's refusal arrives as the same type, naming why: within seconds."""
+    with platform.job_endpoint("carol", job_id="revoked-mid-epoch") as ep, Loader(ep, patience=120) as loader:
+        ds = MedbridgeIterableDataset(loader.files("cxr") * 2000, loader, window=8)  # far longer than the test
+        batches = iter(DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate))
+        assert len(next(batches)) == 4, "the epoch is under way"
+        platform.store.revoke("carol", "cxr", datetime.now(UTC), "test")
+        start = time.monotonic()
+        with pytest.raises(AccessRevoked, match=REVOKED):
+            for _ in batches:
+                pass
+        assert time.monotonic() - start < 5

@@ -200,6 +200,20 @@ def test_a_lost_channel_fails_a_read_mid_payload() -> None:
     asyncio.run(run())
 
 
+def test_a_session_the_platform_ended_fails_reads_as_a_refusal_not_a_cut() -> None:
+    async def run() -> None:
+        wire, _ = await _wire()
+        buf = Buffer(0, 10)
+        fut = wire.read(b"h", 0, 10, lambda n: buf.sink(0, n))
+        wire.connection_lost(asyncssh.PermissionDenied("access revoked: grant ended for dataset(s) ct"))
+        with pytest.raises(asyncssh.PermissionDenied, match="grant ended"):
+            await fut
+        with pytest.raises(asyncssh.PermissionDenied, match="grant ended"):
+            wire.open("/datasets/ct/b")  # and so does every request after it
+
+    asyncio.run(run())
+
+
 def test_status_codes_become_the_matching_errors() -> None:
     async def run() -> None:
         wire, _ = await _wire()

@@ -6,13 +6,18 @@ across the pool), so a round trip of a few milliseconds is paid once per window,
 once per file.  Why it is safe: whole files are checked against the dataset manifest
 (a changed file is an :class:`IntegrityError`, never silent), a dropped connection
 stalls the read and resumes it by offset once the link is back, and nothing is
-written to disk.  After ``fork`` (DataLoader workers) a process never touches its
-parent's event loop or connections: it opens its own on first use.
+written to disk.  Errors say by type what happened (see :mod:`medbridge.errors`):
+refused (:class:`AccessRevoked`: the platform refused or ended the job's session; at
+once, never retried), cut (retried until ``patience``, then :class:`PlatformUnreachable`),
+closed (:class:`LoaderClosed`) and broken (:class:`BadReply`: not retried).  After
+``fork`` (DataLoader workers) a process never touches its parent's event loop or
+connections: it opens its own on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -32,11 +37,21 @@ from typing import Any, TypeVar
 import asyncssh
 
 from medbridge import outage, processes
-from medbridge.compute.session import Endpoint, connect, endpoint_from_job
-from medbridge.errors import AccessDenied, IntegrityError, MedbridgeError, PlatformUnavailable
+from medbridge.compute.session import Endpoint, PlatformSays, connect_watched, endpoint_from_job
+from medbridge.errors import (
+    AccessDenied,
+    AccessRevoked,
+    BadReply,
+    IntegrityError,
+    LoaderClosed,
+    MedbridgeError,
+    PlatformUnavailable,
+    PlatformUnreachable,
+)
 from medbridge.loader.cache import ReadAheadCache
 from medbridge.loader.wire import Attrs, Buffer, Wire, open_wire
 from medbridge.policy.manifest import DATASET_MANIFEST, MANIFEST_INDEX, Piece, find_piece, parse_index, parse_manifest
+from medbridge.policy.paths import Kind, PathEscape, normalise, parse
 from medbridge.transport import coalesce
 
 # Recycling trusts sys.getrefcount; from 3.14 CPython may borrow references without
@@ -46,7 +61,10 @@ _REFCOUNT_EXACT = sys.version_info < (3, 14) and not sysconfig.get_config_var("P
 T = TypeVar("T")
 #: Manifest pieces a loader keeps (~100 KB each): enough for a job's working set of directories.
 PIECES_KEPT = 64
+#: A cut link: the read stalls and resumes on a fresh connection, within the patience.  A refusal
+#: (``AccessRevoked``, asyncssh's ``PermissionDenied``) is caught before these and never retried.
 _DROPPED = (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.SFTPConnectionLost, OSError, TimeoutError)
+CLOSED = "the loader was closed"
 
 
 @dataclass(frozen=True)
@@ -125,6 +143,7 @@ class _Recycler:
 class _Slot:
     conn: asyncssh.SSHClientConnection | None = None
     wire: Wire | None = None
+    says: PlatformSays | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -153,11 +172,12 @@ class _Pool:
             if slot.wire is not None:
                 return slot.wire
             try:
-                slot.conn = await connect(self.ep, keepalive_interval=self.keepalive.interval,
-                                          keepalive_count_max=self.keepalive.count, connect_timeout=10)  # fmt: skip
-            except AccessDenied as exc:
-                raise PermissionError(str(exc)) from exc
-            except PlatformUnavailable as exc:
+                slot.conn, slot.says = await connect_watched(self.ep, keepalive_interval=self.keepalive.interval,
+                                                             keepalive_count_max=self.keepalive.count,
+                                                             connect_timeout=10)  # fmt: skip
+            except AccessDenied as exc:  # refused at login: final
+                raise AccessRevoked(str(exc)) from exc
+            except PlatformUnavailable as exc:  # cut: the caller retries within its patience
                 raise ConnectionError(str(exc)) from exc
             coalesce(slot.conn)
             outage.tune(slot.conn.get_extra_info("socket"), outage.tcp_user_timeout_ms(self.patience))
@@ -171,7 +191,7 @@ class _Pool:
     def _drop(self, slot: _Slot) -> None:
         if slot.conn is not None:
             slot.conn.abort()
-        slot.conn = slot.wire = None
+        slot.conn = slot.wire = slot.says = None
 
     async def read(self, path: str, offset: int = 0, size: int | None = None, keep_open: bool = False) -> bytearray:
         """Bytes ``offset..offset+size`` (to the end if None); stalls through cuts and resumes by offset.
@@ -187,20 +207,30 @@ class _Pool:
         while True:
             slot = self.slots[next(self._next) % len(self.slots)]
             wire: Wire | None = None
+            says = slot.says
             try:
                 wire = await self._wire(slot)
+                says = slot.says
                 await wire.fill(path, buf, self.block_size, self.max_requests, keep_open)
+            except AccessRevoked:
+                raise
+            except asyncssh.PermissionDenied as exc:  # the platform ended the session on policy grounds
+                self._drop(slot)
+                raise _revoked(path, exc) from exc
             except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
                 raise await self._refusal(path, exc) from exc
             except _DROPPED as exc:
+                ended = await _ended_by_platform(says)
                 self._drop(slot)
+                if ended is not None:  # the request failed first, then the platform said why: a refusal
+                    raise _revoked(path, ended) from exc
                 now = time.monotonic()
                 # a silent cut is noticed only when keepalives give up: the stall began when the platform was last heard
                 stalled_since = stalled_since or (max(started, min(now, wire.heard)) if wire is not None else now)
                 if now - stalled_since > self.patience:
-                    raise ConnectionError(
+                    raise PlatformUnreachable(
                         f"{path}: the platform has been unreachable for {now - stalled_since:.0f} s "
-                        f"(outage tolerance {self.patience:.0f} s)"
+                        f"(outage tolerance {self.patience:g} s)"
                     ) from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -208,7 +238,7 @@ class _Pool:
                 continue
             except asyncssh.SFTPError as exc:  # a malformed reply or a refused size: this connection is done
                 self._drop(slot)
-                raise OSError(f"{path}: {exc.reason}") from exc
+                raise BadReply(f"{path}: {exc.reason}") from exc
             break
         if stalled_since is not None:
             self.stats.seconds_stalled += time.monotonic() - stalled_since
@@ -217,9 +247,9 @@ class _Pool:
         return data
 
     async def _refusal(self, path: str, exc: Exception) -> OSError:
-        parts = path.strip("/").split("/")
-        if len(parts) >= 2 and parts[0] == "datasets" and parts[1] not in await self.visible():
-            return PermissionError(f"dataset {parts[1]!r} is not granted to this job ({path})")
+        dataset, _ = _split(path)
+        if dataset is not None and dataset not in await self.visible():
+            return PermissionError(f"dataset {dataset!r} is not granted to this job ({path})")
         if isinstance(exc, asyncssh.SFTPPermissionDenied):
             return PermissionError(f"{path}: permission denied")
         return FileNotFoundError(f"{path}: no such file")
@@ -227,7 +257,8 @@ class _Pool:
     async def visible(self) -> set[str]:
         if self._visible is None:
             wire = await self._wire(self.slots[0])
-            self._visible = {n for n in await wire.listdir("/datasets") if n not in (".", "..")}
+            with _ended("/datasets"):
+                self._visible = {n for n in await wire.listdir("/datasets") if n not in (".", "..")}
         return self._visible
 
     async def index(self, dataset: str) -> list[Piece]:
@@ -308,14 +339,16 @@ class _Pool:
     async def stat(self, path: str) -> Attrs:
         wire = await self._wire(self.slots[0])
         try:
-            return await wire.stat(path)
+            with _ended(path):
+                return await wire.stat(path)
         except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
             raise await self._refusal(path, exc) from exc
 
     async def scandir(self, path: str) -> list[tuple[str, Attrs]]:
         wire = await self._wire(self.slots[0])
         try:
-            entries = await wire.scandir(path)
+            with _ended(path):
+                entries = await wire.scandir(path)
         except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
             raise await self._refusal(path, exc) from exc
         except asyncssh.SFTPFailure as exc:  # the server cannot list it: a file, not a folder
@@ -328,7 +361,7 @@ class _Pool:
         Reads start a quarter window at a time (one loop pass, so their requests leave in
         one channel write), not one per finished read: fewer packets for both ends.
         """
-        out: list[bytearray | Exception] = [OSError("read cancelled: the loader was closed")] * len(samples)
+        out: list[bytearray | Exception] = [LoaderClosed(f"read cancelled: {CLOSED}")] * len(samples)
         todo = iter(enumerate(samples))
         refill = max(1, window // 4)
         wake = asyncio.Event()
@@ -370,7 +403,7 @@ class _Pool:
             if slot.conn is not None:
                 slot.conn.close()
                 await slot.conn.wait_closed()
-            slot.conn = slot.wire = None
+            slot.conn = slot.wire = slot.says = None
         self.recycler.clear()
 
 
@@ -395,7 +428,7 @@ class _Pending:
     def settle(self, task: asyncio.Task[bytearray]) -> None:
         """Loop thread: record the task's outcome and wake the consumer if it waits."""
         if task.cancelled():  # the consumer stopped early (nobody waits), or the loader was closed
-            self.error = OSError("read cancelled: the loader was closed")
+            self.error = LoaderClosed(f"read cancelled: {CLOSED}")
         else:
             self.error = task.exception()
             self.value = None if self.error else task.result()
@@ -417,7 +450,7 @@ class _Pending:
             self.waiter = lock
             while not self.done and not lock.acquire(timeout=0.5):
                 if closed() and not self.done:
-                    raise OSError("read cancelled: the loader was closed")
+                    raise LoaderClosed(f"read cancelled: {CLOSED}")
         if self.error is not None:
             raise self.error
         assert self.value is not None
@@ -443,9 +476,13 @@ def _cancel(pendings: list[_Pending]) -> None:
 
 
 def _split(path: str) -> tuple[str | None, str]:
-    parts = path.strip("/").split("/", 2)
-    if len(parts) == 3 and parts[0] == "datasets":
-        return parts[1], parts[2]
+    """``/datasets/<name>/<rest>`` as ``(name, rest)``, parsed as the platform parses it; else ``(None, path)``."""
+    try:
+        target = parse(normalise(path))
+    except PathEscape:
+        return None, path
+    if target.kind is Kind.DATASET:
+        return target.name, "/".join(target.rest)
     return None, path
 
 
@@ -455,6 +492,32 @@ def job_tolerance(environ: Mapping[str, str]) -> float:
         return outage.check(float(environ.get("MEDBRIDGE_OUTAGE_TOLERANCE", outage.DEFAULT_TOLERANCE)))
     except ValueError:
         return outage.DEFAULT_TOLERANCE
+
+
+async def _ended_by_platform(says: PlatformSays | None) -> asyncssh.PermissionDenied | None:
+    """Did the platform end this connection on policy grounds?
+
+    A request can fail (its channel closed) just before the disconnect that says why
+    arrives: wait briefly for it.
+    """
+    if says is None:
+        return None
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(says.ended.wait(), 1.0)
+    return says.ended_by if isinstance(says.ended_by, asyncssh.PermissionDenied) else None
+
+
+def _revoked(path: str, exc: asyncssh.PermissionDenied) -> AccessRevoked:
+    return AccessRevoked(f"{path}: {exc.reason or 'access revoked'}")
+
+
+@contextlib.contextmanager
+def _ended(path: str) -> Iterator[None]:
+    """A session the platform ended on policy grounds is a refusal, not a dropped link."""
+    try:
+        yield
+    except asyncssh.PermissionDenied as exc:
+        raise _revoked(path, exc) from exc
 
 
 class Loader:
@@ -534,7 +597,7 @@ class Loader:
 
         def start() -> None:
             if pool.closed or loop.is_closed():
-                raise OSError("read_many: the loader was closed")
+                raise LoaderClosed(f"read_many: {CLOSED}")
             loop.call_soon_threadsafe(_start, pool, list(batch), self.verify)
             batch.clear()
 
@@ -636,7 +699,7 @@ class Loader:
                 pool.gather(samples, self.verify, window or self.window)
             ).result()
         except CancelledError:
-            raise OSError("read cancelled: the loader was closed") from None
+            raise LoaderClosed(f"read cancelled: {CLOSED}") from None
         return out
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ import asyncssh
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from medbridge.compute.session import connect
-from medbridge.errors import AccessDenied, MedbridgeError, PlatformUnavailable
+from medbridge.errors import AccessDenied, AccessRevoked, MedbridgeError, PlatformUnavailable
 from medbridge.loader.client import Loader, Sample
 from medbridge.loader.wire import Attrs
 from medbridge.policy.manifest import PARTIAL_SUFFIX, RESULTS_MANIFEST, format_manifest
@@ -392,7 +392,7 @@ async def _connect(loader: Loader) -> asyncssh.SSHClientConnection:
     try:
         return await connect(loader.endpoint)
     except AccessDenied as exc:
-        raise PermissionError(str(exc)) from exc
+        raise AccessRevoked(str(exc)) from exc
     except PlatformUnavailable as exc:
         raise ConnectionError(str(exc)) from exc
 

@@ -4,7 +4,8 @@ Both work with ``DataLoader(num_workers>0)``: the loader is pickled into each wo
 without its event loop or connections, and every worker opens its own on first use
 (sharing an event loop across fork is a known hang in async filesystem libraries).
 Items are dictionaries (``{"image": …, "path": …}``), so MONAI dictionary transforms
-apply as they are.
+apply as they are.  The loader's errors pass through unchanged (from a worker, DataLoader
+raises the same type): a revoked grant ends the epoch with :class:`AccessRevoked`.
 """
 
 from __future__ import annotations

@@ -222,7 +222,10 @@ class Wire(asyncssh.SSHClientSession[bytes]):
                 self._chan.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(asyncssh.SFTPConnectionLost(str(exc) if exc else "SFTP channel closed"))
+        if isinstance(exc, asyncssh.PermissionDenied):  # the platform ended the session: a refusal, kept as such
+            self._fail(exc)
+        else:
+            self._fail(asyncssh.SFTPConnectionLost(str(exc) if exc else "SFTP channel closed"))
 
     def _fail(self, exc: Exception) -> None:
         self._lost = self._lost or exc
