@@ -39,6 +39,16 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatfo
 Reader = Callable[[str], bytes]
 
 
+@pytest.fixture
+def relayed(platform: RunningPlatform, endpoint: Endpoint) -> Iterator[tuple[CuttableRelay, Endpoint]]:
+    """The job's endpoint through a relay the test can cut."""
+    relay = CuttableRelay((platform.host, platform.port))
+    try:
+        yield relay, Endpoint(endpoint.host, relay.port, endpoint.user, endpoint.host_key, endpoint.agent)
+    finally:
+        relay.close()
+
+
 @pytest.fixture(scope="module")
 def mount(platform: RunningPlatform, endpoint: Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if not os.path.exists("/dev/fuse") or shutil.which("sshfs") is None:
@@ -124,35 +134,31 @@ def test_a_consumer_that_stops_early_starts_no_more_reads(endpoint: Endpoint) ->
 
 
 def test_closing_the_loader_mid_epoch_fails_the_epoch_instead_of_hanging(
-    platform: RunningPlatform, endpoint: Endpoint
+    relayed: tuple[CuttableRelay, Endpoint],
 ) -> None:
     """Reads stalled on a cut link are stopped by close(); the consumer gets an error, not a hang."""
-    relay = CuttableRelay((platform.host, platform.port))
-    via = Endpoint(endpoint.host, relay.port, endpoint.user, endpoint.host_key, endpoint.agent)
-    try:
-        loader = Loader(via, window=12)
-        loader.datasets()  # connected through the relay
-        relay.cut()  # every read of the epoch now stalls, reconnecting
-        epoch = loader.read_many(["/datasets/xr/big/volume.raw"] * 12)
-        outcome: list[BaseException | str] = []
+    relay, via = relayed
+    loader = Loader(via, window=12)
+    loader.datasets()  # connected through the relay
+    relay.cut()  # every read of the epoch now stalls, reconnecting
+    epoch = loader.read_many(["/datasets/xr/big/volume.raw"] * 12)
+    outcome: list[BaseException | str] = []
 
-        def drain() -> None:
-            try:
-                for _ in epoch:
-                    pass
-                outcome.append("finished")
-            except OSError as exc:
-                outcome.append(exc)
+    def drain() -> None:
+        try:
+            for _ in epoch:
+                pass
+            outcome.append("finished")
+        except OSError as exc:
+            outcome.append(exc)
 
-        consumer = threading.Thread(target=drain, daemon=True)
-        consumer.start()
-        until(lambda: relay.refused >= 2 and loader.stats.started == 12, "the epoch's reads stalled, reconnecting")
-        loader.close()
-        consumer.join(HANG)
-        assert outcome and isinstance(outcome[0], LoaderClosed), outcome
-        assert "loader was closed" in str(outcome[0])
-    finally:
-        relay.close()
+    consumer = threading.Thread(target=drain, daemon=True)
+    consumer.start()
+    until(lambda: relay.refused >= 2 and loader.stats.started == 12, "the epoch's reads stalled, reconnecting")
+    loader.close()
+    consumer.join(HANG)
+    assert outcome and isinstance(outcome[0], LoaderClosed), outcome
+    assert "loader was closed" in str(outcome[0])
 
 
 def test_random_access_through_the_read_ahead_cache(endpoint: Endpoint) -> None:
@@ -177,36 +183,32 @@ def test_a_changed_file_is_an_integrity_error(platform: RunningPlatform, endpoin
         os.chmod(target, 0o440)
 
 
-def test_a_cut_link_stalls_reads_then_they_resume_and_match(platform: RunningPlatform, endpoint: Endpoint) -> None:
-    relay = CuttableRelay((platform.host, platform.port))
-    via = Endpoint(endpoint.host, relay.port, endpoint.user, endpoint.host_key, endpoint.agent)
-    try:
-        with Loader(via, connections=2, window=8) as loader:
-            paths = loader.files("xr")
-            epoch = loader.read_many(paths)
-            got = [bytes(next(epoch))]  # under way: one handed over, at most the window ahead started
-            relay.cut()  # the fifty-odd reads not started yet can only happen over the link
-            failed: list[OSError] = []
-            done = threading.Event()
+def test_a_cut_link_stalls_reads_then_they_resume_and_match(relayed: tuple[CuttableRelay, Endpoint]) -> None:
+    relay, via = relayed
+    with Loader(via, connections=2, window=8) as loader:
+        paths = loader.files("xr")
+        epoch = loader.read_many(paths)
+        got = [bytes(next(epoch))]  # under way: one handed over, at most the window ahead started
+        relay.cut()  # the fifty-odd reads not started yet can only happen over the link
+        failed: list[OSError] = []
+        done = threading.Event()
 
-            def finish() -> None:
-                try:
-                    got.extend(bytes(data) for data in epoch)
-                except OSError as exc:
-                    failed.append(exc)
-                done.set()
+        def finish() -> None:
+            try:
+                got.extend(bytes(data) for data in epoch)
+            except OSError as exc:
+                failed.append(exc)
+            done.set()
 
-            worker = threading.Thread(target=finish)
-            worker.start()
-            until(lambda: relay.refused >= 2, "the loader trying to reconnect through the cut")
-            assert not done.is_set() and not failed, "reads must stall while the link is down"
-            relay.restore()
-            worker.join(timeout=HANG)
-            assert done.is_set() and not failed, failed
-            assert got == [FILES[p.removeprefix("/datasets/xr/")] for p in paths]
-            assert loader.stats.reconnects >= 1
-    finally:
-        relay.close()
+        worker = threading.Thread(target=finish)
+        worker.start()
+        until(lambda: relay.refused >= 2, "the loader trying to reconnect through the cut")
+        assert not done.is_set() and not failed, "reads must stall while the link is down"
+        relay.restore()
+        worker.join(timeout=HANG)
+        assert done.is_set() and not failed, failed
+        assert got == [FILES[p.removeprefix("/datasets/xr/")] for p in paths]
+        assert loader.stats.reconnects >= 1
 
 
 def test_loader_works_in_a_forked_child(endpoint: Endpoint) -> None:
@@ -258,21 +260,19 @@ def test_a_session_the_platform_ended_is_a_refusal_naming_why_not_a_cut(platform
         assert any("ended-session" in r.detail for r in ends), "the platform ended the session"
         with pytest.raises(AccessRevoked, match=r"img/001\.bin: access revoked: grant ended for dataset\(s\) xr"):
             loader.read("/datasets/xr/img/001.bin")
+        with pytest.raises(AccessRevoked, match=r"img/001\.bin: access revoked"):  # no new login, the same refusal
+            loader.read("/datasets/xr/img/002.bin")
         assert loader.stats.reconnects == 0
 
 
-def test_a_link_cut_past_the_patience_is_platform_unreachable(platform: RunningPlatform, endpoint: Endpoint) -> None:
-    relay = CuttableRelay((platform.host, platform.port))
-    via = Endpoint(endpoint.host, relay.port, endpoint.user, endpoint.host_key, endpoint.agent)
-    try:
-        with Loader(via, patience=0.5) as loader:
-            assert loader.read("/datasets/xr/img/000.bin") == FILES["img/000.bin"]
-            relay.cut()
-            with pytest.raises(PlatformUnreachable, match=r"unreachable for 0\.5 s") as cut:
-                loader.read("/datasets/xr/img/001.bin")
-            assert isinstance(cut.value, ConnectionError) and loader.stats.reconnects >= 1, "retried until then"
-    finally:
-        relay.close()
+def test_a_link_cut_past_the_patience_is_platform_unreachable(relayed: tuple[CuttableRelay, Endpoint]) -> None:
+    relay, via = relayed
+    with Loader(via, patience=0.5) as loader:
+        assert loader.read("/datasets/xr/img/000.bin") == FILES["img/000.bin"]
+        relay.cut()
+        with pytest.raises(PlatformUnreachable, match=r"outage tolerance 0\.5 s") as cut:
+            loader.read("/datasets/xr/img/001.bin")
+        assert isinstance(cut.value, ConnectionError) and loader.stats.reconnects >= 1, "retried until then"
 
 
 class _NoSizes(JobSFTPServer):

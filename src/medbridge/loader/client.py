@@ -166,17 +166,21 @@ class _Pool:
         self.recycler = _Recycler(self.stats)
         self.reads: set[asyncio.Task[bytearray]] = set()  # started by read_many, not yet done
         self.closed = False
+        #: Why the platform refused this job, once it has: every later read fails with it, without a login.
+        self.refused: str | None = None
 
     async def _wire(self, slot: _Slot) -> Wire:
         async with slot.lock:
             if slot.wire is not None:
                 return slot.wire
+            if self.refused is not None:
+                raise AccessRevoked(self.refused)
             try:
                 slot.conn, slot.says = await connect_watched(self.ep, keepalive_interval=self.keepalive.interval,
                                                              keepalive_count_max=self.keepalive.count,
                                                              connect_timeout=10)  # fmt: skip
             except AccessDenied as exc:  # refused at login: final
-                raise AccessRevoked(str(exc)) from exc
+                raise self._revoked(str(exc)) from exc
             except PlatformUnavailable as exc:  # cut: the caller retries within its patience
                 raise ConnectionError(str(exc)) from exc
             coalesce(slot.conn)
@@ -216,14 +220,14 @@ class _Pool:
                 raise
             except asyncssh.PermissionDenied as exc:  # the platform ended the session on policy grounds
                 self._drop(slot)
-                raise _revoked(path, exc) from exc
+                raise self._ended_by(path, exc) from exc
             except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
                 raise await self._refusal(path, exc) from exc
             except _DROPPED as exc:
                 ended = await _ended_by_platform(says)
                 self._drop(slot)
                 if ended is not None:  # the request failed first, then the platform said why: a refusal
-                    raise _revoked(path, ended) from exc
+                    raise self._ended_by(path, ended) from exc
                 now = time.monotonic()
                 # a silent cut is noticed only when keepalives give up: the stall began when the platform was last heard
                 stalled_since = stalled_since or (max(started, min(now, wire.heard)) if wire is not None else now)
@@ -246,6 +250,23 @@ class _Pool:
         self.stats.bytes += len(data)
         return data
 
+    def _revoked(self, message: str) -> AccessRevoked:
+        """A refusal is final for the pool: later reads fail with it at once, not with a login each."""
+        if self.refused is None:
+            self.refused = message
+        return AccessRevoked(message)
+
+    def _ended_by(self, path: str, exc: asyncssh.PermissionDenied) -> AccessRevoked:
+        return self._revoked(f"{path}: {exc.reason or 'access revoked'}")
+
+    @contextlib.contextmanager
+    def _ended(self, path: str) -> Iterator[None]:
+        """A session the platform ended on policy grounds is a refusal, not a dropped link."""
+        try:
+            yield
+        except asyncssh.PermissionDenied as exc:
+            raise self._ended_by(path, exc) from exc
+
     async def _refusal(self, path: str, exc: Exception) -> OSError:
         dataset, _ = _split(path)
         if dataset is not None and dataset not in await self.visible():
@@ -257,7 +278,7 @@ class _Pool:
     async def visible(self) -> set[str]:
         if self._visible is None:
             wire = await self._wire(self.slots[0])
-            with _ended("/datasets"):
+            with self._ended("/datasets"):
                 self._visible = {n for n in await wire.listdir("/datasets") if n not in (".", "..")}
         return self._visible
 
@@ -339,7 +360,7 @@ class _Pool:
     async def stat(self, path: str) -> Attrs:
         wire = await self._wire(self.slots[0])
         try:
-            with _ended(path):
+            with self._ended(path):
                 return await wire.stat(path)
         except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
             raise await self._refusal(path, exc) from exc
@@ -347,7 +368,7 @@ class _Pool:
     async def scandir(self, path: str) -> list[tuple[str, Attrs]]:
         wire = await self._wire(self.slots[0])
         try:
-            with _ended(path):
+            with self._ended(path):
                 entries = await wire.scandir(path)
         except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied) as exc:
             raise await self._refusal(path, exc) from exc
@@ -505,19 +526,6 @@ async def _ended_by_platform(says: PlatformSays | None) -> asyncssh.PermissionDe
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(says.ended.wait(), 1.0)
     return says.ended_by if isinstance(says.ended_by, asyncssh.PermissionDenied) else None
-
-
-def _revoked(path: str, exc: asyncssh.PermissionDenied) -> AccessRevoked:
-    return AccessRevoked(f"{path}: {exc.reason or 'access revoked'}")
-
-
-@contextlib.contextmanager
-def _ended(path: str) -> Iterator[None]:
-    """A session the platform ended on policy grounds is a refusal, not a dropped link."""
-    try:
-        yield
-    except asyncssh.PermissionDenied as exc:
-        raise _revoked(path, exc) from exc
 
 
 class Loader:
