@@ -21,8 +21,8 @@ import pytest
 
 from medbridge.compute.residue import scan
 from medbridge.compute.session import MAX_FRUITLESS
-from medbridge.control.store import CertificateInfo
 from medbridge.platform.sftp import JobSFTPServer, OpenFile
+from medbridge.policy.sessions import CertificateFact
 from medbridge.testing import RunningPlatform
 from medbridge.testing.wait import HANG, Lines, until
 from tests.compute.test_job_run import job_cmd, job_env, job_run
@@ -335,7 +335,7 @@ def test_long_job_renews_its_certificate_and_keeps_its_mount(short_platform: Run
     read = 'cat "$MEDBRIDGE_MOUNT/datasets/chest/scan-002.bin" > /dev/null || exit 7'
     script = f"{_WAIT.format(stop, read + '; ')}{read}"
 
-    def renewed_twice() -> list[CertificateInfo]:
+    def renewed_twice() -> list[CertificateFact]:
         issued = [c for c in p.store.certificates("alice") if c.job_id == "renew"]
         return issued if len(issued) >= 3 else []
 
