@@ -42,8 +42,9 @@ def test_plan_refuses_what_cannot_run(changes: dict[str, object], words: str) ->
 
 @pytest.mark.skipif(available() is not None, reason=f"no network namespaces here: {available()}")
 def test_a_small_run_with_its_link_cut_completes_with_identical_outputs(tmp_path: Path) -> None:
-    """Small volumes (16x32x32) so the job is short; the cut lands while it reads."""
-    plan = outage.Plan(path="native", cut_at=4.0, cut_for=8.0, volumes=100, shape=(16, 32, 32))
+    """Small volumes (16x32x32) so the job is short; the cut lands while it reads (after its fifth volume, not
+    at a time: a quiet machine once read all 100 before a cut at 4 s)."""
+    plan = outage.Plan(path="native", cut_for=8.0, volumes=100, shape=(16, 32, 32), cut_after_reads=5)
     result = outage.run(plan)
     for key in ("path", "completed", "outputs_match", "cut_at_s", "cut_s", "stall_s", "timeline"):
         assert key in result

@@ -72,6 +72,8 @@ class Plan:
     #: The platform's outage tolerance (the job takes it); None: the default.
     tolerance: float | None = None
     shape: tuple[int, int, int] = phantom.SHAPE
+    #: Cut once this many volumes have been read instead of at ``cut_at`` (a test cuts on the event, not the clock).
+    cut_after_reads: int | None = None
 
     @classmethod
     def quick(cls, path: str = "mount") -> Plan:
@@ -197,7 +199,8 @@ def run(plan: Plan, progress: Callable[[str], None] | None = None) -> dict[str, 
         d.start()
         sampler = _Sampler(d)
         job = _Job(d, plan, root)
-        say(f"job started ({plan.path}); the link will be cut at {plan.cut_at:.0f} s for {plan.cut_for:.0f} s")
+        when = f"at {plan.cut_at:.0f} s" if plan.cut_after_reads is None else f"after {plan.cut_after_reads} volumes"
+        say(f"job started ({plan.path}); the link will be cut {when} for {plan.cut_for:.0f} s")
         cut = job.cut_and_wait(say)
         sampler.stop()
         assert ref.stdout is not None
@@ -264,12 +267,13 @@ class _Job:
                 started, self.t0 = True, first[0]["asked"]
                 say(f"the job set up in {self.t0 - self.launched:.1f} s; inference started (t=0)")
             now = time.time() - self.t0
-            if cut is None and now >= plan.cut_at:
+            due = now >= plan.cut_at if plan.cut_after_reads is None else len(self.reads()) >= plan.cut_after_reads
+            if cut is None and due:
                 sites.cut("hpc")
                 cut = (time.time(), time.time())
                 say(f"t={now:.0f} s: link cut at gw (both directions dropped), {len(self.reads())} volumes read")
                 try:
-                    self._sleep_until(self.t0 + plan.cut_at + plan.cut_for)
+                    self._sleep_until(cut[0] + plan.cut_for)
                 finally:
                     sites.restore("hpc")
                     cut = (cut[0], time.time())
