@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from medbridge import fastpath
 from medbridge.testing import RunningPlatform
 from medbridge.testing.postgres import PostgresServer
 
@@ -22,6 +23,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="sqlite",
         help="Control database of the control- and data-plane tests (postgresql: a private server the tests start).",
     )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.fastpath``: a test of what only the fast path has (read-file, corked replies, sealing)."""
+    if item.get_closest_marker("fastpath") is not None and not fastpath.enabled():
+        pytest.skip("the fast path is off here (MEDBRIDGE_FASTPATH or the asyncssh release): it has no such feature")
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,11 @@ from asyncssh.constants import MSG_CHANNEL_DATA
 from asyncssh.encryption import GCMEncryption
 from asyncssh.packet import Byte, String, UInt32
 
-from medbridge import transport
+from medbridge import fastpath
+from medbridge.fastpath import SealingChannel, coalesce, sealing_channel
 from medbridge.loader import Loader
 from medbridge.testing import RunningPlatform
-from medbridge.transport import CoalescingTransport, SealingChannel, coalesce, sealing_channel
+from medbridge.transport import CoalescingTransport
 from tests.conftest import CHEST
 
 
@@ -72,7 +73,11 @@ def test_close_and_abort_send_what_is_pending_first() -> None:
 
 
 def test_platform_and_loader_connections_are_coalesced_and_sealed(platform: RunningPlatform) -> None:
-    """Guards the asyncssh attributes coalesce() and SealingChannel use: if a release renames them, this fails."""
+    """Guards the asyncssh attributes coalesce() and SealingChannel use: if a release renames them, this fails.
+
+    Off the fast path (MEDBRIDGE_FASTPATH=off), the same reads go through asyncssh's own
+    transport and channels: nothing is coalesced or sealed, and the bytes are the same.
+    """
     names = ["scan-001.bin", "scan-002.bin", "labels/readme.txt"]
     with platform.job_endpoint("alice") as ep, Loader(ep, connections=1, verify=True) as loader:
         got = list(loader.read_many([f"/datasets/chest/{n}" for n in names * 5]))
@@ -81,11 +86,22 @@ def test_platform_and_loader_connections_are_coalesced_and_sealed(platform: Runn
         servers = [owner.transport for owner in platform.background.platform.sessions]
         channels = [chan for owner in platform.background.platform.sessions for chan in owner.channels]
     assert [bytes(b) for b in got] == [CHEST[n] for n in names * 5]
-    assert client and all(isinstance(t, CoalescingTransport) and t.packets > t.sends > 0 for t in client)
-    assert servers and all(t is not None and t.packets > t.sends > 0 for t in servers)
+    assert client and servers and channels
+    if not fastpath.enabled():
+        assert not any(isinstance(t, CoalescingTransport) for t in client) and servers == [None] * len(servers)
+        assert not any(isinstance(c, SealingChannel) for c in channels)
+        return
+    assert all(isinstance(t, CoalescingTransport) and t.packets > t.sends > 0 for t in client)
+    assert all(t is not None and t.packets > t.sends > 0 for t in servers)
     # the replies were sealed in place (the session channels' data left through SealingChannel)
-    assert channels and all(isinstance(c, SealingChannel) for c in channels)
+    assert all(isinstance(c, SealingChannel) for c in channels)
     assert sum(c.sealed for c in channels) > sum(map(len, got))
+
+
+@pytest.fixture
+def fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path's own code, tested whatever this process's gate says (CI runs this file with it on)."""
+    monkeypatch.setattr(fastpath, "enabled", lambda: True)
 
 
 # -- sealed channel data --------------------------------------------------------------------
@@ -180,6 +196,7 @@ async def _serve(
     [({"rekey_bytes": 2 << 20}, [], False), ({}, ["-o", "RekeyLimit=1M"], True)],
     ids=["server-starts-key-exchanges", "client-starts-key-exchanges"],
 )
+@pytest.mark.usefixtures("fast")
 def test_openssh_reads_sealed_data_intact_across_key_exchanges(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server_options: dict[str, Any], client_options: list[str],
     paced: bool,
@@ -241,6 +258,7 @@ def test_openssh_reads_sealed_data_intact_across_key_exchanges(
     ],
     ids=["small-window", "chacha20", "compressed"],
 )
+@pytest.mark.usefixtures("fast")
 def test_data_arrives_in_order_whatever_the_path(tmp_path: Path, options: dict[str, Any], sealed: bool) -> None:
     data = os.urandom(3 << 20)
     out, chan, (sent, received) = asyncio.run(_fetch(tmp_path, data, options))
@@ -249,6 +267,7 @@ def test_data_arrives_in_order_whatever_the_path(tmp_path: Path, options: dict[s
     assert (chan.sealed == len(data)) if sealed else (chan.sealed == 0), (chan.sealed, len(data))
 
 
+@pytest.mark.usefixtures("fast")
 def test_a_view_of_wider_items_is_sent_whole(tmp_path: Path) -> None:
     """A window counts bytes, a memoryview of 16-bit items counts items: such a view takes asyncssh's path."""
     data = memoryview(array.array("H", os.urandom(1 << 20)))
@@ -284,7 +303,7 @@ def test_sealed_packets_are_what_asyncssh_would_encrypt(monkeypatch: pytest.Monk
     can be compared.
     """
     key, iv, seq = os.urandom(16), os.urandom(12), 0xFFFFFFFE  # the sequence number wraps on the way
-    monkeypatch.setattr(transport.os, "urandom", lambda n: b"\x5a" * n)
+    monkeypatch.setattr(fastpath.os, "urandom", lambda n: b"\x5a" * n)
     sent: list[bytes] = []
     conn = SimpleNamespace(
         _send_encryption=GCMEncryption.new("aes128-gcm", key, iv), _transport=object(), _compressor=None,

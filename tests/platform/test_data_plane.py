@@ -13,9 +13,8 @@ from asyncssh.constants import FXP_DATA, FXP_STATUS
 
 from medbridge.control.audit import Record
 from medbridge.errors import GrantMissing
-from medbridge.platform.sftp import _CorkedWriter
+from medbridge.fastpath import SealingChannel, _CorkedWriter, coalesce
 from medbridge.testing import RunningPlatform
-from medbridge.transport import SealingChannel, coalesce
 from tests.conftest import CHEST
 
 
@@ -131,6 +130,7 @@ def test_ranged_reads_are_exact_and_past_the_end_is_eof(platform: RunningPlatfor
     assert closes[-1]["bytes_read"] == sum(len(g) for g in got), "bytes read are still counted for the audit"
 
 
+@pytest.mark.fastpath
 def test_replies_of_one_pass_share_channel_writes_in_order(platform: RunningPlatform) -> None:
     """64 reads sent together: answered in one channel write per MiB (the cork's bound), in request order, intact."""
     data = CHEST["scan-001.bin"]

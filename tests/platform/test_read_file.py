@@ -1,4 +1,7 @@
-"""The platform's whole-file read extension: one request per small file, decided and audited like ``open``."""
+"""The platform's whole-file read extension: one request per small file, decided and audited like ``open``.
+
+The extension is the fast path's (``medbridge.fastpath``); off it, the loader reads by handle.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import asyncio
 import os
 
 import asyncssh
+import pytest
 
 from medbridge.loader import Loader
 from medbridge.loader.wire import Buffer, Wire, open_wire
@@ -33,6 +37,7 @@ def _read_file(p: RunningPlatform, path: str, offset: int = 0, want: int = 1 << 
     return asyncio.run(go())
 
 
+@pytest.mark.fastpath
 def test_a_small_file_is_one_request_and_one_audit_row(platform: RunningPlatform) -> None:
     """The file itself: one read-file request (its manifest piece, for the check, is a request of its own)."""
     path = "/datasets/chest/scan-001.bin"
@@ -44,6 +49,7 @@ def test_a_small_file_is_one_request_and_one_audit_row(platform: RunningPlatform
     assert [r for r in platform.audit("sftp.open") if r.subject == path] == [], "no handle was opened for it"
 
 
+@pytest.mark.fastpath
 def test_short_reply_means_the_end_and_offsets_count_from_it(platform: RunningPlatform) -> None:
     data = CHEST["scan-001.bin"]
     assert _read_file(platform, "/datasets/chest/scan-001.bin", offset=150_000) == (True, data[150_000:])
@@ -57,6 +63,7 @@ def test_a_file_larger_than_one_request_reads_on_by_handle(platform: RunningPlat
     assert any(r.subject == "/datasets/chest/scan-001.bin" for r in platform.audit("sftp.open"))
 
 
+@pytest.mark.fastpath
 def test_refusals_are_the_same_as_for_open(platform: RunningPlatform) -> None:
     storage = platform.home.datasets / "chest"
     os.chmod(storage, 0o750)
@@ -92,6 +99,7 @@ def test_refusals_are_the_same_as_for_open(platform: RunningPlatform) -> None:
         assert (path, "read-file") in refused and (path, "open") in refused
 
 
+@pytest.mark.fastpath
 def test_the_manifest_reads_whole_through_it(platform: RunningPlatform) -> None:
     whole, manifest = _read_file(platform, "/datasets/chest/.manifest")
     assert whole and b"scan-001.bin" in manifest

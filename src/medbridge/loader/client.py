@@ -48,11 +48,11 @@ from medbridge.errors import (
     PlatformUnavailable,
     PlatformUnreachable,
 )
+from medbridge.fastpath import coalesce
 from medbridge.loader.cache import ReadAheadCache
 from medbridge.loader.wire import Attrs, Buffer, Wire, open_wire
 from medbridge.policy.manifest import DATASET_MANIFEST, MANIFEST_INDEX, Piece, find_piece, parse_index, parse_manifest
 from medbridge.policy.paths import Kind, PathEscape, normalise, parse
-from medbridge.transport import coalesce
 
 # Recycling trusts sys.getrefcount; from 3.14 CPython may borrow references without
 # counting them, and free-threaded builds count them per thread, so a buffer still held

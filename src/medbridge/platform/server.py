@@ -24,6 +24,7 @@ from medbridge.config import CIPHERS, Home, PlatformSettings
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
 from medbridge.errors import MedbridgeError, PlatformUnavailable
+from medbridge.fastpath import coalesce, sealing_channel
 from medbridge.net import bind, parse_networks
 from medbridge.platform.audit import AuditSink
 from medbridge.platform.catalogue import Catalogue
@@ -42,7 +43,7 @@ from medbridge.platform.sftp import JobSFTPServer, PlatformSession, Results
 from medbridge.policy.credentials import REFUSED_BANNER, serial_from_principals, serial_principal
 from medbridge.policy.paths import View
 from medbridge.policy.sessions import decide_session
-from medbridge.transport import CoalescingTransport, coalesce, sealing_channel
+from medbridge.transport import CoalescingTransport
 
 log = logging.getLogger("medbridge.platform")
 

@@ -13,12 +13,11 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
-import inspect
 import logging
 import os
 import stat
-import struct
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,18 +31,21 @@ from asyncssh.constants import (
     FILEXFER_TYPE_REGULAR,
     FILEXFER_TYPE_SPECIAL,
     FILEXFER_TYPE_SYMLINK,
-    FXP_CLOSE,
-    FXP_DATA,
-    FXP_OPENDIR,
-    FXP_READ,
 )
-from asyncssh.packet import PacketDecodeError, SSHPacket
-from asyncssh.sftp import MAX_SFTP_PACKET_LEN, MAX_SFTP_WRITE_LEN, SFTPLimits, SFTPServerHandler
+from asyncssh.sftp import MAX_SFTP_PACKET_LEN
 
-from medbridge.config import READ_FILE_EXTENSION
+from medbridge import fastpath
 from medbridge.control.audit import AuditEvent, escape_text, needs_escape
 from medbridge.errors import InvalidInput, MedbridgeError
 from medbridge.platform.limits import Account, Committing, Handles, OverQuota, Usage
+from medbridge.platform.requests import (
+    FAST_EXTENSIONS,
+    PASSED_EXTENSIONS,
+    SERVED_TYPES,
+    Held,
+    RequestFilter,
+    realpath_request,
+)
 from medbridge.policy.manifest import (
     DATASET_MANIFEST,
     MANIFEST_INDEX,
@@ -53,7 +55,6 @@ from medbridge.policy.manifest import (
 )
 from medbridge.policy.paths import Action, Kind, PathEscape, Refusal, Target, decide, normalise, parse, within
 from medbridge.processes import sha256_file
-from medbridge.transport import PassJoiner
 
 log = logging.getLogger("medbridge.platform")
 
@@ -65,11 +66,8 @@ if TYPE_CHECKING:
 #: request, one reply and one audit row instead of four requests (open, fstat, read, close)
 #: and two rows.
 MAX_READ = 4 << 20  # the most bytes one request returns, by READ or by the extension
-_DATA_HEAD = struct.Struct(">IBII")  # SFTP DATA reply: length, type, request id, payload length
 _WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_APPEND | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
 _NO_WRITE_BITS = ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
-#: asyncssh's extensions the platform does not serve (see SFTPHandler._process_refused).
-_REFUSED_EXTENSIONS = (b"copy-data", b"ranges@asyncssh.com")
 
 
 def _attrs(st: os.stat_result, *, read_only: bool) -> SFTPAttrs:
@@ -172,7 +170,19 @@ def _dir_attrs(mtime: int) -> SFTPAttrs:
 
 
 class JobSFTPServer(asyncssh.SFTPServer):
-    """One SFTP session of a job certificate; ``session`` is ``None`` for anything else."""
+    """One SFTP session of a job certificate; ``session`` is ``None`` for anything else.
+
+    Every public method of asyncssh's ``SFTPServer`` is overridden here or named in
+    :data:`REFUSED` (refused and audited) or :data:`NOT_REQUESTS`; a test fails on a new one.
+    ``map_path`` itself refuses: a base method that maps a client's path reaches nothing.
+    """
+
+    #: Base methods that serve nothing here: each refuses, audited.
+    REFUSED = frozenset({"map_path", "reverse_map_path", "open56", "lock", "unlock"})
+    #: Base members that are not requests: accessors of the session, and formatting of what a listing returns.
+    NOT_REQUESTS = frozenset({"channel", "connection", "env", "logger", "convert_attrs", "format_longname"})
+    #: The most bytes one read returns (said in the limits reply and the read-file extension).
+    max_read = MAX_READ
 
     def __init__(
         self,
@@ -193,6 +203,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self._catalogue = catalogue
         self._started = int(time.time())
         self._open: set[int] = set()
+        #: Requests the session's RequestFilter held back, by the path only it can name (see realpath).
+        self.held: dict[bytes, Held] = {}
         self._real_roots: dict[str, str] = {}
         self._usage: Account | None = None
 
@@ -218,9 +230,27 @@ class JobSFTPServer(asyncssh.SFTPServer):
             raise asyncssh.SFTPOpUnsupported(f"{op}: {reason}")
         raise asyncssh.SFTPPermissionDenied(f"{shown}: permission denied ({reason})")
 
-    def refuse_request(self, op: str, reason: str) -> None:
+    def refuse_request(self, op: str, reason: str) -> NoReturn:
         """Refuse and audit a request that names no path (an extension the platform does not serve)."""
         self._refuse("", op, Refusal.UNSUPPORTED, reason)
+
+    # -- asyncssh's own file system: never ------------------------------------------------
+
+    def map_path(self, path: bytes) -> bytes:
+        """Refused: every request is mapped by :meth:`_resolve`; asyncssh's mapping would name the host's files."""
+        self._refuse(os.fsdecode(path), "map_path", Refusal.DENIED, "not a request the platform serves")
+
+    def reverse_map_path(self, path: bytes) -> bytes:
+        self._refuse(os.fsdecode(path), "reverse_map_path", Refusal.DENIED, "not a request the platform serves")
+
+    def open56(self, path: bytes, desired_access: int, flags: int, attrs: SFTPAttrs) -> NoReturn:
+        self._refuse(os.fsdecode(path), "open56", Refusal.UNSUPPORTED, "SFTP version 5 and 6 opens are not served")
+
+    def lock(self, file_obj: object, offset: int, length: int, flags: int) -> NoReturn:
+        self.refuse_request("lock", "byte-range locks are not served")
+
+    def unlock(self, file_obj: object, offset: int, length: int) -> NoReturn:
+        self.refuse_request("unlock", "byte-range locks are not served")
 
     # -- limits ------------------------------------------------------------------------
 
@@ -380,6 +410,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
         return "medbridge"
 
     def realpath(self, path: bytes) -> bytes:
+        held = self.held.pop(path, None) if path[:1] == b"\0" else None
+        if held is not None:  # a request not served, held back by PlatformSession's filter: refused in turn
+            self.refuse_request(held.op, "not a request the platform serves")
         if self._session is None:
             self._refuse(os.fsdecode(path), "realpath", Refusal.DENIED, "only job-certificate sessions get data")
         malformed = _malformed(path)
@@ -410,7 +443,16 @@ class JobSFTPServer(asyncssh.SFTPServer):
                 return _dir_attrs(self._started)
             raise
 
-    async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
+    def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
+        """A directory handle: counted against ``max_open_handles`` for as long as asyncssh holds it.
+
+        asyncssh keeps what this returns as the handle and drops it on close or at the
+        session's end; the count is given back then, on either path of medbridge.fastpath.
+        """
+        self.take_handle(os.fsdecode(path), "opendir")  # escaped by the audit and the reply
+        return _Listing(self._scandir(path), self.give_handle)
+
+    async def _scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
         target, real = self._resolve(path, Action.LIST, "list")
         s = self._session
         assert s is not None
@@ -771,154 +813,44 @@ def _read_upto(fd: int, offset: int, length: int, size: int) -> bytes:
     return data
 
 
-class SFTPHandler(SFTPServerHandler):
-    """asyncssh's SFTP server protocol, plus ``read-file@medbridge`` (:meth:`JobSFTPServer.read_file`).
+class _Listing:
+    """A directory handle as asyncssh holds it: the names, and the handle given back when it is dropped."""
 
-    asyncssh has no public way to add an extension, so this extends its handler's tables;
-    ``tests/platform/test_read_file.py`` fails if a release changes them.
-    """
+    def __init__(self, names: AsyncIterator[SFTPName], give_back: Callable[[], None]):
+        self._names = names
+        weakref.finalize(self, give_back)  # asyncssh drops it on close and at the session's end
 
-    async def _process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
-        if pkttype == FXP_READ and self._read_in_place(pktid, SSHPacket(packet.get_remaining_payload())):
-            return
-        await super()._process_packet(pkttype, pktid, packet)
+    def __aiter__(self) -> _Listing:
+        return self
 
-    def _read_in_place(self, pktid: int, request: SSHPacket) -> bool:
-        """Answer a READ of a stored file with the bytes read straight into the reply being sent.
-
-        asyncssh's generic path copies each byte four times (into a string, a payload, a
-        packet, a frame) before its channel layer copies it again; here ``preadv`` fills
-        the reply in place.  Anything else (a virtual file, the end of a file, an error, a
-        malformed request) returns False and takes the generic path, which answers it.
-        """
-        try:
-            handle = request.get_string()
-            offset = request.get_uint64()
-            length = request.get_uint32()
-            request.check_end()
-        except PacketDecodeError:
-            return False
-        f = self._file_handles.get(handle)
-        if not isinstance(f, OpenFile) or not 0 < length <= MAX_READ:
-            return False
-        reply = bytearray(_DATA_HEAD.size + length)
-        try:
-            n = os.preadv(f.fd, [memoryview(reply)[_DATA_HEAD.size :]], offset)
-        except (OSError, OverflowError, ValueError):  # an offset past 2**63 is OverflowError, not OSError
-            return False
-        if n == 0:
-            return False
-        _DATA_HEAD.pack_into(reply, 0, 9 + n, FXP_DATA, pktid, n)
-        f.bytes_read += n
-        writer = self._writer
-        if writer is not None and not writer.channel.is_closing():
-            writer.write(reply if n == length else memoryview(reply)[: _DATA_HEAD.size + n])  # type: ignore[arg-type]
-        return True
-
-    async def _process_opendir(self, packet: SSHPacket) -> bytes:
-        """A directory handle counts against ``max_open_handles`` like a file handle."""
-        server = self._server
-        assert isinstance(server, JobSFTPServer)
-        path = SSHPacket(packet.get_remaining_payload()).get_string()
-        server.take_handle(os.fsdecode(path), "opendir")  # escaped by the audit and the reply
-        try:
-            return await super()._process_opendir(packet)
-        except BaseException:
-            server.give_handle()
-            raise
-
-    async def _process_close(self, packet: SSHPacket) -> None:
-        handle = SSHPacket(packet.get_remaining_payload()).get_string()
-        directory = handle in self._dir_handles
-        await super()._process_close(packet)
-        if directory:  # files are given back by JobSFTPServer.close
-            server = self._server
-            assert isinstance(server, JobSFTPServer)
-            server.give_handle()
-
-    async def _cleanup(self, exc: Exception | None) -> None:
-        server = self._server
-        if isinstance(server, JobSFTPServer):
-            for _ in self._dir_handles:
-                server.give_handle()
-            self._dir_handles.clear()
-        await super()._cleanup(exc)
-
-    async def _process_limits(self, packet: SSHPacket) -> SFTPLimits:
-        """What a client may ask of one request, and the handles it may hold (not the process's descriptors)."""
-        packet.check_end()
-        server = self._server
-        assert isinstance(server, JobSFTPServer)
-        return SFTPLimits(MAX_SFTP_PACKET_LEN, MAX_READ, MAX_SFTP_WRITE_LEN, server.handles.limit)
-
-    async def _process_refused(self, packet: SSHPacket) -> None:
-        """``copy-data`` and ``ranges@asyncssh.com``: never offered; asked anyway, refused and audited.
-
-        ``copy-data`` copies inside the server with one request (the issue's attack: a handle
-        copied onto itself filled a disk in seconds while the event loop did nothing else).
-        """
-        server = self._server
-        assert isinstance(server, JobSFTPServer)
-        server.refuse_request("extension", "copy-data and ranges@asyncssh.com are not served")
-
-    async def _process_read_file(self, packet: SSHPacket) -> tuple[bytes, bool]:
-        path = packet.get_string()
-        offset = packet.get_uint64()
-        length = packet.get_uint32()
-        packet.check_end()
-        server = self._server
-        assert isinstance(server, JobSFTPServer)
-        data = server.read_file(path, offset, length)
-        return (await data if inspect.isawaitable(data) else data), False
-
-    # asyncssh's own tables, extended (class attributes there too, never mutated)
-    _extensions = [  # noqa: RUF012
-        *((name, value) for name, value in SFTPServerHandler._extensions if name not in _REFUSED_EXTENSIONS),
-        (READ_FILE_EXTENSION, str(MAX_READ).encode()),
-    ]
-    _packet_handlers: dict[int | bytes, Any] = {  # noqa: RUF012
-        **SFTPServerHandler._packet_handlers,
-        READ_FILE_EXTENSION: _process_read_file,
-        FXP_OPENDIR: _process_opendir,
-        FXP_CLOSE: _process_close,
-        b"limits@openssh.com": _process_limits,
-        **dict.fromkeys(_REFUSED_EXTENSIONS, _process_refused),
-    }
-    _return_types = {**SFTPServerHandler._return_types, READ_FILE_EXTENSION: FXP_DATA}  # noqa: RUF012
-
-
-class _CorkedWriter(PassJoiner):
-    """The SFTP handler's writer: the replies of one event-loop pass go out in one channel write.
-
-    asyncssh's handler writes each reply on its own, and the channel sends each write
-    as its own packets: a 32 KiB read reply to sshfs is one full packet and one of 13
-    bytes.  Joined, the replies of a pass fill whole packets (half as many to seal, send
-    and decrypt; docs/benchmarks.md has what it gained behind sshfs).  Nothing waits
-    beyond the current pass, and at most ``limit`` bytes are held.  ``write_eof`` and
-    ``close`` send what is held first.
-    """
-
-    limit = 1 << 20
-
-    def __init__(self, writer: asyncssh.SSHWriter[bytes], loop: asyncio.AbstractEventLoop):
-        super().__init__(writer, loop)
-        self.channel = writer.channel
-
-    def _deliver(self, data: bytes, writes: int) -> None:
-        if not self.channel.is_closing():
-            try:
-                self._target.write(data)
-            except OSError as exc:  # run from the loop, outside the handler: end the session, never hang it
-                log.warning("SFTP replies could not be sent (%s): closing the channel", exc)
-                self.channel.close()
+    async def __anext__(self) -> SFTPName:
+        return await anext(self._names)
 
 
 class PlatformSession(asyncssh.SSHServerProcess[bytes]):
-    """A session channel: commands go to the process factory, the sftp subsystem to :class:`SFTPHandler`."""
+    """A session channel: commands go to the process factory, the sftp subsystem to a :class:`JobSFTPServer`.
 
-    def __init__(self, *args: Any, closed: Callable[[], None] | None = None):
-        super().__init__(*args)
+    An SFTP session's requests pass a :class:`RequestFilter` first: only those listed in
+    ``medbridge.platform.requests`` reach asyncssh's handler; the rest are refused here,
+    audited (``limits@openssh.com`` is answered here).  The handler is asyncssh's own, or
+    on the fast path ``medbridge.fastpath.SFTPHandler``.
+    """
+
+    def __init__(
+        self,
+        process_factory: asyncssh.SSHServerProcessFactory[bytes],
+        sftp_factory: Callable[[asyncssh.SSHServerChannel[bytes]], JobSFTPServer],
+        sftp_version: int,
+        allow_scp: bool,
+        *,
+        closed: Callable[[], None] | None = None,
+    ):
+        super().__init__(process_factory, self._start_server, sftp_version, allow_scp)  # type: ignore[arg-type]
+        self._make_server = sftp_factory
         self._closed = closed
+        self._filter: RequestFilter | None = None
+        #: The SFTP server of this session, once its sftp subsystem started.
+        self.server: JobSFTPServer | None = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -926,17 +858,33 @@ class PlatformSession(asyncssh.SSHServerProcess[bytes]):
             self._closed()
             self._closed = None
 
+    def _start_server(self, chan: asyncssh.SSHServerChannel[bytes]) -> JobSFTPServer:
+        self.server = self._make_server(chan)
+        return self.server
+
     def session_started(self) -> None:
-        chan = self._chan
-        if chan.get_subsystem() != "sftp":
+        if self.channel.get_subsystem() != "sftp":
             super().session_started()
             return
-        chan.set_encoding(None)
-        server = self._sftp_factory(chan) if self._sftp_factory is not None else None
-        assert isinstance(server, JobSFTPServer)
-        writer = _CorkedWriter(asyncssh.SSHWriter(self, chan), asyncio.get_running_loop())
-        handler = SFTPHandler(server, asyncssh.SSHReader(self, chan), writer, 3)  # type: ignore[arg-type]
-        chan.get_connection().create_task(handler.run(), handler.logger)
+        extensions = PASSED_EXTENSIONS | (FAST_EXTENSIONS if fastpath.enabled() else frozenset())
+        self._filter = RequestFilter(SERVED_TYPES, extensions, MAX_SFTP_PACKET_LEN, self._hold)
+        if not fastpath.start_sftp(self, self._start_server, PASSED_EXTENSIONS):
+            super().session_started()  # asyncssh's public path: its own handler calls _start_server
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._filter is None or datatype is not None:
+            super().data_received(data, datatype)
+            return
+        for part in self._filter.feed(data):
+            super().data_received(part, datatype)
+
+    def _hold(self, request: Held) -> bytes:
+        """A request not served becomes a REALPATH of a path only this session can name; realpath refuses it."""
+        server = self.server
+        assert server is not None  # made before any request is read, on either path
+        path = b"\0held/" + os.urandom(16).hex().encode()
+        server.held[path] = request
+        return realpath_request(request.pktid, path)
 
 
 #: Longest path and path component a request may name, in bytes (Linux's PATH_MAX and NAME_MAX).
