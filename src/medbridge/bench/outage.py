@@ -363,7 +363,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     verdict = "completed, outputs identical" if result["completed"] and result["outputs_match"] else "FAILED"
     ax.set_title(f"bench outage, {result['path']}: {verdict}; longest wait for a volume {result['stall_s']:.0f} s",
                  fontsize=10)  # fmt: skip
-    ax.set_xlabel("seconds since the job started")
+    ax.set_xlabel("seconds since the job asked for its first volume")
     ax.set_ylabel("MB/s through the gateway")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
