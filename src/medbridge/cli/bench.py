@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -13,8 +16,18 @@ from medbridge.cli import output
 
 
 @click.group()
-def bench() -> None:
+@click.pass_context
+def bench(ctx: click.Context) -> None:
     """Measure: round trips, relay cost, reading by every path, worker scaling, outages, the original experiments."""
+    # A benchmark stopped by SIGTERM (a batch system's time limit, kill) must still stop the servers, namespaces
+    # and files it made: raised as an interrupt, the SIGTERM runs every cleanup on the way out (exit 130).
+    if threading.current_thread() is threading.main_thread():
+        before = signal.signal(signal.SIGTERM, _interrupted)
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, before))
+
+
+def _interrupted(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def _say(as_json: bool) -> Callable[[str], None]:
