@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -96,7 +97,7 @@ class OpenFile:
     writable: bool
     read_only_view: bool
     job_root: str | None = None
-    #: The job whose results it writes (quota and frozen checks), for a writable handle.
+    #: The job whose results it holds open (quota; for a writable handle also the frozen check).
     job: str | None = None
     append: bool = False
     bytes_read: int = 0
@@ -205,6 +206,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self._open: set[int] = set()
         #: Requests the session's RequestFilter held back, by the path only it can name (see realpath).
         self.held: dict[bytes, Held] = {}
+        #: Handles on results files, by descriptor: each holds its file with a shared ``flock`` (see :meth:`_let_go`).
+        self._held_results: dict[int, OpenFile] = {}
         self._real_roots: dict[str, str] = {}
         self._usage: Account | None = None
 
@@ -524,11 +527,54 @@ class JobSFTPServer(asyncssh.SFTPServer):
             else:
                 fd, _ = _open_regular(target, real, vpath, os.O_RDONLY)
                 handle = OpenFile(fd, vpath, False, target.kind is Kind.DATASET)
+                if target.kind is Kind.RESULT:
+                    handle.job = target.job
+                    self._hold(handle)
         except BaseException:
             self.give_handle()
             raise
         self._open.add(handle.fd)
         return self._opened(handle)
+
+    def _hold(self, f: OpenFile) -> None:
+        """Hold a results file open with a shared ``flock``: while any handle holds it, removing it gives no bytes back.
+
+        A file removed (or replaced) while open keeps its blocks until its last handle
+        closes; its bytes stay charged until then (:meth:`_let_go`), so a job cannot
+        write, remove and keep the handle to hold space its quota forgot.
+        """
+        try:
+            fcntl.flock(f.fd, fcntl.LOCK_SH)
+            gone = os.fstat(f.fd).st_nlink == 0
+        except BaseException:
+            os.close(f.fd)
+            raise
+        if gone:  # removed between the open and the lock: its bytes were given back
+            os.close(f.fd)
+            raise asyncssh.SFTPNoSuchFile(f"{f.path}: no such file")
+        self._held_results[f.fd] = f
+
+    def _let_go(self, fd: int) -> None:
+        """Close a descriptor; the last handle on a removed results file gives its bytes back to the quota."""
+        f = self._held_results.pop(fd, None)
+        if f is None or f.job is None:
+            os.close(fd)
+            return
+        try:
+            account = self._account()
+            try:
+                account.acquire(f.job)  # removals decide under the same lock: each removed file is given back once
+            except Committing:
+                log.warning("%s: closed while its job commits; its removed bytes stay charged", f.path)
+                return
+            try:
+                st = os.fstat(fd)
+                if st.st_nlink == 0 and stat.S_ISREG(st.st_mode) and _lock_alone(fd):
+                    account.charge(f.job, -st.st_size, 0, check=False)
+            finally:
+                account.release()
+        finally:
+            os.close(fd)
 
     def _open_for_writing(self, target: Target, real: str | None, vpath: str, pflags: int,
                           attrs: SFTPAttrs) -> OpenFile:  # fmt: skip
@@ -543,7 +589,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         ):
             if pflags & sftp_flag:
                 flags |= os_flag
-        perms = 0o640 if attrs.permissions is None else attrs.permissions & 0o750
+        perms = 0o640 if attrs.permissions is None else _result_mode(attrs.permissions)
 
         def measure() -> tuple[int, int]:  # a new file is one more entry, a truncated one gives its bytes back
             before = _lstat(real)
@@ -554,7 +600,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
         with self._charged(vpath, "open", target.job, measure):
             fd, _ = _open_regular(target, real, vpath, flags, perms)
         job_root = self._root(self._session, target)
-        return OpenFile(fd, vpath, True, False, job_root=job_root, job=target.job, append=bool(flags & os.O_APPEND))
+        handle = OpenFile(fd, vpath, True, False, job_root=job_root, job=target.job, append=bool(flags & os.O_APPEND))
+        self._hold(handle)
+        return handle
 
     async def _open_catalogue(self, target: Target, which: int, vpath: str) -> OpenFile:
         """(Its handle already counted by :meth:`open`: given back if it cannot be opened.)"""
@@ -647,7 +695,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         f = _handle(file_obj)
         self.give_handle()
         self._open.discard(f.fd)
-        os.close(f.fd)
+        self._let_go(f.fd)
         seconds = round(time.monotonic() - f.opened, 3)
         self._event("sftp.close", f.path, bytes_read=f.bytes_read, bytes_written=f.bytes_written, seconds=seconds)
         if f.bytes_written:
@@ -674,7 +722,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
             self._resize(f, op, size, -1, truncate)
             self._event("sftp.truncate", f.path, size=size, op=op)
         if attrs.permissions is not None:
-            os.fchmod(f.fd, attrs.permissions & 0o750)
+            os.fchmod(f.fd, _result_mode(attrs.permissions))
         if attrs.atime is not None and attrs.mtime is not None:
             os.utime(f.fd, (attrs.atime, attrs.mtime))
 
@@ -707,7 +755,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
     def remove(self, path: bytes) -> None:
         target, real = self._resolve(path, Action.WRITE, "remove")
         assert real is not None and target.job is not None
-        with self._charged(target.path, "remove", target.job, lambda: _given_back(real)):
+        with _Replaced(real) as replaced, self._charged(target.path, "remove", target.job, replaced.measure):
             os.remove(real)
         self._audit_change("sftp.remove", path)
 
@@ -743,7 +791,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
             await self._commit(target, old, new)
         else:
             assert target.job is not None
-            with self._charged(target.path, "rename", target.job, lambda: _given_back(new)):  # what it replaces
+            with _Replaced(new, old) as replaced, self._charged(target.path, "rename", target.job, replaced.measure):
                 os.replace(old, new)
         self._audit_change("sftp.rename", oldpath, to=normalise(os.fsdecode(newpath)))
 
@@ -777,7 +825,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
     def exit(self) -> None:
         for fd in list(self._open):
             try:
-                os.close(fd)
+                self._let_go(fd)
             except OSError as exc:
                 if exc.errno != errno.EBADF:
                     raise
@@ -962,12 +1010,57 @@ def _handle(file_obj: object) -> OpenFile:
     return file_obj
 
 
-def _given_back(path: str) -> tuple[int, int]:
-    """What removing (or replacing) ``path`` gives back: its bytes if a file, and its entry; nothing if absent."""
-    st = _lstat(path)
-    if st is None:
-        return 0, 0
-    return (-st.st_size if stat.S_ISREG(st.st_mode) else 0), -1
+class _Replaced:
+    """What removing ``path`` (or renaming ``source`` onto it) gives back to the quota, measured under the user's lock.
+
+    Its entry, and its bytes if it is a regular file no handle holds (a held one gives
+    them back at its last close, :meth:`JobSFTPServer._let_go`).  Nothing if it is absent,
+    or if ``source`` is the same file (a name renamed onto itself, or a hard link of it:
+    the rename does nothing).  The file stays locked until the change is done, so no
+    handle takes hold of it in between.
+    """
+
+    def __init__(self, path: str, source: str | None = None):
+        self._path = path
+        self._source = source
+        self._fd: int | None = None
+
+    def __enter__(self) -> _Replaced:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def measure(self) -> tuple[int, int]:
+        st = _lstat(self._path)
+        if st is None:
+            return 0, 0
+        source = _lstat(self._source)
+        if source is not None and (source.st_dev, source.st_ino) == (st.st_dev, st.st_ino):
+            return 0, 0
+        if not stat.S_ISREG(st.st_mode):
+            return 0, -1
+        fd = self._fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        held = os.fstat(fd)
+        if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino) or not _lock_alone(fd):
+            return 0, -1  # held open by a handle: its bytes stay charged until the last one closes
+        return -held.st_size, -1
+
+
+def _result_mode(asked: int) -> int:
+    """A mode a client asks for a result: never beyond 0750, never unreadable to the platform (it hashes, locks it)."""
+    return (asked & 0o750) | 0o600
+
+
+def _lock_alone(fd: int) -> bool:
+    """Lock ``fd``'s file exclusively if no other handle holds it (any worker's: ``flock`` is the kernel's)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _lstat(path: str | None) -> os.stat_result | None:
