@@ -269,6 +269,10 @@ class FileServer(Protocol):
     @property
     def handles(self) -> _Handles: ...
 
+    @property
+    def congested(self) -> bool:
+        """Whether the channel's unsent replies are past its mark: a READ then takes the generic path, which waits."""
+
     def read_file(self, path: bytes, offset: int, length: int) -> bytes | Awaitable[bytes]: ...
 
 
@@ -305,7 +309,7 @@ class SFTPHandler(SFTPServerHandler):
             return False
         f = self._file_handles.get(handle)
         server = cast(FileServer, self._server)
-        if not isinstance(f, ReadableFile) or not 0 < length <= server.max_read:
+        if not isinstance(f, ReadableFile) or not 0 < length <= server.max_read or server.congested:
             return False
         reply = bytearray(_SFTP_DATA_HEAD.size + length)
         try:

@@ -117,3 +117,12 @@ def test_without_the_extension_the_loader_reads_by_handle(platform: RunningPlatf
             return bytes(buf.result())
 
     assert asyncio.run(go()) == CHEST["scan-002.bin"]
+
+
+@pytest.mark.fastpath
+def test_an_offset_past_the_kernels_is_a_clean_refusal(platform: RunningPlatform) -> None:
+    """read-file at 2**64-1 (an OverflowError inside once): a one-line refusal, audited."""
+    with pytest.raises(asyncssh.SFTPPermissionDenied, match="past the largest a file may have"):
+        _read_file(platform, "/datasets/chest/scan-001.bin", offset=(1 << 64) - 1)
+    refused = platform.audit("sftp.refused", until=lambda r: "past the largest" in r.detail)
+    assert any(r.as_dict()["detail"]["op"] == "read-file" for r in refused)

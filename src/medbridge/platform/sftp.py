@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import inspect
 import logging
 import os
 import stat
@@ -23,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPName
@@ -69,6 +70,11 @@ if TYPE_CHECKING:
 MAX_READ = 4 << 20  # the most bytes one request returns, by READ or by the extension
 _WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_APPEND | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
 _NO_WRITE_BITS = ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+#: The largest file offset the kernel takes (``off_t``); a request past it reads or writes nothing anywhere.
+MAX_OFFSET = (1 << 63) - 1
+#: Unsent replies an SFTP channel may hold (its client's window closed) before requests with large replies wait.
+REPLY_HIGH_WATER = 1 << 20
+_T = TypeVar("_T")
 
 
 def _attrs(st: os.stat_result, *, read_only: bool) -> SFTPAttrs:
@@ -86,6 +92,39 @@ def _attrs(st: os.stat_result, *, read_only: bool) -> SFTPAttrs:
     )  # fmt: skip
     return SFTPAttrs(type=kind, size=st.st_size, uid=0, gid=0, permissions=mode,
                      atime=int(st.st_atime), mtime=int(st.st_mtime))  # fmt: skip
+
+
+class Backlog:
+    """The unsent replies of one SFTP channel, as its session hears of them (``pause_writing``/``resume_writing``).
+
+    Past the channel's high-water mark (:data:`REPLY_HIGH_WATER`) the requests whose replies
+    can be larger than they are (reads, listings, attributes) wait for room before they are
+    served.  asyncssh serves a channel's requests one at a time, so a client that stops reading
+    its replies stalls only its own session, and holds at most the mark and one reply.
+    """
+
+    def __init__(self) -> None:
+        self._room = asyncio.Event()
+        self._room.set()
+
+    @property
+    def full(self) -> bool:
+        return not self._room.is_set()
+
+    def pause(self) -> None:
+        self._room.clear()
+
+    def resume(self) -> None:
+        self._room.set()
+
+    async def room(self) -> None:
+        await self._room.wait()
+
+    async def after(self, reply: Callable[[], _T | Awaitable[_T]]) -> _T:
+        """``reply()``, once there is room."""
+        await self._room.wait()
+        result = reply()
+        return await result if inspect.isawaitable(result) else result
 
 
 @dataclass
@@ -210,6 +249,17 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self._held_results: dict[int, OpenFile] = {}
         self._real_roots: dict[str, str] = {}
         self._usage: Account | None = None
+        #: The channel's unsent replies, once :class:`PlatformSession` started the session.
+        self.backlog = Backlog()
+
+    @property
+    def congested(self) -> bool:
+        """Whether the channel holds more unsent replies than it may: a reply waits for room (:class:`Backlog`)."""
+        return self.backlog.full
+
+    def _paced(self, reply: Callable[[], _T | Awaitable[_T]]) -> _T | Awaitable[_T]:
+        """``reply()`` now, or once the channel's unsent replies are back under its mark."""
+        return self.backlog.after(reply) if self.backlog.full else reply()
 
     # -- the one hook ------------------------------------------------------------------
 
@@ -412,7 +462,10 @@ class JobSFTPServer(asyncssh.SFTPServer):
     def format_group(self, gid: int | None) -> str:
         return "medbridge"
 
-    def realpath(self, path: bytes) -> bytes:
+    def realpath(self, path: bytes) -> bytes | Awaitable[bytes]:
+        return self._paced(lambda: self._realpath(path))
+
+    def _realpath(self, path: bytes) -> bytes:
         held = self.held.pop(path, None) if path[:1] == b"\0" else None
         if held is not None:  # a request not served, held back by PlatformSession's filter: refused in turn
             self.refuse_request(held.op, "not a request the platform serves")
@@ -427,10 +480,10 @@ class JobSFTPServer(asyncssh.SFTPServer):
             self._refuse(os.fsdecode(path), "realpath", Refusal.DENIED, str(exc))
 
     def stat(self, path: bytes) -> SFTPAttrs | Awaitable[SFTPAttrs]:
-        return self._stat(path, "stat", os.stat)
+        return self._paced(lambda: self._stat(path, "stat", os.stat))
 
     def lstat(self, path: bytes) -> SFTPAttrs | Awaitable[SFTPAttrs]:
-        return self._stat(path, "lstat", os.lstat)
+        return self._paced(lambda: self._stat(path, "lstat", os.lstat))
 
     def _stat(self, path: bytes, op: str, fn: Callable[[str], os.stat_result]) -> SFTPAttrs | Awaitable[SFTPAttrs]:
         target, real = self._resolve(path, Action.READ, op)
@@ -453,7 +506,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         session's end; the count is given back then, on either path of medbridge.fastpath.
         """
         self.take_handle(os.fsdecode(path), "opendir")  # escaped by the audit and the reply
-        return _Listing(self._scandir(path), self.give_handle)
+        return _Listing(self._scandir(path), self.give_handle, self.backlog)
 
     async def _scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
         target, real = self._resolve(path, Action.LIST, "list")
@@ -616,8 +669,12 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def read_file(self, path: bytes, offset: int, length: int) -> bytes | Awaitable[bytes]:
         """``read-file@medbridge``: decided by the same hook as ``open``, audited as one ``sftp.read``."""
+        return self._paced(lambda: self._read_file(path, offset, length))
+
+    def _read_file(self, path: bytes, offset: int, length: int) -> bytes | Awaitable[bytes]:
         target, real = self._resolve(path, Action.READ, "read-file")
         vpath = normalise(os.fsdecode(path))
+        self._offset_bound(vpath, "read-file", offset)
         length = min(length, MAX_READ)
         which = _catalogue_file(target)
         if which is not None:
@@ -651,8 +708,18 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self._event("sftp.open", handle.path, mode="write" if handle.writable else "read")
         return handle
 
-    def read(self, file_obj: object, offset: int, size: int) -> bytes:
+    def read(self, file_obj: object, offset: int, size: int) -> bytes | Awaitable[bytes]:
         f = _handle(file_obj)
+        return self._paced(lambda: self._read(f, offset, size))
+
+    def _offset_bound(self, vpath: str, op: str, offset: int) -> None:
+        if offset > MAX_OFFSET:
+            self._refuse(
+                vpath, op, Refusal.DENIED, f"offset {offset} is past the largest a file may have ({MAX_OFFSET})"
+            )
+
+    def _read(self, f: OpenFile, offset: int, size: int) -> bytes:
+        self._offset_bound(f.path, "read", offset)
         size = min(size, MAX_READ)  # a short read is allowed; a 4 GiB allocation per request is not
         data = os.pread(f.fd, size, offset)
         f.bytes_read += len(data)
@@ -701,9 +768,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
         if f.bytes_written:
             self._event("sftp.write", f.path, bytes=f.bytes_written)
 
-    def fstat(self, file_obj: object) -> SFTPAttrs:
+    def fstat(self, file_obj: object) -> SFTPAttrs | Awaitable[SFTPAttrs]:
         f = _handle(file_obj)
-        return _attrs(os.fstat(f.fd), read_only=f.read_only_view)
+        return self._paced(lambda: _attrs(os.fstat(f.fd), read_only=f.read_only_view))
 
     def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         f = _handle(file_obj)
@@ -864,14 +931,17 @@ def _read_upto(fd: int, offset: int, length: int, size: int) -> bytes:
 class _Listing:
     """A directory handle as asyncssh holds it: the names, and the handle given back when it is dropped."""
 
-    def __init__(self, names: AsyncIterator[SFTPName], give_back: Callable[[], None]):
+    def __init__(self, names: AsyncIterator[SFTPName], give_back: Callable[[], None], backlog: Backlog):
         self._names = names
+        self._backlog = backlog
         weakref.finalize(self, give_back)  # asyncssh drops it on close and at the session's end
 
     def __aiter__(self) -> _Listing:
         return self
 
     async def __anext__(self) -> SFTPName:
+        if self._backlog.full:
+            await self._backlog.room()
         return await anext(self._names)
 
 
@@ -902,13 +972,26 @@ class PlatformSession(asyncssh.SSHServerProcess[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self.server is not None:  # a reply waiting for room goes nowhere now: let it end
+            self.server.backlog.resume()
         if self._closed is not None:  # once: the connection's count of open channels
             self._closed()
             self._closed = None
 
     def _start_server(self, chan: asyncssh.SSHServerChannel[bytes]) -> JobSFTPServer:
         self.server = self._make_server(chan)
+        chan.set_write_buffer_limits(REPLY_HIGH_WATER)  # past it, pause_writing: the server's replies wait
         return self.server
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.server is not None:
+            self.server.backlog.pause()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.server is not None:
+            self.server.backlog.resume()
 
     def session_started(self) -> None:
         if self.channel.get_subsystem() != "sftp":
