@@ -95,6 +95,24 @@ class Usage:
     def account(self, user: str) -> Account:
         return Account(self, user)
 
+    def refused_after_hashing(self, user: str, job: str, *, add: bool = False) -> int:
+        """How many of ``job``'s commits were refused once their files were hashed (``add``: one more).
+
+        Call it holding :meth:`committing`: a count shared by every worker, kept beside the
+        job's usage record (a name no job can have).
+        """
+        path = self.folder / user / f".refused-commits-{job}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            text = os.pread(fd, 32, 0)
+            count = int(text) if text.strip().isdigit() else 0
+            if add:
+                count += 1
+                os.pwrite(fd, str(count).encode().ljust(20), 0)
+            return count
+        finally:
+            os.close(fd)
+
     @contextlib.contextmanager
     def committing(self, user: str, job: str) -> Iterator[None]:
         """Hold ``job``'s record exclusively while its commit verifies: no worker changes the job meanwhile.

@@ -153,15 +153,25 @@ class Results:
     worker's changes (:meth:`Usage.committing`: they are refused), and once the manifest
     is in place nothing in the folder can change.  Verification has threads of its own, so no number of
     commits can delay enforcement or the audit.
+
+    Hashing is the one cost a job can make the platform pay at will (a sparse file of the
+    quota's size reads as fast as memory, its holes hashed too), so it is bounded twice: a
+    user's commits verify one at a time in each worker (another user's find a thread
+    free), and a job whose commits were refused :data:`MAX_REFUSED_AFTER_HASHING` times
+    once hashed cannot commit any more.
     """
 
     MAX_ENTRIES = 100_000
+    #: Commits of one job refused after their files were hashed (a wrong SHA-256) before its commits are refused unread.
+    MAX_REFUSED_AFTER_HASHING = 3
 
     def __init__(self, root: str, usage: Usage, workers: int = 2):
         self.root = root
         self.usage = usage
         self._committing: set[str] = set()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="medbridge-commit")
+        #: One commit verifying at a time per user in this worker, and how many wait for it.
+        self._users: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def job_root(self, user: str, job: str) -> str:
         return os.path.join(self.root, user, job)
@@ -175,19 +185,34 @@ class Results:
         if self.frozen(job_root):
             return "the job's results are already committed"
         self._committing.add(job_root)
+        lock, waiting = self._users.get(user) or (asyncio.Lock(), 0)
+        self._users[user] = (lock, waiting + 1)
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, self._commit, user, job, staged, final)
+            async with lock:  # the user's previous commit in this worker first: other users' take the other threads
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._pool, self._commit, user, job, staged, final)
         finally:
             self._committing.discard(job_root)
+            lock, waiting = self._users[user]
+            if waiting == 1:
+                del self._users[user]
+            else:
+                self._users[user] = (lock, waiting - 1)
 
     def _commit(self, user: str, job: str, staged: str, final: str) -> tuple[int, int, str] | str:
         """In a commit thread: with the job held against every worker's changes, verify, then rename."""
-        job_root, quota = self.job_root(user, job), self.usage.quota
+        job_root, quota, most = self.job_root(user, job), self.usage.quota, self.MAX_REFUSED_AFTER_HASHING
         with self.usage.committing(user, job):
             if os.path.lexists(os.path.join(job_root, RESULTS_MANIFEST)):
                 return "the job's results are already committed"
+            if self.usage.refused_after_hashing(user, job) >= most:
+                return (f"the job's commits were refused {most} times after hashing (a wrong SHA-256): "
+                        "it can no longer commit")  # fmt: skip
             verdict = verify_results(job_root, staged, self.MAX_ENTRIES, quota.file_size, quota.job_bytes)
+            if isinstance(verdict, Mismatch):
+                left = most - self.usage.refused_after_hashing(user, job, add=True)
+                then = f"{left} more such refusal{'s' if left != 1 else ''} and" if left > 0 else "now"
+                return f"{verdict} ({then} the job can no longer commit)"
             if not isinstance(verdict, str):
                 os.replace(staged, final)
             return verdict
@@ -1046,6 +1071,10 @@ def _catalogue_file(target: Target) -> int | None:
     return None
 
 
+class Mismatch(str):
+    """A commit refused once its files were hashed: a file does not match its SHA-256 (counted per job)."""
+
+
 def verify_results(
     job_root: str, manifest_file: str, max_entries: int, max_file: int, max_bytes: int
 ) -> tuple[int, int, str] | str:
@@ -1059,7 +1088,11 @@ def verify_results(
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             return "the manifest is not a regular file"
         raw = f.read(1 << 24)
-    entries = parse_manifest(raw.decode("utf-8", errors="strict"))
+    try:
+        text = raw.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        return f"the manifest is not UTF-8 (byte {exc.start})"
+    entries = parse_manifest(text)
     if not entries:
         return "the manifest names no files"
     if len(entries) > max_entries:
@@ -1083,7 +1116,7 @@ def verify_results(
     for (sha, rel), path in zip(entries, paths, strict=True):
         total += os.path.getsize(path)
         if sha256_file(path) != sha:
-            return f"{rel} does not match its SHA-256"
+            return Mismatch(f"{rel} does not match its SHA-256")
     return len(entries), total, hashlib.sha256(raw).hexdigest()
 
 
