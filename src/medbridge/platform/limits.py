@@ -82,6 +82,23 @@ class Handles:
     held: int = 0
 
 
+@dataclass
+class Refusals:
+    """Requests refused on one connection, over all its SFTP sessions.
+
+    Each refusal is an audit row, and a client can ask for them as fast as it can send:
+    past its budget the connection is closed (one row says so), so no key or certificate
+    writes the audit without bound.  An enrolment key's SFTP requests are all refused, so
+    it gets few; a job's own may probe (a payload testing for a file it may not write).
+    """
+
+    enrolment_limit: int = 64
+    certificate_limit: int = 1024
+    count: int = 0
+    #: Whether the budget ran out and the connection was closed.
+    spent: bool = False
+
+
 class Usage:
     """Results usage of every user and job, shared by the platform's worker processes."""
 

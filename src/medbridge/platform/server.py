@@ -37,7 +37,7 @@ from medbridge.platform.issuer import (
     Issuer,
 )
 from medbridge.platform.keys import fingerprint, load_private_key
-from medbridge.platform.limits import Handles, Quota, SessionSlots, Usage
+from medbridge.platform.limits import Handles, Quota, Refusals, SessionSlots, Usage
 from medbridge.platform.listener import accept_forever
 from medbridge.platform.sftp import JobSFTPServer, PlatformSession, Results
 from medbridge.policy.credentials import REFUSED_BANNER, serial_from_principals, serial_principal
@@ -119,6 +119,8 @@ class PlatformConnection(asyncssh.SSHServer):
         self._authenticated = False
         #: File and directory handles open on this connection, over all its SFTP sessions.
         self.handles = Handles(limit=platform.settings.max_open_handles)
+        #: Requests refused on this connection (each an audit row), over all its SFTP sessions.
+        self.refusals = Refusals()
         #: Session channels open on this connection (max_channels_per_connection).
         self.open_channels = 0
         #: This login's place under max_sessions_per_user (a locked slot file), while it lasts.
@@ -290,6 +292,7 @@ class PlatformConnection(asyncssh.SSHServer):
             self.platform.results,
             self.platform.manifest_files,
             self.handles,
+            self.refusals,
         )
 
     async def process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:

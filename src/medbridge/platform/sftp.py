@@ -39,7 +39,7 @@ from asyncssh.sftp import MAX_SFTP_PACKET_LEN
 from medbridge import fastpath
 from medbridge.control.audit import AuditEvent, escape_text, needs_escape
 from medbridge.errors import InvalidInput, MedbridgeError
-from medbridge.platform.limits import Account, Committing, Handles, OverQuota, Usage
+from medbridge.platform.limits import Account, Committing, Handles, OverQuota, Refusals, Usage
 from medbridge.platform.requests import (
     FAST_EXTENSIONS,
     PASSED_EXTENSIONS,
@@ -257,6 +257,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         results: Results,
         catalogue: Callable[[str, int], Awaitable[tuple[Path, Path]]],
         handles: Handles | None = None,
+        refusals: Refusals | None = None,
     ):
         super().__init__(chan)
         self._session = session
@@ -264,6 +265,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self._results = results
         #: Handles open on this session's connection, shared with its other SFTP sessions.
         self.handles = handles or Handles(limit=256)
+        #: Requests refused on this session's connection, shared with its other SFTP sessions.
+        self.refusals = refusals or Refusals()
         self._results_root = results.root
         self._catalogue = catalogue
         self._started = int(time.time())
@@ -290,12 +293,17 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def _refuse(self, path: str, op: str, refusal: Refusal, reason: str) -> NoReturn:
         s = self._session
+        budget = self.refusals
+        budget.count += 1
+        limit = budget.certificate_limit if s else budget.enrolment_limit
+        if budget.count > limit:
+            self._spent(limit, op)
         self._record(
             AuditEvent(
                 actor=s.user if s else "?",
                 action="sftp.refused",
                 outcome="refused",
-                subject=path,
+                subject=_subject(path),
                 detail={"op": op, "reason": reason, **(s.identity() if s else {})},
             )
         )
@@ -307,6 +315,25 @@ class JobSFTPServer(asyncssh.SFTPServer):
         if refusal is Refusal.UNSUPPORTED:
             raise asyncssh.SFTPOpUnsupported(f"{op}: {reason}")
         raise asyncssh.SFTPPermissionDenied(f"{shown}: permission denied ({reason})")
+
+    def _spent(self, limit: int, op: str) -> NoReturn:
+        """The connection's refusal budget ran out: one audit row says so, and the connection is closed."""
+        s = self._session
+        if not self.refusals.spent:
+            self.refusals.spent = True
+            why = f"too many refused requests on one connection ({limit}): the connection is closed"
+            self._record(
+                AuditEvent(actor=s.user if s else "?", action="sftp.refused", outcome="refused", subject="",
+                           detail={"op": op, "reason": why, **(s.identity() if s else {})})
+            )  # fmt: skip
+            log.warning("closing a connection of %s: %s", s.user if s else "an enrolment key", why)
+            conn, loop = self.channel.get_connection(), asyncio.get_running_loop()
+
+            def disconnect() -> None:
+                conn.disconnect(asyncssh.DISC_BY_APPLICATION, "too many refused requests")
+
+            loop.call_soon(loop.call_soon, disconnect)  # after this pass's replies (this one's too) have left
+        raise asyncssh.SFTPPermissionDenied("too many refused requests: the connection is closed")
 
     def refuse_request(self, op: str, reason: str) -> NoReturn:
         """Refuse and audit a request that names no path (an extension the platform does not serve)."""
@@ -1046,6 +1073,17 @@ class PlatformSession(asyncssh.SSHServerProcess[bytes]):
 #: Longest path and path component a request may name, in bytes (Linux's PATH_MAX and NAME_MAX).
 MAX_PATH = 4096
 MAX_NAME = 255
+
+
+#: The most characters of a refused path the audit keeps: a path is the client's to make up.
+MAX_REFUSED_SUBJECT = 256
+
+
+def _subject(path: str) -> str:
+    """A refused path as audited: at most :data:`MAX_REFUSED_SUBJECT` characters, and how long it was."""
+    if len(path) <= MAX_REFUSED_SUBJECT:
+        return path
+    return f"{path[:MAX_REFUSED_SUBJECT]}... ({len(path)} characters)"
 
 
 def _malformed(raw: bytes) -> str:
