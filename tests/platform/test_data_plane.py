@@ -240,6 +240,27 @@ def test_an_absurd_offset_is_an_error_and_the_session_goes_on(platform: RunningP
     assert sum("past the largest" in r.detail for r in refused) == 2
 
 
+def test_a_rename_that_climbs_above_the_root_is_a_clean_refusal(platform: RunningPlatform) -> None:
+    """``rename x /../../x`` (once an uncaught PathEscape: "Uncaught exception", not audited)."""
+
+    async def go() -> list[str]:
+        conn, sftp = await job_sftp(platform)
+        said = []
+        async with conn:
+            async with sftp.open("/results/alice/job-1/x", "wb") as f:
+                await f.write(b"x")
+            for rename in (sftp.rename, sftp.posix_rename):
+                with pytest.raises(asyncssh.SFTPPermissionDenied) as info:
+                    await rename("/results/alice/job-1/x", "/../../x")
+                said.append(str(info.value))
+        return said
+
+    said = asyncio.run(go())
+    assert all("climbs above the root" in s for s in said), said
+    refused = platform.audit("sftp.refused", until=lambda r: r.subject == "/../../x")
+    assert sum(r.subject == "/../../x" for r in refused) == 2
+
+
 def test_symlink_pointing_outside_is_refused(platform: RunningPlatform) -> None:
     storage = platform.home.datasets / "chest"
     os.chmod(storage, 0o750)

@@ -900,8 +900,11 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     async def _rename(self, oldpath: bytes, newpath: bytes, *, replace: bool) -> None:
         _, old = self._resolve(oldpath, Action.WRITE, "rename")
-        target = parse(normalise(os.fsdecode(newpath)))
-        committing = target.kind is Kind.RESULT and target.rest == (RESULTS_MANIFEST,)
+        try:
+            named = parse(normalise(os.fsdecode(newpath)))
+        except PathEscape:  # refused (and audited) by _resolve below
+            named = None
+        committing = named is not None and named.kind is Kind.RESULT and named.rest == (RESULTS_MANIFEST,)
         target, new = self._resolve(newpath, Action.WRITE, "commit" if committing else "rename")
         assert old is not None and new is not None
         if not replace and os.path.lexists(new):
