@@ -14,7 +14,7 @@ from medbridge.testing import RunningPlatform
 from tests.platform.test_data_plane import _Raw, _sftp
 from tests.platform.test_limits import read
 
-FLOOD = 300
+FLOOD = 400
 PATH = b"/" + b"p" * 3999
 
 

@@ -92,7 +92,7 @@ class Refusals:
     it gets few; a job's own may probe (a payload testing for a file it may not write).
     """
 
-    enrolment_limit: int = 64
+    enrolment_limit: int = 256
     certificate_limit: int = 1024
     count: int = 0
     #: Whether the budget ran out and the connection was closed.
