@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import threading
@@ -11,7 +10,9 @@ from types import FrameType
 
 import click
 
+from medbridge import logs
 from medbridge.errors import InvalidInput
+from medbridge.logs import FORMATS
 
 
 @click.group()
@@ -21,7 +22,9 @@ def gateway() -> None:
 
 @gateway.command("serve")
 @click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="TOML route table.")
-def gateway_serve(config_file: Path) -> None:
+@click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="Log lines on stderr as text or JSON objects.")  # fmt: skip
+def gateway_serve(config_file: Path, log_format: str) -> None:
     """Relay compute nodes to the platform by port; SIGHUP reloads the routes, SIGTERM stops."""
     from medbridge.gateway.config import GatewayConfig, parse
     from medbridge.gateway.server import Gateway, serve
@@ -34,7 +37,7 @@ def gateway_serve(config_file: Path) -> None:
         return parse(text, str(config_file))
 
     load()
-    logging.basicConfig(level=logging.WARNING, format="medbridge gateway: %(message)s", stream=sys.stderr)
+    logs.configure("gateway", log_format)
     stop, reload = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
