@@ -33,6 +33,15 @@ def test_bad_host_port_is_one_clear_error_naming_where(text: object) -> None:
         parse_address(text, "--listen")
 
 
+def test_a_default_host_fills_a_bare_port_and_nothing_else() -> None:
+    assert parse_address("9102", default_host="127.0.0.1") == ("127.0.0.1", 9102)
+    assert parse_address(":9102", default_host="127.0.0.1") == ("127.0.0.1", 9102)
+    assert parse_address("[::]:9102", default_host="127.0.0.1") == ("::", 9102)
+    for bad in ("", ":", "99999", "host:", "::"):
+        with pytest.raises(InvalidInput, match=r"^--metrics: .* is not HOST:PORT or PORT"):
+            parse_address(bad, "--metrics", default_host="127.0.0.1")
+
+
 def test_ip_only_refuses_names() -> None:
     with pytest.raises(InvalidInput, match="'gw' is not an IP address"):
         parse_address("gw:2201", "route[0].listen", ip_only=True)

@@ -12,7 +12,8 @@ from typing import Any
 
 from medbridge import outage
 from medbridge.errors import InvalidInput, NotInitialised
-from medbridge.net import parse_networks
+from medbridge.logs import check_format
+from medbridge.net import parse_address, parse_networks
 
 #: Ciphers offered by the data plane, fastest first (AES-GCM costs asyncssh far less
 #: CPU than its default chacha20-poly1305).
@@ -21,6 +22,15 @@ CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly130
 #: The platform's SFTP extension for whole small files (medbridge.platform.sftp.read_file);
 #: its VERSION value is the most bytes one request returns.
 READ_FILE_EXTENSION = b"read-file@medbridge"
+
+
+#: Where the metrics endpoint listens when its address names only a port.
+METRICS_HOST = "127.0.0.1"
+
+
+def metrics_address(value: object, where: str) -> tuple[str, int]:
+    """The metrics endpoint's ``HOST:PORT``; a bare ``PORT`` (or ``:PORT``) is loopback, never every interface."""
+    return parse_address(value, where, default_host=METRICS_HOST)
 
 
 def check_keys(table: Mapping[str, Any], valid: Collection[str], where: str) -> None:
@@ -74,6 +84,14 @@ class PlatformSettings:
     results_max_entries_per_user: int = 1_000_000
     results_max_entries_per_job: int = 100_000
 
+    # -- operations ---------------------------------------------------------------------
+    #: HOST:PORT of the Prometheus endpoint (``/metrics``), or PORT alone for loopback; empty: none.
+    #: A management address only: never one that jobs or the gateway's routes reach
+    #: (docs/platform-operator-guide.md).
+    metrics: str = ""
+    #: Log lines on stderr: ``text``, or ``json`` (one object per line, medbridge.logs).
+    log_format: str = "text"
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, origin: str = "settings") -> PlatformSettings:
         """Build from parsed TOML; unknown keys fail and name the valid ones."""
@@ -105,6 +123,9 @@ class PlatformSettings:
             outage.check(settings.outage_tolerance, f"{origin}: outage_tolerance")
         except ValueError as exc:
             raise InvalidInput(str(exc)) from exc
+        if settings.metrics:
+            metrics_address(settings.metrics, f"{origin}: metrics")
+        check_format(settings.log_format, f"{origin}: log_format")
         return settings
 
 

@@ -17,15 +17,23 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def parse_address(value: object, where: str = "address", *, ip_only: bool = False) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as ``(host, port)``; ``ip_only`` refuses names."""
+def parse_address(
+    value: object, where: str = "address", *, ip_only: bool = False, default_host: str | None = None
+) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as ``(host, port)``; ``ip_only`` refuses names.
+
+    With ``default_host``, a bare ``PORT`` or ``:PORT`` means that host (never every interface).
+    """
     if not isinstance(value, str):
         raise InvalidInput(f"{where}: must be a string HOST:PORT")
     host, sep, port = value.rpartition(":")
+    if not host and default_host is not None:
+        host, sep = default_host, ":"
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise InvalidInput(f"{where}: {value!r} is not HOST:PORT ([v6]:PORT for IPv6)")
+        form = "HOST:PORT or PORT" if default_host is not None else "HOST:PORT"
+        raise InvalidInput(f"{where}: {value!r} is not {form} ([v6]:PORT for IPv6)")
     if ip_only:
         try:
             ipaddress.ip_address(host)

@@ -298,7 +298,9 @@ def test_gateway_restarted_mid_job(world: Deployment) -> None:
 def test_platform_restarted_mid_job_sessions_come_back_with_a_valid_certificate(world: Deployment) -> None:
     _connection_ends(world, "plr", world.stop_platform, world.start_platform)
     ended = [
-        r for r in world.home.audit("session.end") if "platform stopping" in r.detail and '"job":"plr-n"' in r.detail
+        r
+        for r in world.home.audit("session.end")
+        if "the platform is stopping" in r.detail and '"job":"plr-n"' in r.detail
     ]
     assert ended, "the stopping platform ended the loader's sessions, and said so"
     serials = {c.serial for c in world.home.store.certificates("alice") if c.job_id == "plr-n"}

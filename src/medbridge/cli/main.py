@@ -17,12 +17,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
-from medbridge import __version__, processes
+from medbridge import __version__, logs, processes
 from medbridge.cli import ingest as ingest_cli
 from medbridge.cli import output
-from medbridge.config import Home
+from medbridge.config import Home, metrics_address
 from medbridge.control.store import Store
 from medbridge.errors import InvalidInput, MedbridgeError
+from medbridge.logs import FORMATS
 from medbridge.net import parse_address, parse_networks, stop_event
 from medbridge.platform.keys import fingerprint, load_private_key, public_line, read_public_key_file
 from medbridge.policy.manifest import manifest_line
@@ -137,36 +138,76 @@ def platform_fingerprint(home: Path | None) -> None:
     default=None,
     help="Server processes sharing the port (default: one per core).",
 )
-def platform_serve(home: Path | None, listen: str, trusted: Sequence[str], workers: int | None) -> None:
-    """Serve the SFTP data plane and the certificate issuer until SIGTERM/SIGINT."""
+@click.option(
+    "--metrics",
+    "metrics_at",
+    metavar="[HOST:]PORT",
+    default=None,
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics; PORT alone is 127.0.0.1 (default: platform.toml's "
+    "metrics, else none). A management address only: never one jobs can reach.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Log lines on stderr as text or JSON objects (default: platform.toml's log_format, else text).",
+)
+def platform_serve(
+    home: Path | None,
+    listen: str,
+    trusted: Sequence[str],
+    workers: int | None,
+    metrics_at: str | None,
+    log_format: str | None,
+) -> None:
+    """Serve the SFTP data plane and the certificate issuer until SIGTERM/SIGINT.
+
+    SIGTERM stops in order: no new connections, every live one ends with an SSH
+    disconnect that says why, the audit is written out, exit 0.
+    """
     from medbridge.platform import workers as pool
-    from medbridge.platform.server import serve
 
     h = Home.resolve(home)
     h.require()
+    settings = h.settings()
     host, port = parse_address(listen, "--listen")
+    metrics_at = settings.metrics if metrics_at is None else metrics_at
+    metrics = metrics_address(metrics_at, "--metrics") if metrics_at else None
     key = load_private_key(h.host_key)
     parse_networks(trusted, "--trusted-proxy")
+    logs.configure("platform", log_format or settings.log_format)
 
     count = workers or os.cpu_count() or 1
     processes.keep_freed_memory()  # before the workers fork: they inherit it
 
-    def ready(bound_host: str, bound_port: int) -> None:
+    def ready(bound_host: str, bound_port: int, metrics_url: str | None) -> None:
         click.echo(
             f"medbridge platform listening on {bound_host}:{bound_port} host key {fingerprint(key)} "
             f"({count} worker{'s' if count > 1 else ''})"
         )
+        if metrics_url is not None:
+            click.echo(f"metrics on {metrics_url}")
         sys.stdout.flush()
 
     if count > 1:
-        h.settings()
-        pool.run(h, host, port, count, trusted, ready)
+        pool.run(h, host, port, count, trusted, ready, metrics)  # imports prometheus_client after its folder is set
         return
 
-    async def main() -> None:
-        await serve(h, host, port, ready=ready, stop=stop_event(), trusted_proxies=trusted)
+    from medbridge.platform.metrics import MetricsServer, process_metrics
+    from medbridge.platform.server import serve
 
-    asyncio.run(main())
+    exporter = MetricsServer(process_metrics().registry, *metrics).start() if metrics else None
+
+    url = exporter.url if exporter else None
+
+    async def main() -> None:
+        await serve(h, host, port, ready=lambda a, b: ready(a, b, url), stop=stop_event(), trusted_proxies=trusted)
+
+    try:
+        asyncio.run(main())
+    finally:
+        if exporter is not None:
+            exporter.stop()
 
 
 # -- users and groups -----------------------------------------------------------------

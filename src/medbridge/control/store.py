@@ -671,6 +671,12 @@ class Store:
                 q = q.where(Certificate.user_id == self._user(s, user).id)
             return [_cert_info(c) for c in s.scalars(q)]
 
+    def job_certificates(self, user: str, job_id: str) -> int:
+        """How many certificates one job of ``user`` was issued (more than one: it renewed)."""
+        with self._tx(write=False) as s:
+            where = (Certificate.user_id == self._user(s, user).id, Certificate.job_id == job_id)
+            return self._count_certificates(s, *where)
+
     def session_facts(self, serials: Iterable[int], now: datetime) -> dict[int, SessionFacts]:
         """What policy needs to judge each certificate's session, read in one transaction.
 

@@ -20,16 +20,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
 from medbridge.errors import AuditUnavailable
+from medbridge.platform.metrics import process_metrics
 
 log = logging.getLogger("medbridge.platform")
 
@@ -46,6 +48,8 @@ class _Item:
     ticket: int
     event: AuditEvent
     owner: AuditOwner | None
+    #: When it was first queued (monotonic): its write lag is measured from here.
+    since: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,12 @@ class _Waiter:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _lags(batch: Sequence[_Item], results: Sequence[_Failed | None]) -> list[float]:
+    """Seconds each written event waited, from its first record to its commit."""
+    now = time.monotonic()
+    return [now - item.since for item, result in zip(batch, results, strict=True) if result is None]
 
 
 def _refused(event: AuditEvent, reason: str) -> AuditEvent:
@@ -100,6 +110,7 @@ class AuditSink:
         self._busy = False
         self._attempts = 0
         self._task: asyncio.Task[None] | None = None
+        self.metrics = process_metrics()
         #: Why writes fail now (None while they succeed): owners are refused at once meanwhile.
         self.failing: str | None = None
         #: Events committed, events replaced by ``audit.unwritable``, events lost to the bound while failing.
@@ -119,6 +130,7 @@ class AuditSink:
             asyncio.get_running_loop().call_soon(owner.audit_done, ticket, self.failing)
             event, owner = _refused(event, self.failing), None
         self._queue.append(_Item(ticket, event, owner))
+        self.metrics.recorded(event, len(self._queue))
         self._wake.set()
         return ticket
 
@@ -178,6 +190,7 @@ class AuditSink:
                 self._busy = False
             self._attempts += 1
             failed = self._settle(batch, results)
+            self.metrics.settled(_lags(batch, results), len(self._queue), self.failing is not None)
             delay = 0.0 if not failed else min(max(delay * 2, self.retry[0]), self.retry[1])
             async with self._settled:
                 self._settled.notify_all()

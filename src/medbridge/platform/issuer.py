@@ -15,6 +15,7 @@ from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
 from medbridge.errors import InvalidInput, MedbridgeError
 from medbridge.platform.keys import fingerprint
+from medbridge.platform.metrics import error_code, process_metrics
 from medbridge.policy.credentials import CertificateSpec, IssuanceLimits
 
 #: The one command an enrolment-key session may run.
@@ -120,6 +121,7 @@ class Issuer:
                 ),
             )
         except MedbridgeError as exc:
+            process_metrics().refused("certificate.issue", error_code(exc))
             self._store.audit(
                 [
                     AuditEvent(
@@ -151,6 +153,7 @@ class Issuer:
             ],
             now,
         )
+        process_metrics().certificate(renewal=self._store.job_certificates(user, spec.job_id) > 1)
         return {
             "certificate": cert.export_certificate().decode().strip(),
             "serial": spec.serial,

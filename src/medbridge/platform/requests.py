@@ -84,12 +84,20 @@ class RequestFilter:
     """
 
     def __init__(
-        self, types: frozenset[int], extensions: frozenset[bytes], max_packet: int, replace: Callable[[Held], bytes]
+        self,
+        types: frozenset[int],
+        extensions: frozenset[bytes],
+        max_packet: int,
+        replace: Callable[[Held], bytes],
+        *,
+        seen: Callable[[int, bytes], None] | None = None,
     ):
         self.types = types
         self.extensions = extensions
         self.max_packet = max_packet
         self.replace = replace
+        #: Told each request once, served or not: its type, and an extended request's name (else b"").
+        self.seen = seen
         self._head = bytearray()  # the head of a packet split across feeds
         self._left = 0  # bytes of the current packet still to come
         self._dropping = False  # ... and whether they are held back
@@ -144,18 +152,26 @@ class RequestFilter:
         kind = data[pos + 4]
         size = 4 + length
         if kind == FXP_INIT or kind in self.types or length < 5 or length > self.max_packet:
+            self._seen(kind, b"")
             return size, None  # served, or malformed (no request id, too large): asyncssh rejects it
         if end - pos < 9:
             return None
         pktid = int.from_bytes(data[pos + 5 : pos + 9], "big")
         if kind != FXP_EXTENDED or length < 9:
+            self._seen(kind, b"")
             return size, Held(kind, b"", pktid)
         if end - pos < 13:
             return None
         name_length = int.from_bytes(data[pos + 9 : pos + 13], "big")
         if name_length > MAX_EXTENSION_NAME or 9 + name_length > length:
+            self._seen(kind, b"")
             return size, Held(kind, b"", pktid)
         if end - pos < 13 + name_length:
             return None
         name = bytes(data[pos + 13 : pos + 13 + name_length])
+        self._seen(kind, name)
         return size, (None if name in self.extensions else Held(kind, name, pktid))
+
+    def _seen(self, kind: int, name: bytes) -> None:
+        if self.seen is not None and kind != FXP_INIT:
+            self.seen(kind, name)

@@ -39,6 +39,7 @@ from medbridge.platform.issuer import (
 from medbridge.platform.keys import fingerprint, load_private_key
 from medbridge.platform.limits import Handles, Quota, Refusals, SessionSlots, Usage
 from medbridge.platform.listener import accept_forever
+from medbridge.platform.metrics import SessionTable, process_metrics
 from medbridge.platform.sftp import JobSFTPServer, PlatformSession, Results
 from medbridge.policy.credentials import REFUSED_BANNER, serial_from_principals, serial_principal
 from medbridge.policy.paths import View
@@ -130,6 +131,7 @@ class PlatformConnection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        self.platform.connections.add(self)
         #: Joins the SSH packets of one loop pass into one socket write (see medbridge.transport).
         self.transport = coalesce(conn)
         peer = conn.get_extra_info("peername")
@@ -241,6 +243,7 @@ class PlatformConnection(asyncssh.SSHServer):
         self.platform.sink.record(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.platform.connections.discard(self)
         if self._slot is not None:
             os.close(self._slot)  # gives the place back (the kernel would, were this process to die)
             self._slot = None
@@ -355,7 +358,10 @@ class Platform:
         #: Manifests are built here, never in the loop: a build is as long as the dataset.
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="medbridge-catalogue")
         self._building: dict[str, asyncio.Future[tuple[int, Path, Path]]] = {}
-        self.sessions: dict[PlatformConnection, LiveSession] = {}
+        self.metrics = process_metrics()
+        self.sessions: dict[PlatformConnection, LiveSession] = SessionTable(self.metrics)
+        #: Every connection, logged in or not (a stop disconnects each with its reason).
+        self.connections: set[PlatformConnection] = set()
         s = self.settings
         self.results_root = home.results_root(s)
         quota = Quota(user_bytes=s.results_quota_per_user, job_bytes=s.results_quota_per_job,
@@ -597,14 +603,30 @@ class Platform:
             )
         )
 
+    async def disconnect_all(self, reason: str, timeout: float = 5.0) -> None:
+        """End every connection with an SSH disconnect that says ``reason``; live sessions are audited as ended.
+
+        Returns once each is closed (or after ``timeout``): the disconnect is on the wire
+        before the process goes on to stop.
+        """
+        connections = [c.conn for c in self.connections if c.conn is not None]
+        sessions = list(self.sessions)
+        for conn in connections:  # first: the session's own close below would say only "disconnected"
+            conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"medbridge: {reason}")
+        for owner in sessions:
+            self.close_session(owner, reason)
+        if connections:
+            log.info("%s: disconnected %d connection(s), %d of them job sessions", reason, len(connections),
+                     len(sessions), extra={"connections": len(connections), "sessions": len(sessions)})  # fmt: skip
+            await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in connections], timeout=timeout)
+
     async def stop(self) -> None:
         if self._shed_report is not None:
             self._shed_report.cancel()
             self._report_shed()
         if self._listener is not None:
             self._listener.close()
-        for owner in list(self.sessions):
-            self.close_session(owner, "platform stopping")
+        await self.disconnect_all("the platform is stopping")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -40,6 +40,7 @@ from medbridge import fastpath
 from medbridge.control.audit import AuditEvent, escape_text, needs_escape
 from medbridge.errors import InvalidInput, MedbridgeError
 from medbridge.platform.limits import Account, Committing, Handles, OverQuota, Refusals, Usage
+from medbridge.platform.metrics import process_metrics
 from medbridge.platform.requests import (
     FAST_EXTENSIONS,
     PASSED_EXTENSIONS,
@@ -139,10 +140,23 @@ class OpenFile:
     #: The job whose results it holds open (quota; for a writable handle also the frozen check).
     job: str | None = None
     append: bool = False
-    bytes_read: int = 0
     bytes_written: int = 0
     opened: float = field(default_factory=time.monotonic)
     write_failed: bool = False
+    _bytes_read: int = field(default=0, init=False, repr=False)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes sent from it: its close is audited with them, and each addition is counted as served.
+
+        Both paths add here (``JobSFTPServer.read``, and ``medbridge.fastpath``'s READ in place).
+        """
+        return self._bytes_read
+
+    @bytes_read.setter
+    def bytes_read(self, value: int) -> None:
+        process_metrics().sent(self.path, value - self._bytes_read)
+        self._bytes_read = value
 
 
 class Results:
@@ -261,6 +275,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
     ):
         super().__init__(chan)
         self._session = session
+        self.metrics = process_metrics()
         self._record = record
         self._results = results
         #: Handles open on this session's connection, shared with its other SFTP sessions.
@@ -736,6 +751,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
             data = _read_upto(fd, offset, length, st.st_size)
         finally:
             os.close(fd)
+        self.metrics.sent(vpath, len(data))
         self._event("sftp.read", vpath, offset=offset, bytes_read=len(data))
         return data
 
@@ -745,6 +761,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
             data = _read_upto(fd, offset, length, os.fstat(fd).st_size)
         finally:
             os.close(fd)
+        self.metrics.sent(vpath, len(data))
         self._event("sftp.read", vpath, offset=offset, bytes_read=len(data))
         return data
 
@@ -799,6 +816,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
             self._write_failed(f, exc, offset)
             raise
         f.bytes_written += n
+        self.metrics.written(n)
         if cut_short:
             self._write_failed(f, cut_short[0], offset + n)
             raise cut_short[0]
@@ -1053,7 +1071,9 @@ class PlatformSession(asyncssh.SSHServerProcess[bytes]):
             super().session_started()
             return
         extensions = PASSED_EXTENSIONS | (FAST_EXTENSIONS if fastpath.enabled() else frozenset())
-        self._filter = RequestFilter(SERVED_TYPES, extensions, MAX_SFTP_PACKET_LEN, self._hold)
+        self._filter = RequestFilter(
+            SERVED_TYPES, extensions, MAX_SFTP_PACKET_LEN, self._hold, seen=process_metrics().request
+        )
         if not fastpath.start_sftp(self, self._start_server, PASSED_EXTENSIONS):
             super().session_started()  # asyncssh's public path: its own handler calls _start_server
 
