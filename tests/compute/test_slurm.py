@@ -110,6 +110,7 @@ def test_batch_script_is_stable() -> None:
         "#SBATCH --partition=bridge\n"
         "#SBATCH --job-name=medbridge\n"
         "# Written by 'medbridge job submit': job run holds the job's platform access and always tears down.\n"
+        "umask 077  # what the job writes is its user's alone\n"
         'workdir="${MEDBRIDGE_WORKDIR:-$SLURM_SUBMIT_DIR}/medbridge-job-$SLURM_JOB_ID"\n'
         'mkdir -p "$workdir" && cd "$workdir" || exit 9\n'
         "exec /opt/mb/bin/python -m medbridge job run --platform p:22 --scan /tmp --scan /dev/shm --scratch . "
@@ -232,7 +233,7 @@ def test_sigkilled_wrapper_is_cleaned_up_by_the_epilog(
 ) -> None:
     """The wrapper dies by SIGKILL (as by the OOM killer): no teardown of its own; the epilog does it."""
     job = _killed_job(cluster, platform, base)
-    state = json.loads((base / "state" / f"{job}.json").read_text())
+    state = json.loads((base / "state" / str(os.getuid()) / f"{job}.json").read_text())
     helpers = [state["agent_pid"], state["sshfs_pid"]]
     # $MEDBRIDGE_SCRATCH is the epilog's to scan too (here inside job_container/tmpfs's /tmp, which Slurm wipes)
     assert [p for p in state["scan"] if p.endswith("/scratch")] == [
@@ -248,7 +249,7 @@ def test_sigkilled_wrapper_is_cleaned_up_by_the_epilog(
     assert not (workdir(platform, job) / "stolen.bin").exists()
     assert all(_gone(pid) for pid in helpers), f"agent and sshfs must be gone: {report['killed']}"
     assert not os.path.ismount(platform.root / f"mnt-{job}")
-    assert not (base / "state" / f"{job}.json").exists()
+    assert not (base / "state" / str(os.getuid()) / f"{job}.json").exists()
     assert not [r for r in platform.audit("residue.scan") if r.subject == job], "the wrapper had no chance to report"
 
 

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ from medbridge.compute.mount import Mount, sshfs_options
 from medbridge.compute.renewal import Renewer, seconds_left
 from medbridge.compute.session import Endpoint, upload_outputs, wipe
 from medbridge.compute.slurm import SHARED_TEMP, private_temp
+from medbridge.compute.state import DEFAULT_STATE_DIR, UserFolder
 from medbridge.config import CIPHERS
 from medbridge.errors import InvalidInput, JobFailed, MedbridgeError
 from medbridge.net import format_address, parse_address
@@ -65,7 +67,6 @@ from medbridge.policy.manifest import parse_manifest
 from medbridge.policy.names import check_name
 
 SSH_HOST_ALIAS = "medbridge"
-DEFAULT_STATE_DIR = "/var/spool/medbridge"
 #: The residue report the platform gets must fit one request to its issuer.
 REPORT_BYTES = MAX_REQUEST - 4096
 #: Pre-existing medical files named on standard error; the report has them all.
@@ -287,8 +288,13 @@ class Job:
         self.renewer: Renewer | None = None
         self.watch: LinkWatch | None = None
         self.tolerance = spec.outage_tolerance or outage.DEFAULT_TOLERANCE
-        self.state_file: Path | None = None
+        #: Where the job's state for the epilog lies, and the name of its file there.
+        self.state: tuple[UserFolder, str] | None = None
         self.scratch = [_own_folder(p) for p in spec.scratch]
+        if spec.outputs is not None and spec.outputs.exists():
+            _own_folder(spec.outputs, "--outputs")
+        #: Folders made private (0700) for the job's lifetime, with the modes they get back.
+        self.loosened: list[tuple[Path, int]] = []
         self.started_at: float | None = None
         self.tmpdir: Path | None = None
         self.job_scratch: Path | None = None  # $MEDBRIDGE_SCRATCH: removed with the job's folder at teardown
@@ -308,6 +314,7 @@ class Job:
         self.started_at = folder.stat().st_ctime
         started = False
         try:
+            self.make_private()
             try:
                 self.tmpdir = Path(tempfile.mkdtemp(prefix=f"medbridge-tmp-{self.job_id}-", dir=self._inherited_tmp()))
             except OSError as exc:
@@ -327,13 +334,13 @@ class Job:
                 env["MEDBRIDGE_RESULTS"] = str(self.mount.mountpoint / "results" / cred.user / self.job_id)
             try:
                 self.write_state()
-            except OSError as exc:
+            except (OSError, InvalidInput) as exc:
                 self.say(f"could not leave state for the Slurm epilog ({exc}); its safety net is weaker for this job")
             self.renewer = Renewer(cred, self.certify, self.say)
             self.renewer.start()
             if signals.received is None:
                 started = True
-                child = subprocess.Popen(list(self.spec.command), env=env, start_new_session=True)
+                child = subprocess.Popen(list(self.spec.command), env=env, start_new_session=True, umask=0o077)
                 signals.child = child
                 code = child.wait()
                 self.outcome.exit_code = 128 - code if code < 0 else code
@@ -357,6 +364,24 @@ class Job:
                      f"({platform:g} s); using {platform:g} s")  # fmt: skip
             return platform
         return asked
+
+    def make_private(self) -> None:
+        """The job's own folders are its user's alone while it runs (0700; the payload's umask is 077).
+
+        Another user of the node could otherwise read its outputs and scratch files as
+        they are written.  A folder's own mode comes back at teardown.
+        """
+        outputs = self.spec.outputs
+        if outputs is not None and not outputs.exists():
+            try:
+                outputs.mkdir(mode=0o700, parents=True)
+            except OSError as exc:
+                raise JobFailed(f"cannot make --outputs {outputs}: {exc.strerror}") from exc
+        for path in [*self.scratch, *([outputs] if outputs is not None else [])]:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            if mode & 0o077:
+                os.chmod(path, 0o700)
+                self.loosened.append((path, mode))
 
     def exit_code(self) -> int:
         o = self.outcome
@@ -459,8 +484,13 @@ class Job:
                                     ended=ended))  # fmt: skip
             except MedbridgeError as exc:
                 self.say(f"could not tell the platform the job ended: {exc}")
-        if self.state_file is not None:
-            self.state_file.unlink(missing_ok=True)
+        for path, mode in self.loosened:
+            with contextlib.suppress(OSError):  # gone meanwhile: nothing to give back
+                os.chmod(path, mode)
+        if self.state is not None:
+            state, name = self.state
+            state.remove(name)
+            state.close()
         if self.agent is not None:
             self.summarise()
 
@@ -568,12 +598,14 @@ class Job:
             self.spec.report.write_text(json.dumps(o.__dict__, indent=2, default=str) + "\n")
 
     def write_state(self) -> None:
-        """Leave what the Slurm epilog needs if this wrapper dies by SIGKILL."""
+        """Leave what the Slurm epilog needs if this wrapper dies by SIGKILL (see medbridge.compute.state)."""
         state_dir = Path(self.environ.get("MEDBRIDGE_STATE_DIR", DEFAULT_STATE_DIR))
         slurm_id = self.environ.get("SLURM_JOB_ID")
         if slurm_id is None or not state_dir.is_dir() or not os.access(state_dir, os.W_OK):
             return
-        path = state_dir / f"{check_name('job id', slurm_id)}.json"
+        name = f"{check_name('job id', slurm_id)}.json"
+        folder = UserFolder.claim(state_dir)
+        self.state = (folder, name)
         e = self.enrolment
         state = {
             "slurm_job_id": slurm_id,
@@ -590,10 +622,7 @@ class Job:
             "lookup": {"platform": format_address(e.host, e.port), "user": e.user, "job_id": self.job_id,
                        "key": str(Path(self.spec.key_file).absolute()), "host_fingerprint": e.host_fingerprint},
         }  # fmt: skip
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f)
-        self.state_file = path
+        folder.write(name, json.dumps(state).encode())
 
 
 def run(spec: JobSpec, environ: Mapping[str, str] = os.environ, say: Callable[[str], None] | None = None) -> int:
@@ -601,20 +630,20 @@ def run(spec: JobSpec, environ: Mapping[str, str] = os.environ, say: Callable[[s
     return Job(spec, environ, say or _say).run()
 
 
-def _own_folder(path: Path) -> Path:
-    """A ``--scratch`` folder: an existing folder of this user that no one else shares."""
+def _own_folder(path: Path, option: str = "--scratch") -> Path:
+    """A ``--scratch`` (or ``--outputs``) folder: an existing folder of this user that no one else shares."""
     real = Path(os.path.realpath(path))
     try:
         st = os.stat(real)
     except OSError as exc:
-        raise InvalidInput(f"--scratch {path}: {exc.strerror}") from exc
+        raise InvalidInput(f"{option} {path}: {exc.strerror}") from exc
     if not real.is_dir():
-        raise InvalidInput(f"--scratch {path}: not a folder")
+        raise InvalidInput(f"{option} {path}: not a folder")
     if st.st_uid != os.getuid():
-        raise InvalidInput(f"--scratch {path}: not your folder (owned by uid {st.st_uid})")
+        raise InvalidInput(f"{option} {path}: not your folder (owned by uid {st.st_uid})")
     if str(real) in {"/", *SHARED_TEMP, os.path.realpath(os.path.expanduser("~"))}:
         raise InvalidInput(
-            f"--scratch {path}: a shared folder is not the job's own (in Slurm with job_container/tmpfs, "
+            f"{option} {path}: a shared folder is not the job's own (in Slurm with job_container/tmpfs, "
             "the job's private /tmp is recognised by itself)"
         )
     return real

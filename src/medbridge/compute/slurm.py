@@ -4,9 +4,11 @@ The epilog runs as root on the node after every job, whatever ended it (completi
 ``scancel``, a time limit, SIGKILL).  ``job run`` tears down by itself when it can;
 the epilog is the safety net for when it could not: it kills the job's leftover
 processes, lazily unmounts its sshfs mount, and scans for residue, asking the platform
-(with the user's enrolment key, as the user) which candidate hashes are dataset files.  Nothing a user wrote is trusted
-beyond their own files: PIDs, mounts and files are acted on only if the job's uid
-owns them.
+(with the user's enrolment key, as the user) which candidate hashes are dataset files.
+What ``job run`` left for it is read from the user's own state folder, never through
+a link and never a file another user made (:mod:`medbridge.compute.state`).  Nothing
+a user wrote is trusted beyond their own files: PIDs, mounts and files are acted on
+only if the job's uid owns them.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ import re
 import select
 import shlex
 import signal
-import stat
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medbridge.compute import residue
 from medbridge.compute.mount import unmount
+from medbridge.compute.state import MAX_STATE_BYTES, StateReader
 from medbridge.errors import InvalidInput, JobFailed
 from medbridge.policy.names import check_name
 
@@ -98,6 +100,7 @@ def batch_script(sub: Submission, python: str = sys.executable) -> str:
             f"#SBATCH --partition={sub.partition}",
             f"#SBATCH --job-name={shlex.quote(sub.job_name)}",
             "# Written by 'medbridge job submit': job run holds the job's platform access and always tears down.",
+            "umask 077  # what the job writes is its user's alone",
             'workdir="${MEDBRIDGE_WORKDIR:-$SLURM_SUBMIT_DIR}/medbridge-job-$SLURM_JOB_ID"',
             'mkdir -p "$workdir" && cd "$workdir" || exit 9',
             f"exec {shlex.join(run)}",
@@ -301,40 +304,44 @@ def _user_folders(paths: object, uid: int) -> list[str]:
     return out
 
 
-def _owned_state(path: Path, uid: int) -> dict[str, Any] | None:
-    """Read a state file only if it is a regular file the job's uid owns."""
+def _state(raw: bytes | None) -> dict[str, Any]:
+    """The job's state file as JSON data; anything unreadable is no state."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    with os.fdopen(fd) as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
-            return None
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError:
-            return None
-    return data if isinstance(data, dict) else None
+        data = json.loads(raw) if raw else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-def epilog(environ: Mapping[str, str], state_dir: Path, container_base: Path | None = None) -> EpilogReport:
-    """Clean up after one job, as the Slurm epilog, from its environment."""
+def epilog(
+    environ: Mapping[str, str],
+    state_dir: Path,
+    container_base: Path | None = None,
+    *,
+    mounts: Callable[[int], list[tuple[str, bool]]] = sshfs_mounts,
+) -> EpilogReport:
+    """Clean up after one job, as the Slurm epilog, from its environment.
+
+    ``mounts`` lists a uid's sshfs mounts (the mount table, unless a test narrows it).
+    """
     job = environ.get("SLURM_JOB_ID", "")
     uid_text = environ.get("SLURM_JOB_UID", "")
     if not job.isdigit() or not uid_text.isdigit():
         raise InvalidInput("the epilog needs SLURM_JOB_ID and SLURM_JOB_UID (run it from Slurm's Epilog=)")
     uid = int(uid_text)
     report = EpilogReport(job, uid)
-    state_path = state_dir / f"{job}.json"
-    state = _owned_state(state_path, uid) or {}
-    if state_path.exists() and not state:
-        report.notes.append(f"ignored {state_path}: not a regular file owned by uid {uid}")
+    reader = StateReader(state_dir, uid)
+    try:
+        state = _state(reader.read(f"{job}.json", MAX_STATE_BYTES))
+        reader.remove(f"{job}.json")
+    finally:
+        reader.close()
+    report.notes += reader.notes
 
     report.killed = kill_all(leftover_processes(job, uid))
 
     recorded = state.get("mount")
-    for point, alive in sshfs_mounts(uid):
+    for point, alive in mounts(uid):
         if point == recorded or not alive:
             (report.unmounted if _unmount_as(uid, point) else report.still_mounted).append(point)
 
@@ -353,10 +360,6 @@ def epilog(environ: Mapping[str, str], state_dir: Path, container_base: Path | N
             started = container.stat().st_ctime
     job_context = residue.JobContext(started=started, scratch=scratch if started is not None else [])
     if roots:
-        exclude = [p for p, _ in sshfs_mounts(uid)]
+        exclude = [p for p, _ in mounts(uid)]
         report.residue = _scan_as(uid, roots, _lookup_args(state.get("lookup")), exclude, job_context)
-    for leftover in (state_path, state_dir / f"{job}.manifest"):
-        with contextlib.suppress(FileNotFoundError):
-            if leftover.is_symlink() or leftover.stat().st_uid == uid:
-                leftover.unlink()
     return report
