@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,52 @@ def stop(proc: subprocess.Popen[Any], timeout: float = 5.0, sig: int = signal.SI
             proc.kill()
             proc.wait()
     return int(proc.returncode)
+
+
+def stop_group(proc: subprocess.Popen[Any], timeout: float = 5.0, sig: int = signal.SIGTERM) -> int:
+    """:func:`stop` for a child that leads a process group of its own: the signals go to the whole group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return int(proc.returncode)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int, parent: int) -> bool:
+    """Have the kernel send ``sig`` to this process when ``parent`` (the thread that started it) ends.
+
+    False if ``parent`` is gone already (this process was orphaned before it could ask).
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    if prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    return os.getppid() == parent
+
+
+def tethered(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets ``sig`` when this process dies, even by SIGKILL (``PR_SET_PDEATHSIG``).
+
+    The signal follows the *thread* that started the child: start tethered children
+    from a thread that lives as long as the process (``job run`` starts them from its
+    main thread).  The libc lookup happens here, so the child only makes the call.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call: act as if it came
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 def cpu_seconds(pid: int) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import getpass
 import json
 import os
@@ -52,6 +53,7 @@ from medbridge.compute.credentials import (
     end_job,
     request_certificate,
 )
+from medbridge.compute.guard import guarded
 from medbridge.compute.linkwatch import LinkWatch
 from medbridge.compute.mount import Mount, sshfs_options
 from medbridge.compute.renewal import Renewer, seconds_left
@@ -113,10 +115,16 @@ def accepts_connections(path: Path) -> bool:
 class Agent:
     """A private ssh-agent for one job, started and killed by PID."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, tethered: bool = False):
+        """``tethered``: the agent ends when this process does, however it ends.
+
+        ssh-agent is set-group-ID on Debian, so the kernel drops a parent-death signal
+        set before its exec: a tethered agent runs under a guard (compute.guard) instead.
+        """
         self.socket = folder / "agent.sock"
+        agent = ["ssh-agent", "-D", "-a", str(self.socket)]
         self._proc = subprocess.Popen(
-            ["ssh-agent", "-D", "-a", str(self.socket)],
+            guarded(agent) if tethered else agent,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -142,7 +150,7 @@ class Agent:
             await agent.wait_closed()
 
     def stop(self) -> None:
-        processes.stop(self._proc)
+        processes.stop_group(self._proc)
 
 
 def ssh_config(host: str, port: int, user: str, agent_socket: Path, known_hosts: Path,
@@ -322,14 +330,14 @@ class Job:
             cred = asyncio.run(self.certify())
             self.outcome.certificate_serial = cred.serial
             self.tolerance = self.outcome.outage_tolerance = self.settle_tolerance(cred.outage_tolerance)
-            self.agent = Agent(folder)
+            self.agent = Agent(folder, tethered=True)
             self.watch = LinkWatch(self.enrolment, self.tolerance)
             self.watch.start()
             asyncio.run(self.agent.load(self.ephemeral, cred.certificate, int(seconds_left(cred.valid_before))))
             env = self.environment(folder, cred)
             if self.spec.mount is not None:
                 self.mount = Mount(self.spec.mount, Path(env["MEDBRIDGE_SSH_CONFIG"]), SSH_HOST_ALIAS,
-                                   options=sshfs_options(self.tolerance))  # fmt: skip
+                                   options=sshfs_options(self.tolerance), tethered=True)  # fmt: skip
                 env["MEDBRIDGE_MOUNT"] = str(self.mount.mountpoint)
                 env["MEDBRIDGE_RESULTS"] = str(self.mount.mountpoint / "results" / cred.user / self.job_id)
             try:
@@ -340,7 +348,7 @@ class Job:
             self.renewer.start()
             if signals.received is None:
                 started = True
-                child = subprocess.Popen(list(self.spec.command), env=env, start_new_session=True, umask=0o077)
+                child = self.start_payload(env)
                 signals.child = child
                 code = child.wait()
                 self.outcome.exit_code = 128 - code if code < 0 else code
@@ -364,6 +372,18 @@ class Job:
                      f"({platform:g} s); using {platform:g} s")  # fmt: skip
             return platform
         return asked
+
+    def start_payload(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """The payload, under a guard that ends its process group should this wrapper die (compute.guard).
+
+        In a session of its own, so the signals this wrapper forwards reach the whole
+        group and a terminal's Ctrl-C reaches only the wrapper; umask 077, so what it
+        writes is its user's alone.
+        """
+        command = list(self.spec.command)
+        if shutil.which(command[0], path=env.get("PATH")) is None:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", command[0])
+        return subprocess.Popen(guarded(command), env=env, start_new_session=True, umask=0o077)
 
     def make_private(self) -> None:
         """The job's own folders are its user's alone while it runs (0700; the payload's umask is 077).

@@ -59,7 +59,9 @@ class Mount:
     mounted = float("inf")
 
     def __init__(self, mountpoint: Path, ssh_config: Path, host_alias: str, *, timeout: float = 30, remote: str = "/",
-                 ssh_command: str | None = None, options: Sequence[str] = SSHFS_OPTIONS):  # fmt: skip
+                 ssh_command: str | None = None, options: Sequence[str] = SSHFS_OPTIONS,
+                 tethered: bool = False):  # fmt: skip
+        """``tethered``: sshfs ends (and unmounts) when this process does, however it ends (processes.tethered)."""
         if shutil.which("sshfs") is None:
             raise JobFailed("sshfs is missing (apt-get install sshfs)")
         if not os.path.exists("/dev/fuse"):
@@ -80,8 +82,9 @@ class Mount:
             *(["-o", f"ssh_command={ssh_command}"] if ssh_command else []),  # e.g. ssh from another namespace
         ]
         self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-        )
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=processes.tethered() if tethered else None,
+        )  # fmt: skip
         #: What sshfs and its ssh said, with when (time.time()): why a mount failed, or why its link broke later.
         self.said: deque[tuple[float, str]] = deque(maxlen=20)
         self._listener = threading.Thread(target=self._listen, name="medbridge-sshfs-stderr", daemon=True)
