@@ -22,6 +22,7 @@ from medbridge.compute.slurm import Submission, batch_script, private_temp
 from medbridge.testing import RunningPlatform
 from medbridge.testing.slurm import DONE, JOB_USER, OUTSIDER, SlurmCluster, available, job_python
 from medbridge.testing.wait import until
+from tests.compute.test_guard import enrol_node
 from tests.compute.test_residue import dicom
 from tests.conftest import CHEST
 
@@ -54,7 +55,7 @@ def cluster(base: Path, python: tuple[str, dict[str, str]]) -> Iterator[SlurmClu
     exports = "".join(f"export {k}={v}\n" for k, v in extra_env.items())
     epilog.write_text(
         "#!/bin/sh\n" + exports + f"{exe} -m medbridge slurm epilog --state-dir {state} "
-        f"--container-base {base / 'cluster' / 'containers'}"
+        f"--container-base {base / 'cluster' / 'containers'} --node-config {base / 'node.toml'}"
         f" > {base}/epilog-$SLURM_JOB_ID.json 2>> {base}/epilog.err\n"
         "exit 0\n"
     )
@@ -67,12 +68,14 @@ def cluster(base: Path, python: tuple[str, dict[str, str]]) -> Iterator[SlurmClu
 
 @pytest.fixture
 def platform(base: Path) -> Iterator[RunningPlatform]:
+    """alice may read chest; this machine is enrolled as the cluster's node, its credential in base/node.toml."""
     root = Path(tempfile.mkdtemp(prefix="platform-", dir=base))
     p = RunningPlatform(root, enforcement_interval=0.25)
     p.add_user("alice")
     p.add_dataset("chest", CHEST)
     p.grant("alice", "chest")
     with p:
+        enrol_node(p, base)
         yield p
 
 
@@ -248,6 +251,9 @@ def test_sigkilled_wrapper_is_cleaned_up_by_the_epilog(
     assert [Path(f["path"]).name for f in residue["findings"] if f["purged"]] == ["stolen.bin"]
     assert not (workdir(platform, job) / "stolen.bin").exists()
     assert all(_gone(pid) for pid in helpers), f"agent and sshfs must be gone: {report['killed']}"
+    # The node's credential: the platform ended the job as soon as the epilog ran.
+    assert report["platform"] == {"slurm_job_id": job, "jobs": [{"user": "alice", "job_id": job, "revoked": 1}]}
+    assert [c.revoked for c in platform.store.certificates("alice") if c.job_id == job] == [True]
     assert not os.path.ismount(platform.root / f"mnt-{job}")
     assert not (base / "state" / str(os.getuid()) / f"{job}.json").exists()
     assert not [r for r in platform.audit("residue.scan") if r.subject == job], "the wrapper had no chance to report"

@@ -288,12 +288,35 @@ def slurm() -> None:
     help="Where job run leaves state for the epilog (MEDBRIDGE_STATE_DIR in jobs).",
 )
 @click.option("--container-base", type=PATH, default=None, help="job_container/tmpfs BasePath, to scan the job's /tmp.")
+@click.option(
+    "--node-config",
+    type=PATH,
+    default=None,
+    envvar="MEDBRIDGE_NODE_CONFIG",
+    help="The node's credential on the platform (default: /etc/medbridge/node.toml if it exists).",
+)
 @click.option("--strict", is_flag=True, help="Exit non-zero when residue remains (Slurm drains a node on that).")
-def slurm_epilog(state_dir: Path, container_base: Path | None, strict: bool) -> None:
-    """Kill the job's leftovers, unmount, scan for residue and purge; print a JSON report."""
+def slurm_epilog(state_dir: Path, container_base: Path | None, node_config: Path | None, strict: bool) -> None:
+    """End the job on the platform, kill its leftovers, unmount, scan for residue and purge; print a JSON report.
+
+    With the node's credential (--node-config) the platform revokes the job's
+    certificates first thing, even if job run was killed before it could say so.
+    """
+    from medbridge.compute.node import DEFAULT_NODE_CONFIG, NodeSettings
     from medbridge.compute.slurm import epilog
 
-    report = epilog(os.environ, state_dir, container_base)
+    notes = []
+    node = None
+    path = node_config or (DEFAULT_NODE_CONFIG if DEFAULT_NODE_CONFIG.exists() else None)
+    if path is None:
+        notes.append("no node credential (--node-config): the platform learns the job ended only from job run")
+    else:
+        try:
+            node = NodeSettings.load(path)
+        except InvalidInput as exc:  # the rest of the epilog still runs; the report says why the call did not
+            notes.append(f"node credential unusable: {exc}")
+    report = epilog(os.environ, state_dir, container_base, node=node)
+    report.notes[:0] = notes
     output.emit_json(report.__dict__)
     left = report.still_mounted or (report.residue and not report.residue.get("clean", True))
     raise click.exceptions.Exit(RESIDUE_FOUND if strict and left else 0)

@@ -276,6 +276,54 @@ def user_list(home: Path | None, as_json: bool) -> None:
 
 
 @cli.group()
+def node() -> None:
+    """Enrol compute nodes: each node's epilog may end the jobs that ran on it, and do nothing else."""
+
+
+@node.command("add")
+@home_option
+@click.argument("name")
+@click.option("--key", "key_file", required=True, help="The node's public key file (its private key stays root's).")
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    required=True,
+    help="An address or CIDR the platform sees the node come from (repeatable; through a gateway: PROXY v2).",
+)
+def node_add(home: Path | None, name: str, key_file: str, addresses: Sequence[str]) -> None:
+    """Enrol a compute node: it logs in only from --address and may only end the jobs placed there."""
+    key = read_public_key_file(key_file)
+    _, store = _store(home)
+    added = store.add_node(name, (public_line(key), fingerprint(key)), addresses, _now(), _actor())
+    output.out.print(f"added node {name} ({added.fingerprint}) from {', '.join(added.networks)}")
+
+
+@node.command("remove")
+@home_option
+@click.argument("name")
+def node_remove(home: Path | None, name: str) -> None:
+    """Withdraw a node's credential."""
+    _, store = _store(home)
+    store.remove_node(name, _now(), _actor())
+    output.out.print(f"removed node {name}")
+
+
+@node.command("list")
+@home_option
+@json_option
+def node_list(home: Path | None, as_json: bool) -> None:
+    """List enrolled compute nodes."""
+    _, store = _store(home)
+    nodes = store.nodes()
+    if as_json:
+        output.emit_json({"nodes": [{"name": n.name, "key": n.fingerprint, "addresses": list(n.networks)}
+                                    for n in nodes]})  # fmt: skip
+        return
+    output.table("nodes", ["name", "key", "addresses"], [(n.name, n.fingerprint, ", ".join(n.networks)) for n in nodes])
+
+
+@cli.group()
 def group() -> None:
     """Manage groups (e.g. a medical society's members)."""
 

@@ -105,15 +105,25 @@ async def call_platform(enrolment: Enrolment, command: str, payload: dict[str, A
 
 
 async def request_certificate(
-    enrolment: Enrolment, ephemeral: asyncssh.SSHKey, job_id: str, lifetime: int, datasets: list[str] | None
+    enrolment: Enrolment,
+    ephemeral: asyncssh.SSHKey,
+    job_id: str,
+    lifetime: int,
+    datasets: list[str] | None,
+    slurm_job_id: str | None = None,
 ) -> JobCredential:
-    """Ask the platform to sign ``ephemeral`` for this job; raise the platform's refusal as ours."""
-    request = {
+    """Ask the platform to sign ``ephemeral`` for this job; raise the platform's refusal as ours.
+
+    ``slurm_job_id`` (inside Slurm) lets the node's epilog end the job on the platform.
+    """
+    request: dict[str, Any] = {
         "public_key": ephemeral.export_public_key().decode(),
         "job_id": job_id,
         "lifetime": lifetime,
         "datasets": datasets,
     }
+    if slurm_job_id is not None:
+        request["slurm_job_id"] = slurm_job_id
     reply, host_key = await call_platform(enrolment, ISSUE_COMMAND, request)
     cert = asyncssh.import_certificate(reply["certificate"])
     tolerance = reply.get("outage_tolerance")

@@ -310,7 +310,9 @@ class Job:
     async def certify(self) -> JobCredential:
         """A certificate for the job's in-memory key, loaded into its agent."""
         datasets = list(self.spec.datasets) if self.spec.datasets is not None else None
-        cred = await request_certificate(self.enrolment, self.ephemeral, self.job_id, self.spec.lifetime, datasets)
+        slurm_job = self.environ.get("SLURM_JOB_ID")
+        cred = await request_certificate(self.enrolment, self.ephemeral, self.job_id, self.spec.lifetime, datasets,
+                                         slurm_job if slurm_job and slurm_job.isdigit() else None)  # fmt: skip
         if self.agent is not None:
             await self.agent.load(self.ephemeral, cred.certificate, int(seconds_left(cred.valid_before)))
         return cred

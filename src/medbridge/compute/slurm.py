@@ -13,6 +13,7 @@ only if the job's uid owns them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -32,8 +33,9 @@ from typing import Any
 
 from medbridge.compute import residue
 from medbridge.compute.mount import unmount
+from medbridge.compute.node import NodeSettings, end_slurm_job
 from medbridge.compute.state import MAX_STATE_BYTES, StateReader
-from medbridge.errors import InvalidInput, JobFailed
+from medbridge.errors import InvalidInput, JobFailed, MedbridgeError
 from medbridge.policy.names import check_name
 
 DEFAULT_PARTITION = "bridge"
@@ -136,6 +138,8 @@ def submit(sub: Submission, environ: Mapping[str, str]) -> tuple[str, str]:
 class EpilogReport:
     slurm_job_id: str
     uid: int
+    #: What the platform said to the node's end call: the jobs it ended, with their revoked certificates.
+    platform: dict[str, Any] = field(default_factory=dict)
     killed: list[dict[str, Any]] = field(default_factory=list)
     unmounted: list[str] = field(default_factory=list)
     still_mounted: list[str] = field(default_factory=list)
@@ -318,11 +322,14 @@ def epilog(
     state_dir: Path,
     container_base: Path | None = None,
     *,
+    node: NodeSettings | None = None,
     mounts: Callable[[int], list[tuple[str, bool]]] = sshfs_mounts,
 ) -> EpilogReport:
     """Clean up after one job, as the Slurm epilog, from its environment.
 
-    ``mounts`` lists a uid's sshfs mounts (the mount table, unless a test narrows it).
+    With the node's credential (``node``) it first tells the platform the job ended, so
+    the job's certificates are revoked at once, whether or not ``job run`` could say so
+    itself.  ``mounts`` lists a uid's sshfs mounts (the mount table, unless a test narrows it).
     """
     job = environ.get("SLURM_JOB_ID", "")
     uid_text = environ.get("SLURM_JOB_UID", "")
@@ -330,6 +337,11 @@ def epilog(
         raise InvalidInput("the epilog needs SLURM_JOB_ID and SLURM_JOB_UID (run it from Slurm's Epilog=)")
     uid = int(uid_text)
     report = EpilogReport(job, uid)
+    if node is not None:
+        try:
+            report.platform = asyncio.run(end_slurm_job(node, job))
+        except MedbridgeError as exc:
+            report.notes.append(f"could not end the job on the platform: {exc}")
     reader = StateReader(state_dir, uid)
     try:
         state = _state(reader.read(f"{job}.json", MAX_STATE_BYTES))

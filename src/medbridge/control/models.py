@@ -171,6 +171,36 @@ class Certificate(Base):
     user: Mapped[User] = relationship()
 
 
+class Node(Base):
+    """A compute node's credential: from its addresses it may end the jobs placed there, nothing else."""
+
+    __tablename__ = "nodes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    public_key: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(128), unique=True)
+    #: JSON list of CIDRs the node logs in from (what the platform sees, through a trusted gateway).
+    networks: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class JobPlacement(Base):
+    """Where a job asked for a certificate from, and the Slurm job it said it was: what a node may end."""
+
+    __tablename__ = "job_placements"
+    __table_args__ = (
+        UniqueConstraint("user_id", "job_id", "slurm_job_id", "address"),
+        Index("ix_job_placements_slurm_job_id", "slurm_job_id"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(String(64))
+    slurm_job_id: Mapped[str] = mapped_column(String(32))
+    address: Mapped[str] = mapped_column(String(64))
+    first_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    user: Mapped[User] = relationship()
+
+
 class SerialCounter(Base):
     """Single row handing out certificate serials (works the same on any database)."""
 

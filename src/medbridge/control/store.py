@@ -30,6 +30,8 @@ from medbridge.control.models import (
     EnrolmentKey,
     Grant,
     Group,
+    JobPlacement,
+    Node,
     SerialCounter,
     User,
 )
@@ -37,6 +39,7 @@ from medbridge.errors import AlreadyExists, IntegrityError, InvalidInput, Medbri
 from medbridge.policy.credentials import CertificateSpec, IssuanceLimits, certificate_spec, check_issuance
 from medbridge.policy.grants import GrantFact, readable
 from medbridge.policy.names import check_name
+from medbridge.policy.nodes import NodeFact, Placement, check_networks, jobs_to_end
 from medbridge.policy.sessions import CertificateFact, SessionFacts
 
 _Named = TypeVar("_Named", User, Group, Dataset)
@@ -189,9 +192,7 @@ class Store:
                 raise AlreadyExists(f"user {name!r} already exists")
             members_of = [self._group(s, g) for g in groups]
             for _, fpr in public_keys:
-                owner = s.scalar(select(EnrolmentKey).where(EnrolmentKey.fingerprint == fpr))
-                if owner is not None:
-                    raise AlreadyExists(f"key {fpr} is already enrolled for user {owner.user.name!r}")
+                self._key_free(s, fpr)
             user = User(name=name, enabled=True, created_at=now, groups=members_of)
             user.keys = [EnrolmentKey(public_key=line, fingerprint=fpr) for line, fpr in public_keys]
             s.add(user)
@@ -583,12 +584,15 @@ class Store:
         source_addresses: Sequence[str],
         sign: Callable[[CertificateSpec], Any],
         limits: IssuanceLimits | None = None,
+        placement: tuple[str, str] | None = None,
     ) -> tuple[CertificateSpec, Any]:
         """Decide, sign and record one job certificate in one transaction.
 
         The serial counter's row is locked first, so issuances are counted one after
         another by every process (``limits``: the user's rate, the job's live certificates,
-        checked once the request itself is known to be valid).
+        checked once the request itself is known to be valid).  ``placement`` is
+        ``(Slurm job id, address)`` of a request from a Slurm job: the node at that address
+        may end the job (:meth:`end_slurm_job`).
         """
         check_name("job id", job_id)  # before it reaches a query
         with self._tx() as s:
@@ -636,7 +640,22 @@ class Store:
                     issued_at=now,
                 )
             )
+            if placement is not None:
+                self._place(s, u, job_id, *placement, now)
             return spec, signed
+
+    @staticmethod
+    def _place(s: Session, u: User, job_id: str, slurm_job_id: str, address: str, now: datetime) -> None:
+        known = s.scalar(
+            select(JobPlacement.id).where(
+                JobPlacement.user_id == u.id,
+                JobPlacement.job_id == job_id,
+                JobPlacement.slurm_job_id == slurm_job_id,
+                JobPlacement.address == address,
+            )
+        )
+        if known is None:
+            s.add(JobPlacement(user=u, job_id=job_id, slurm_job_id=slurm_job_id, address=address, first_at=now))
 
     @staticmethod
     def _count_certificates(s: Session, *where: Any) -> int:
@@ -649,15 +668,77 @@ class Store:
         again and the issuer signs no new one for it (see ``_job_ended``).
         """
         with self._tx() as s:
-            u = self._user(s, user)
-            live = list(s.scalars(select(Certificate).where(
-                Certificate.user_id == u.id, Certificate.job_id == job_id, Certificate.revoked_at.is_(None)
-            )))  # fmt: skip
-            for c in live:
-                c.revoked_at = now
-            self._append(s, [AuditEvent(actor=actor, action="job.end", outcome="ok", subject=job_id,
-                                        detail={"revoked_serials": [c.serial for c in live]})], now)  # fmt: skip
-            return len(live)
+            return self._end_job(s, self._user(s, user), job_id, now, actor, {})
+
+    def _end_job(self, s: Session, u: User, job_id: str, now: datetime, actor: str, detail: dict[str, Any]) -> int:
+        live = list(s.scalars(select(Certificate).where(
+            Certificate.user_id == u.id, Certificate.job_id == job_id, Certificate.revoked_at.is_(None)
+        )))  # fmt: skip
+        for c in live:
+            c.revoked_at = now
+        self._append(s, [AuditEvent(actor=actor, action="job.end", outcome="ok", subject=job_id,
+                                    detail={"revoked_serials": [c.serial for c in live], **detail})], now)  # fmt: skip
+        return len(live)
+
+    def end_slurm_job(
+        self, node: NodeFact, slurm_job_id: str, now: datetime, detail: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """A node's epilog: end every job placed from the node's addresses as this Slurm job (policy.nodes)."""
+        with self._tx() as s:
+            rows = s.scalars(select(JobPlacement).where(JobPlacement.slurm_job_id == slurm_job_id))
+            placements = [Placement(user=p.user.name, job_id=p.job_id, slurm_job_id=p.slurm_job_id,
+                                    address=p.address) for p in rows]  # fmt: skip
+            ended = []
+            for user, job_id in jobs_to_end(node, slurm_job_id, placements):
+                extra = {"slurm_job_id": slurm_job_id, **detail}
+                revoked = self._end_job(s, self._user(s, user), job_id, now, f"node:{node.name}", extra)
+                ended.append({"user": user, "job_id": job_id, "revoked": revoked})
+            return ended
+
+    # -- compute nodes ----------------------------------------------------------------
+
+    def add_node(
+        self, name: str, public_key: tuple[str, str], networks: Sequence[str], now: datetime, actor: str
+    ) -> NodeFact:
+        """Enrol a compute node's key ``(openssh line, fingerprint)``, bound to ``networks``."""
+        check_name("node", name)
+        nets = check_networks(networks)
+        line, fpr = public_key
+        with self._tx() as s:
+            if s.scalar(select(Node).where(Node.name == name)):
+                raise AlreadyExists(f"node {name!r} already exists")
+            self._key_free(s, fpr)
+            s.add(Node(name=name, public_key=line, fingerprint=fpr, networks=json.dumps(list(nets)), created_at=now))
+            self._append(s, [AuditEvent(actor=actor, action="node.add", outcome="ok", subject=name,
+                                        detail={"key": fpr, "networks": list(nets)})], now)  # fmt: skip
+            return NodeFact(name=name, fingerprint=fpr, networks=nets)
+
+    @staticmethod
+    def _key_free(s: Session, fpr: str) -> None:
+        """A key is one principal's: a user's enrolment key or a node's, never both, never twice."""
+        owner = s.scalar(select(EnrolmentKey).where(EnrolmentKey.fingerprint == fpr))
+        if owner is not None:
+            raise AlreadyExists(f"key {fpr} is already enrolled for user {owner.user.name!r}")
+        node = s.scalar(select(Node).where(Node.fingerprint == fpr))
+        if node is not None:
+            raise AlreadyExists(f"key {fpr} is already enrolled for node {node.name!r}")
+
+    def remove_node(self, name: str, now: datetime, actor: str) -> None:
+        with self._tx() as s:
+            node = s.scalar(select(Node).where(Node.name == name))
+            if node is None:
+                raise NotFound(f"no node {name!r}")
+            s.delete(node)
+            self._append(s, [AuditEvent(actor=actor, action="node.remove", outcome="ok", subject=name)], now)
+
+    def nodes(self) -> list[NodeFact]:
+        with self._tx(write=False) as s:
+            return [_node_fact(n) for n in s.scalars(select(Node).order_by(Node.name))]
+
+    def node_for_key(self, fingerprint: str) -> NodeFact | None:
+        with self._tx(write=False) as s:
+            node = s.scalar(select(Node).where(Node.fingerprint == fingerprint))
+            return None if node is None else _node_fact(node)
 
     def certificate(self, serial: int) -> CertificateFact | None:
         with self._tx(write=False) as s:
@@ -831,6 +912,10 @@ class Store:
             )
             is not None
         )
+
+
+def _node_fact(n: Node) -> NodeFact:
+    return NodeFact(name=n.name, fingerprint=n.fingerprint, networks=tuple(json.loads(n.networks)))
 
 
 def _cert_info(c: Certificate) -> CertificateFact:

@@ -1,4 +1,7 @@
-"""The job-certificate issuer: an enrolment key buys a short certificate for an ephemeral key."""
+"""The job-certificate issuer: an enrolment key buys a short certificate for an ephemeral key.
+
+Also a compute node's one command: ending the jobs placed on it (policy.nodes).
+"""
 
 from __future__ import annotations
 
@@ -17,11 +20,14 @@ from medbridge.errors import InvalidInput, MedbridgeError
 from medbridge.platform.keys import fingerprint
 from medbridge.platform.metrics import error_code, process_metrics
 from medbridge.policy.credentials import CertificateSpec, IssuanceLimits
+from medbridge.policy.nodes import NodeFact, check_slurm_job
 
 #: The one command an enrolment-key session may run.
 ISSUE_COMMAND = "medbridge-issue-certificate"
 #: The job wrapper reports its residue scan with the enrolment key (its certificate is gone by then).
 REPORT_COMMAND = "medbridge-report-residue"
+#: A compute node's one command (its epilog): end the jobs placed on it as one Slurm job.
+END_JOB_COMMAND = "medbridge-end-slurm-job"
 MAX_FINDINGS = 200
 #: Outages a job may report (each one audit row); what each may say.
 MAX_OUTAGES = 50
@@ -37,15 +43,15 @@ REQUEST_LIMITS = {LOOKUP_COMMAND: 80 * MAX_LOOKUP}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def parse_request(raw: bytes) -> tuple[asyncssh.SSHKey, str, timedelta, list[str] | None]:
-    """Read ``{"public_key", "job_id", "lifetime", "datasets"}``; nothing else is accepted."""
+def parse_request(raw: bytes) -> tuple[asyncssh.SSHKey, str, timedelta, list[str] | None, str | None]:
+    """Read ``{"public_key", "job_id", "lifetime", "datasets"[, "slurm_job_id"]}``; nothing else is accepted."""
     try:
         req = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInput(f"certificate request is not JSON: {exc}") from exc
     if not isinstance(req, dict):
         raise InvalidInput("certificate request must be a JSON object")
-    allowed = {"public_key", "job_id", "lifetime", "datasets"}
+    allowed = {"public_key", "job_id", "lifetime", "datasets", "slurm_job_id"}
     extra = sorted(set(req) - allowed)
     if extra:
         raise InvalidInput(
@@ -64,7 +70,8 @@ def parse_request(raw: bytes) -> tuple[asyncssh.SSHKey, str, timedelta, list[str
     lifetime = min(lifetime, MAX_REQUESTED_LIFETIME)
     if datasets is not None and not (isinstance(datasets, list) and all(isinstance(d, str) for d in datasets)):
         raise InvalidInput("datasets must be a list of names or null")
-    return key, job_id, timedelta(seconds=lifetime), datasets
+    slurm_job = req.get("slurm_job_id")
+    return key, job_id, timedelta(seconds=lifetime), datasets, None if slurm_job is None else check_slurm_job(slurm_job)
 
 
 class Issuer:
@@ -86,7 +93,7 @@ class Issuer:
         now = now or datetime.now(UTC)
         job_id: str | None = None
         try:
-            key, job_id, lifetime, datasets = parse_request(raw_request)
+            key, job_id, lifetime, datasets, slurm_job = parse_request(raw_request)
 
             def sign(spec: CertificateSpec) -> asyncssh.SSHCertificate:
                 return self._ca.generate_user_certificate(
@@ -119,6 +126,7 @@ class Issuer:
                     window=timedelta(seconds=self._settings.certificate_rate_window),
                     live_per_job=self._settings.max_live_certificates_per_job,
                 ),
+                placement=None if slurm_job is None else (slurm_job, address(peer)),
             )
         except MedbridgeError as exc:
             process_metrics().refused("certificate.issue", error_code(exc))
@@ -239,6 +247,36 @@ class Issuer:
             self._store.audit(events, now)
         revoked = self._store.end_job(user, job_id, now, user) if body.get("ended") else 0
         return {"recorded": True, "revoked": revoked}
+
+    def end_slurm_job(
+        self, node: NodeFact, raw: bytes, peer: Mapping[str, Any], now: datetime | None = None
+    ) -> dict[str, Any]:
+        """A node's epilog: end the jobs placed from the node as this Slurm job (``{"slurm_job_id"}``)."""
+        now = now or datetime.now(UTC)
+        slurm_job = ""
+        try:
+            try:
+                body = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InvalidInput(f"end request is not JSON: {exc}") from exc
+            if not isinstance(body, dict) or set(body) != {"slurm_job_id"}:
+                raise InvalidInput('an end request is {"slurm_job_id": "<digits>"} and nothing else')
+            slurm_job = check_slurm_job(body["slurm_job_id"])
+            ended = self._store.end_slurm_job(node, slurm_job, now, dict(peer))
+        except MedbridgeError as exc:
+            event = AuditEvent(actor=f"node:{node.name}", action="node.end-job", outcome="refused",
+                               subject=slurm_job, detail={"reason": str(exc), **peer})  # fmt: skip
+            self._store.audit([event], now)
+            raise
+        event = AuditEvent(actor=f"node:{node.name}", action="node.end-job", outcome="ok", subject=slurm_job,
+                           detail={"jobs": ended, **peer})  # fmt: skip
+        self._store.audit([event], now)
+        return {"slurm_job_id": slurm_job, "jobs": ended}
+
+
+def address(peer: Mapping[str, Any]) -> str:
+    """The client's IP address from a connection's ``peer`` (``HOST:PORT``, as the server records it)."""
+    return str(peer.get("peer", "")).rpartition(":")[0]
 
 
 def _count(value: object) -> int:

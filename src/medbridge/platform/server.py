@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from medbridge.net import bind, parse_networks
 from medbridge.platform.audit import AuditSink
 from medbridge.platform.catalogue import Catalogue
 from medbridge.platform.issuer import (
+    END_JOB_COMMAND,
     ISSUE_COMMAND,
     LOOKUP_COMMAND,
     MAX_REQUEST,
@@ -42,6 +44,7 @@ from medbridge.platform.listener import accept_forever
 from medbridge.platform.metrics import SessionTable, process_metrics
 from medbridge.platform.sftp import JobSFTPServer, PlatformSession, Results
 from medbridge.policy.credentials import REFUSED_BANNER, serial_from_principals, serial_principal
+from medbridge.policy.nodes import NodeFact, may_log_in, node_name
 from medbridge.policy.paths import View
 from medbridge.policy.sessions import decide_session
 from medbridge.transport import CoalescingTransport
@@ -98,6 +101,8 @@ class _Gate(asyncssh.SSHAuthorizedKeys):
     ) -> dict[str, object] | None:
         if ca:
             return self._conn.check_certificate(key, list(cert_principals or ()))
+        if node_name(self._conn.username) is not None:
+            return self._conn.check_node_key(key)
         return self._conn.check_enrolment_key(key)
 
 
@@ -117,6 +122,9 @@ class PlatformConnection(asyncssh.SSHServer):
         self.attempts: list[dict[str, Any]] = []
         self.session: LiveSession | None = None
         self.enrolment: str | None = None
+        #: A compute node's login (policy.nodes): its one command ends jobs placed on it.
+        self.node: NodeFact | None = None
+        self.peer_ip = ""
         self._authenticated = False
         #: File and directory handles open on this connection, over all its SFTP sessions.
         self.handles = Handles(limit=platform.settings.max_open_handles)
@@ -136,6 +144,7 @@ class PlatformConnection(asyncssh.SSHServer):
         self.transport = coalesce(conn)
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer_ip = str(peer[0]) if peer else ""
 
     def where(self) -> dict[str, str]:
         """The client's address, and the gateway it came through if any."""
@@ -201,14 +210,39 @@ class PlatformConnection(asyncssh.SSHServer):
         attempt["reason"] = "accepted by policy"
         return {"medbridge-enrolment": fpr}
 
+    def check_node_key(self, key: asyncssh.SSHKey) -> dict[str, object] | None:
+        """A compute node's key, from one of the node's own addresses."""
+        fpr = fingerprint(key)
+        attempt: dict[str, Any] = {"kind": "node", "fingerprint": fpr}
+        self.attempts.append(attempt)
+        node = self.platform.store.node_for_key(fpr)
+        if node is None:
+            attempt["reason"] = "key not enrolled for a node"
+            return None
+        if f"node:{node.name}" != self.username:
+            attempt["reason"] = f"key enrolled for node {node.name!r}, not {self.username!r}"
+            return None
+        why = may_log_in(node, self.peer_ip)
+        if why is not None:
+            attempt["reason"] = why
+            return None
+        attempt["reason"] = "accepted by policy"
+        return {"medbridge-node": fpr}
+
     def auth_completed(self) -> None:
         assert self.conn is not None
         self._authenticated = True
         serial = self.conn.get_key_option("medbridge-serial")
-        if not self._take_slot("certificate" if serial is not None else "enrolment"):
+        node_key = self.conn.get_key_option("medbridge-node")
+        kind = "certificate" if serial is not None else "node" if node_key is not None else "enrolment"
+        if not self._take_slot(kind):
             return
         if serial is not None:
             self.platform.open_session(self, int(str(serial)))
+        elif node_key is not None:
+            self.node = self.platform.store.node_for_key(str(node_key))
+            self.platform.sink.record(AuditEvent(actor=self.username, action="login", outcome="ok", subject="node",
+                                                 detail={**self.where(), "fingerprint": str(node_key)}))  # fmt: skip
         else:
             self.enrolment = str(self.conn.get_key_option("medbridge-enrolment"))
             self.platform.sink.record(
@@ -285,7 +319,7 @@ class PlatformConnection(asyncssh.SSHServer):
                     action="sftp.refused",
                     outcome="refused",
                     subject="/",
-                    detail={"reason": "an enrolment key opens no data; a job certificate is needed", "peer": self.peer},
+                    detail={"reason": "only a job certificate opens data", "peer": self.peer},
                 )
             )
         return self.platform.sftp_class(
@@ -299,31 +333,40 @@ class PlatformConnection(asyncssh.SSHServer):
         )
 
     async def process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
-        """Commands: only the issuer and the residue report, and only for an enrolment key."""
+        """Commands: the issuer and the residue report for an enrolment key; ending its jobs for a node."""
         command = (process.command or "").strip()
         issuer = self.platform.issuer
-        handler = {ISSUE_COMMAND: issuer.issue, REPORT_COMMAND: issuer.report, LOOKUP_COMMAND: issuer.lookup}.get(
-            command
-        )
-        if self.enrolment is None or handler is None:
+        handler: Callable[[bytes, dict[str, Any]], dict[str, Any]] | None = None
+        if self.node is not None:
+            if command == END_JOB_COMMAND:
+                handler = functools.partial(issuer.end_slurm_job, self.node)
+            credential = self.node.fingerprint
+        else:
+            user_commands = {ISSUE_COMMAND: issuer.issue, REPORT_COMMAND: issuer.report, LOOKUP_COMMAND: issuer.lookup}
+            if command in user_commands:
+                handler = functools.partial(user_commands[command], self.username)
+            credential = self.enrolment or ""
+        if self.session is not None or not credential or handler is None:
             self.platform.sink.record(
                 AuditEvent(
                     actor=self.username,
                     action="command.refused",
                     outcome="refused",
                     subject=command[:200],
-                    detail={**self.where(), "session": "certificate" if self.session else "enrolment"},
+                    detail={**self.where(), "session": "certificate" if self.session else "node" if self.node
+                            else "enrolment"},
                 )
+            )  # fmt: skip
+            allowed = (
+                "a node may only end its jobs" if self.node else "enrolment keys may only request job certificates"
             )
-            process.stderr.write(b"medbridge: no commands here; enrolment keys may only request job certificates\n")
+            process.stderr.write(f"medbridge: no commands here; {allowed}\n".encode())
             process.exit(126)
             return
         try:
             raw = await process.stdin.read(REQUEST_LIMITS.get(command, MAX_REQUEST))
             await self.platform.sink.flush()
-            reply = await asyncio.to_thread(
-                handler, self.username, raw, {**self.where(), "fingerprint": self.enrolment}
-            )
+            reply = await asyncio.to_thread(handler, raw, {**self.where(), "fingerprint": credential})
         except MedbridgeError as exc:
             self._answer(process, {"error": str(exc), "type": type(exc).__name__}, exc.exit_code)
             return

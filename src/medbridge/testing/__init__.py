@@ -198,12 +198,12 @@ class RunningPlatform:
         lifetime: int = 600,
         datasets: Iterable[str] | None = None,
         port: int | None = None,
+        slurm_job_id: str | None = None,
     ) -> tuple[asyncssh.SSHKey, JobCredential]:
         """What ``job run`` obtains: an ephemeral key and its job certificate."""
         ephemeral = asyncssh.generate_private_key(KEY_ALG)
-        cred = await request_certificate(
-            self.enrolment(user, port), ephemeral, job_id, lifetime, list(datasets) if datasets is not None else None
-        )
+        wanted = list(datasets) if datasets is not None else None
+        cred = await request_certificate(self.enrolment(user, port), ephemeral, job_id, lifetime, wanted, slurm_job_id)
         return ephemeral, cred
 
     def enrolment(self, user: str, port: int | None = None) -> Enrolment:
