@@ -71,8 +71,8 @@ def test_mount_compute_write_back_and_teardown(platform: RunningPlatform) -> Non
     rep = report(platform)
     assert rep["unmounted"] is True and rep["agent_stopped"] is True
     assert rep["residue"]["clean"] is True  # type: ignore[index]
-    scans = platform.audit("residue.scan")
-    assert scans and scans[-1].subject == "m1" and scans[-1].outcome == "ok"
+    scans = platform.audit("residue.reported")
+    assert scans and scans[-1].subject == "m1" and scans[-1].outcome == "claims-clean"
 
 
 def test_outputs_are_uploaded_committed_and_wiped(platform: RunningPlatform) -> None:
@@ -221,7 +221,7 @@ def test_teardown_always_runs(
     assert rep["unmounted"] is True and not os.path.ismount(mnt)
     assert rep["agent_stopped"] is True
     assert rep["residue"]["clean"] is True and rep["residue"]["files_scanned"] >= 1
-    assert platform.audit("residue.scan")
+    assert platform.audit("residue.reported")
 
 
 def test_copied_dataset_files_are_found_purged_and_reported(platform: RunningPlatform) -> None:
@@ -246,8 +246,8 @@ def test_copied_dataset_files_are_found_purged_and_reported(platform: RunningPla
     }
     work = platform.root / "job" / "work"
     assert not (work / "copy-in-workdir.bin").exists() and not (tmpdir / "copy-in-tmp.bin").exists()
-    scans = platform.audit("residue.scan")
-    assert scans[-1].outcome == "purged" and '"found":4' in scans[-1].detail and '"purged":4' in scans[-1].detail
+    scans = platform.audit("residue.reported")
+    assert scans[-1].outcome == "claims-purged" and '"found":4' in scans[-1].detail and '"purged":4' in scans[-1].detail
 
 
 def _venv_with_pydicom(folder: Path) -> list[Path]:
@@ -309,10 +309,11 @@ def test_a_purge_deletes_only_what_the_job_brought(platform: RunningPlatform) ->
     assert all(f["why"].startswith("pre-existing medical file, not ours") for f in residue["preexisting"])
     assert residue["clean"] is False, "a medical file the job left unproven is residue"
     assert not list((tmp / "jobtmp").glob("medbridge-tmp-*")), "the job's emptied $TMPDIR is removed"
-    scans = platform.audit("residue.scan", until=lambda r: True)  # the report may be recorded after job run exits
-    detail = json.loads(scans[-1].detail)
-    assert scans[-1].outcome == "residue" and detail["found"] == 4 and detail["purged"] == 3
-    assert detail["preexisting"] == len(old)
+    scans = platform.audit("residue.reported", until=lambda r: True)  # the report may be recorded after job run exits
+    assert scans, f"the job's end was not recorded: {rep['end_error']}"
+    claim = json.loads(scans[-1].detail)["claim"]
+    assert scans[-1].outcome == "claims-residue" and claim["found"] == 4 and claim["purged"] == 3
+    assert claim["preexisting"] == len(old)
 
 
 @pytest.fixture

@@ -161,8 +161,8 @@ def test_job_reads_computes_and_writes_back(cluster: SlurmCluster, platform: Run
     assert (res / "sum.txt").read_text().strip() == hashlib.sha256(CHEST["scan-001.bin"]).hexdigest()
     assert "sum.txt" in (res / "MANIFEST.sha256").read_text()
     assert not os.path.ismount(platform.root / f"mnt-{job}")
-    scans = [r for r in platform.audit("residue.scan") if r.subject == job]
-    assert scans and scans[-1].outcome == "ok"
+    scans = [r for r in platform.audit("residue.reported") if r.subject == job]
+    assert scans and scans[-1].outcome == "claims-clean"
     report = epilog_report(base, job)
     assert report["killed"] == [] and report["unmounted"] == []
 
@@ -214,12 +214,12 @@ def test_copies_left_by_a_job_are_found_and_purged(
     assert "stolen-tmp.bin" in listing.read_text()
     assert not (workdir(platform, job) / "stolen.bin").exists()
     assert not (workdir(platform, job) / "slice.dcm").exists()
-    scan = [r for r in platform.audit("residue.scan") if r.subject == job][-1]
-    detail = json.loads(scan.detail)
-    found = {Path(f["path"]).name: f["purged"] for f in detail["findings"]}
+    scan = [r for r in platform.audit("residue.reported") if r.subject == job][-1]
+    claim = json.loads(scan.detail)["claim"]
+    found = {Path(f["path"]).name: f["purged"] for f in claim["findings"]}
     # The working folder is the one the batch script made for the job; /tmp is job_container/tmpfs's.
     assert found == {"stolen.bin": True, "stolen-tmp.bin": True, "slice.dcm": True, "slice-tmp.dcm": True}
-    assert scan.outcome == "purged"
+    assert scan.outcome == "claims-purged"
 
 
 def _killed_job(cluster: SlurmCluster, platform: RunningPlatform, base: Path, *extra: str) -> str:
@@ -256,7 +256,7 @@ def test_sigkilled_wrapper_is_cleaned_up_by_the_epilog(
     assert [c.revoked for c in platform.store.certificates("alice") if c.job_id == job] == [True]
     assert not os.path.ismount(platform.root / f"mnt-{job}")
     assert not (base / "state" / str(os.getuid()) / f"{job}.json").exists()
-    assert not [r for r in platform.audit("residue.scan") if r.subject == job], "the wrapper had no chance to report"
+    assert not [r for r in platform.audit("residue.reported") if r.subject == job], "the wrapper could not report"
 
 
 def _gone(pid: int) -> bool:
@@ -274,7 +274,7 @@ def test_timed_out_job_is_torn_down(cluster: SlurmCluster, platform: RunningPlat
     assert state["JobState"] == "TIMEOUT"
     assert not (workdir(platform, job) / "stolen.bin").exists()
     assert not os.path.ismount(platform.root / f"mnt-{job}")
-    scans = [r for r in platform.audit("residue.scan") if r.subject == job]
+    scans = [r for r in platform.audit("residue.reported") if r.subject == job]
     report = epilog_report(base, job)
     purged_by_job = bool(scans) and '"purged":1' in scans[-1].detail
     residue = report.get("residue") or {}

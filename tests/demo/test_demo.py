@@ -67,5 +67,5 @@ def test_demo_tells_the_whole_story(mount: bool) -> None:
     findings = result["teardown"]["residue"]["findings"]
     assert [f["purged"] for f in findings] == [True] and "cached-ct-001.nii" in findings[0]["path"]
     actions = {e["action"] for e in result["audit"]}
-    assert {"certificate.issue", "login", "sftp.open", "results.commit", "residue.scan"} <= actions
+    assert {"certificate.issue", "login", "sftp.open", "results.commit", "residue.reported"} <= actions
     assert result["seconds"] > 0, "the demo reports how long it took (a figure, not a test of speed)"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import asyncssh
 
-from medbridge.platform.issuer import ISSUE_COMMAND
+from medbridge.platform.issuer import ISSUE_COMMAND, MAX_CLAIM_BYTES, MAX_REQUEST, REPORT_COMMAND, RESIDUE_REPORTED
 from medbridge.platform.keys import KEY_ALG
 from medbridge.testing import RunningPlatform
 from tests.conftest import CHEST
@@ -53,3 +53,32 @@ def test_certificate_issuance_is_rate_limited_per_user_and_capped_per_job(tmp_pa
     assert sum("certificate_rate_limit" in r.detail for r in refusals if r.actor == "alice") == 90
     assert any("max_live_certificates_per_job" in r.detail for r in refusals if r.actor == "bob")
     assert len(p.store.certificates("alice")) == 10
+
+
+def test_a_forged_residue_report_is_recorded_as_the_jobs_claim_and_bounded(platform: RunningPlatform) -> None:
+    """The issue's probe: a report saying "clean" and "/etc/shadow purged", sent with the enrolment key."""
+    asyncio.run(platform.credential("alice", job_id="f1"))
+    shadow = {"path": "/etc/shadow", "reason": "x" * 5000, "why": "trust me", "purged": True, "size": 7, "evil": 1}
+    findings = [shadow] + [{"path": f"/data/{i}.dcm" + "p" * 150, "purged": True} for i in range(250)]
+    report = {"clean": True, "files_scanned": 10**15, "found": 1, "purged": 1, "findings": findings,
+              "roots": ["/"] * 100, "verified_by": "platform"}  # fmt: skip
+    body = json.dumps({"job_id": "f1", "report": report, "ended": False}).encode()
+    assert len(body) < MAX_REQUEST
+
+    async def send() -> int:
+        key = asyncssh.read_private_key(str(platform.keys["alice"]))
+        async with await platform.connect("alice", [key]) as conn:
+            done = await conn.run(REPORT_COMMAND, input=body, encoding=None)
+            return done.exit_status or 0
+
+    assert asyncio.run(send()) == 0
+    recorded = platform.audit(RESIDUE_REPORTED)
+    assert [(r.actor, r.outcome, r.subject) for r in recorded] == [("alice", "claims-purged", "f1")]
+    detail = json.loads(recorded[0].detail)
+    assert detail["source"] == "job" and "verified_by" not in detail["claim"]
+    claim = detail["claim"]
+    assert claim["findings"][0] == {"path": "/etc/shadow", "reason": "x" * 512, "why": "trust me", "purged": True,
+                                    "size": 7}  # fmt: skip
+    assert claim["found"] == 251 and claim["findings_recorded"] == len(claim["findings"]) < 251
+    assert len(json.dumps(claim)) <= MAX_CLAIM_BYTES and len(claim["roots"]) == 16
+    assert platform.audit("residue.scan") == [], "nothing a job says is recorded as the platform's own finding"

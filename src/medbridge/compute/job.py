@@ -69,8 +69,9 @@ from medbridge.policy.manifest import parse_manifest
 from medbridge.policy.names import check_name
 
 SSH_HOST_ALIAS = "medbridge"
-#: The residue report the platform gets must fit one request to its issuer.
-REPORT_BYTES = MAX_REQUEST - 4096
+#: The residue report the platform gets: half of one request to its issuer, leaving room for the
+#: outages the same request lists (the platform keeps a bounded claim of it; --report has it whole).
+REPORT_BYTES = MAX_REQUEST // 2
 #: Pre-existing medical files named on standard error; the report has them all.
 SHOWN_PREEXISTING = 10
 
@@ -251,6 +252,8 @@ class Outcome:
     committed: bool | None = None
     outage_tolerance: float = outage.DEFAULT_TOLERANCE
     outages: list[dict[str, Any]] = field(default_factory=list)
+    #: Why the platform could not be told the job ended (its certificates then end at expiry or by the epilog).
+    end_error: str | None = None
     unmounted: bool | None = None
     agent_stopped: bool = False
     residue: dict[str, Any] = field(default_factory=dict)
@@ -505,6 +508,7 @@ class Job:
                 asyncio.run(end_job(self.enrolment, self.job_id, self.residue_summary, self.outcome.outages[-20:],
                                     ended=ended))  # fmt: skip
             except MedbridgeError as exc:
+                o.end_error = str(exc)
                 self.say(f"could not tell the platform the job ended: {exc}")
         for path, mode in self.loosened:
             with contextlib.suppress(OSError):  # gone meanwhile: nothing to give back

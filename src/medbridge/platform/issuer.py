@@ -1,6 +1,8 @@
 """The job-certificate issuer: an enrolment key buys a short certificate for an ephemeral key.
 
-Also a compute node's one command: ending the jobs placed on it (policy.nodes).
+Also the other commands a non-certificate session may run: a job's last word (its
+residue report, recorded as the job's claim, and that it ended), and a compute node's
+one command, ending the jobs placed on it (policy.nodes).
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ ISSUE_COMMAND = "medbridge-issue-certificate"
 REPORT_COMMAND = "medbridge-report-residue"
 #: A compute node's one command (its epilog): end the jobs placed on it as one Slurm job.
 END_JOB_COMMAND = "medbridge-end-slurm-job"
-MAX_FINDINGS = 200
 #: Outages a job may report (each one audit row); what each may say.
 MAX_OUTAGES = 50
 OUTAGE_FIELDS = ("started", "seconds", "beyond", "how", "tolerance", "still")
+#: A job's residue report is its own word: recorded as what the job claims, never as a fact the platform checked.
+RESIDUE_REPORTED = "residue.reported"
+#: What one claim may hold: findings kept, the length of each text in them, the claim's whole JSON.
+MAX_CLAIMED_FINDINGS = 50
+MAX_CLAIMED_TEXT = 512
+MAX_CLAIM_BYTES = 8192
 #: Requests beyond this are clamped before any arithmetic (the platform maximum applies anyway).
 MAX_REQUESTED_LIFETIME = 10 * 366 * 24 * 3600
 MAX_REQUEST = 64 * 1024
@@ -219,27 +226,16 @@ class Issuer:
         if not any(c.job_id == job_id for c in self._store.certificates(user)):
             raise InvalidInput(f"user {user!r} has no certificate for job {job_id!r}")
         if report:
-            findings = report.get("findings") if isinstance(report.get("findings"), list) else []
-            purged = sum(1 for f in findings if isinstance(f, dict) and f.get("purged"))
-            detail = {
-                "clean": bool(report.get("clean")),
-                "files_scanned": report.get("files_scanned"),
-                # The job may cut its lists to fit one request; its counts are never fewer than the list.
-                "found": max(len(findings), _count(report.get("found"))),
-                "purged": max(purged, _count(report.get("purged"))),
-                "preexisting": _count(report.get("preexisting_found")),
-                "findings": findings[:MAX_FINDINGS],
-                "roots": report.get("roots"),
-                **peer,
-            }
-            outcome = "residue" if not detail["clean"] else "purged" if findings else "ok"
-            event = AuditEvent(actor=user, action="residue.scan", outcome=outcome, subject=job_id, detail=detail)
+            claim = residue_claim(report)
+            outcome = "claims-residue" if not claim["clean"] else "claims-purged" if claim["found"] else "claims-clean"
+            detail = {"source": "job", "claim": claim, **peer}
+            event = AuditEvent(actor=user, action=RESIDUE_REPORTED, outcome=outcome, subject=job_id, detail=detail)
             self._store.audit([event], now)
         reported = body.get("outages")
         outages: list[Any] = reported if isinstance(reported, list) else []
         events = [
             AuditEvent(actor=user, action="job.outage", outcome="beyond_tolerance" if o.get("beyond") else "survived",
-                       subject=job_id, detail={**_outage_detail(o), **peer})
+                       subject=job_id, detail={"source": "job", **_outage_detail(o), **peer})
             for o in outages[:MAX_OUTAGES]
             if isinstance(o, dict)
         ]  # fmt: skip
@@ -277,6 +273,44 @@ class Issuer:
 def address(peer: Mapping[str, Any]) -> str:
     """The client's IP address from a connection's ``peer`` (``HOST:PORT``, as the server records it)."""
     return str(peer.get("peer", "")).rpartition(":")[0]
+
+
+def residue_claim(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What a job says of its residue scan: known fields only, every text and list bounded.
+
+    The counts are the job's (never fewer than the findings it lists); the findings it
+    names are kept while the claim's JSON fits :data:`MAX_CLAIM_BYTES`.
+    """
+    findings = report.get("findings")
+    listed = [f for f in findings if isinstance(f, dict)] if isinstance(findings, list) else []
+    roots = report.get("roots")
+    kept = [
+        {
+            "path": _claimed_text(f.get("path")),
+            "reason": _claimed_text(f.get("reason")),
+            "why": _claimed_text(f.get("why")),
+            "purged": f.get("purged") is True,
+            "size": _count(f.get("size")),
+        }
+        for f in listed[:MAX_CLAIMED_FINDINGS]
+    ]
+    claim: dict[str, Any] = {
+        "clean": report.get("clean") is True,
+        "files_scanned": _count(report.get("files_scanned")),
+        "found": max(len(listed), _count(report.get("found"))),
+        "purged": max(sum(1 for f in listed if f.get("purged") is True), _count(report.get("purged"))),
+        "preexisting": _count(report.get("preexisting_found")),
+        "roots": [_claimed_text(r) for r in roots[:16]] if isinstance(roots, list) else [],
+        "findings": kept,
+    }
+    while kept and len(json.dumps(claim)) > MAX_CLAIM_BYTES:
+        del kept[len(kept) // 2 :]
+    claim["findings_recorded"] = len(kept)
+    return claim
+
+
+def _claimed_text(value: object) -> str:
+    return value[:MAX_CLAIMED_TEXT] if isinstance(value, str) else ""
 
 
 def _count(value: object) -> int:
