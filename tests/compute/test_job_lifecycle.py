@@ -447,3 +447,29 @@ def test_a_session_that_escapes_the_job_is_ended_when_the_job_ends(platform: Run
     ends = [e for e in platform.audit("session.end") if '"job":"esc"' in e.detail]
     assert any("certificate revoked" in e.detail for e in ends)
     assert [e for e in platform.audit("job.end") if e.subject == "esc"]
+
+
+@needs_fuse
+def test_a_revoked_grant_is_an_access_error_on_the_mount_and_job_run_says_why(platform: RunningPlatform) -> None:
+    """Issue 14, item 9a: the grant is revoked mid-job; the mount's next read must not say "no such file"."""
+    tmp = platform.root / "job"
+    work, mnt = tmp / "work", tmp / "mnt"
+    work.mkdir(parents=True)
+    script = (
+        'cat "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" > /dev/null && touch read; '
+        "while [ ! -e revoked ]; do sleep 0.05; done; "
+        'cat "$MEDBRIDGE_MOUNT/datasets/chest/scan-002.bin" > /dev/null 2> err.txt'
+    )
+    cmd = job_cmd(platform, script, "--job-id", "rv", "--mount", str(mnt))
+    with subprocess.Popen(cmd, env=job_env(tmp), cwd=work, stderr=subprocess.PIPE, text=True) as proc:
+        until(lambda: (work / "read").exists() or proc.poll() is not None, "the payload's first read")
+        assert proc.poll() is None, proc.communicate()[1]
+        platform.store.revoke("alice", "chest", datetime.now(UTC), "test")
+        platform.audit("session.end", until=lambda r: "grant ended" in r.detail)
+        (work / "revoked").touch()
+        _, err = proc.communicate(timeout=120)
+    seen = (work / "err.txt").read_text()
+    assert proc.returncode == 1 and seen, err
+    assert "No such file or directory" not in seen, "a revoked grant looked like a missing file"
+    said = [line for line in err.splitlines() if "data access ended during the job" in line]
+    assert said and "no live grant left for user 'alice'" in said[0], err

@@ -57,11 +57,11 @@ from medbridge.compute.guard import guarded
 from medbridge.compute.linkwatch import LinkWatch
 from medbridge.compute.mount import Mount, sshfs_options
 from medbridge.compute.renewal import Renewer, seconds_left
-from medbridge.compute.session import Endpoint, upload_outputs, wipe
+from medbridge.compute.session import Endpoint, connect, upload_outputs, wipe
 from medbridge.compute.slurm import SHARED_TEMP, private_temp
 from medbridge.compute.state import DEFAULT_STATE_DIR, UserFolder
 from medbridge.config import CIPHERS
-from medbridge.errors import InvalidInput, JobFailed, MedbridgeError
+from medbridge.errors import AccessDenied, InvalidInput, JobFailed, MedbridgeError
 from medbridge.net import format_address, parse_address
 from medbridge.platform.issuer import MAX_REQUEST
 from medbridge.platform.keys import KEY_ALG, public_line, read_private_key_file
@@ -252,6 +252,8 @@ class Outcome:
     committed: bool | None = None
     outage_tolerance: float = outage.DEFAULT_TOLERANCE
     outages: list[dict[str, Any]] = field(default_factory=list)
+    #: Why the platform refused the job's certificate at its end (a revoked grant, a disabled account).
+    access_revoked: str | None = None
     #: Why the platform could not be told the job ended (its certificates then end at expiry or by the epilog).
     end_error: str | None = None
     unmounted: bool | None = None
@@ -485,6 +487,10 @@ class Job:
         if self.renewer is not None:
             self.renewer.stop()
             o.renewals, o.renewal_refused = self.renewer.renewals, self.renewer.refused
+        if o.exit_code not in (0, None) and self.renewer is not None and self.agent is not None:
+            o.access_revoked = self.revoked()
+            if o.access_revoked:
+                self.say(f"data access ended during the job: {o.access_revoked}")
         keep: list[Path] = []
         written = self.written(folder)
         if (self.spec.outputs is not None or written) and cred_ok and self.renewer is not None:
@@ -519,6 +525,27 @@ class Job:
             state.close()
         if self.agent is not None:
             self.summarise()
+
+    def revoked(self) -> str | None:
+        """Why the platform no longer lets the job in, if it does not (a revoked grant, a disabled account).
+
+        Asked when the payload failed: a mount then shows only I/O errors, which look like
+        a cut link; a login with the job's certificate tells the two apart.
+        """
+        assert self.renewer is not None
+        endpoint = self.endpoint(self.renewer.current)
+
+        async def login() -> None:
+            async with await connect(endpoint, connect_timeout=10):
+                pass
+
+        try:
+            asyncio.run(login())
+        except AccessDenied as exc:
+            return str(exc)
+        except MedbridgeError:
+            return None  # unreachable is not revoked
+        return None
 
     def written(self, folder: Path) -> list[tuple[str, str]]:
         """Results the payload wrote through ``medbridge://`` (the ledger its file systems appended to)."""
