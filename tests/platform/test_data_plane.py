@@ -327,7 +327,7 @@ def test_enrolment_key_alone_opens_no_data(platform: RunningPlatform) -> None:
             assert result.exit_status == 126
 
     asyncio.run(go())
-    assert [r for r in platform.audit("sftp.refused") if "enrolment key opens no data" in r.detail]
+    assert [r for r in platform.audit("sftp.refused") if "only a job certificate opens data" in r.detail]
     assert platform.audit("command.refused")
 
 
