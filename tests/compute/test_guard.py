@@ -90,7 +90,8 @@ def test_a_killed_wrapper_takes_its_agent_sshfs_and_payload_down(platform: Runni
     slurm_job = str(secrets.randbelow(10**9) + 10**9)  # a Slurm job id no other test on this machine uses
     script = (
         f"(sleep 600 &); touch {running}; "
-        'while cat "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" > /dev/null; do :; done'
+        # Reads on whatever one read says: a payload that ended by itself is not what this test kills.
+        'while :; do cat "$MEDBRIDGE_MOUNT/datasets/chest/scan-001.bin" > /dev/null 2>&1; done'
     )
     cmd = job_cmd(platform, script, "--job-id", "killed", "--mount", str(mnt))
     env = job_env(platform.root / "job", {"SLURM_JOB_ID": slurm_job, "MEDBRIDGE_STATE_DIR": str(state)})
