@@ -173,7 +173,8 @@ def _teardown_after(
     tmp = platform.root / "job"
     (tmp / "work").mkdir(parents=True, exist_ok=True)
     marker = tmp / "started"
-    cmd = job_cmd(platform, f"touch {marker} harmless.txt; {script}", "--report", str(tmp / "report.json"), *extra)
+    # harmless.txt first: the marker lets the test signal the job, whose residue scan must find a file
+    cmd = job_cmd(platform, f"touch harmless.txt {marker}; {script}", "--report", str(tmp / "report.json"), *extra)
     with (
         subprocess.Popen(cmd, env=job_env(tmp), cwd=tmp / "work", stderr=subprocess.PIPE, text=True) as proc,
         _ended_if_failed(proc),
