@@ -45,9 +45,9 @@ def write_key(path: Path) -> asyncssh.SSHKey:
 
 
 class RunningPlatform:
-    """A platform home in ``root`` served on loopback from a background thread."""
+    """A platform home in ``root`` served on loopback (or ``host``) from a background thread."""
 
-    def __init__(self, root: Path, database_url: str = "", **settings: Any):
+    def __init__(self, root: Path, database_url: str = "", *, host: str = "127.0.0.1", **settings: Any):
         self.root = root
         self.home = Home(root / "home")
         init_home(self.home, "test", database_url)
@@ -56,7 +56,7 @@ class RunningPlatform:
             self.home.settings_file.write_text("\n".join(lines) + "\n")
         self.store = Store(self.home.database_url(self.home.settings()))
         self.keys: dict[str, Path] = {}
-        self.background = BackgroundPlatform(self.home)
+        self.background = BackgroundPlatform(self.home, host)
 
     # -- content -----------------------------------------------------------------------
 

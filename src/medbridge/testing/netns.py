@@ -1,10 +1,12 @@
 """Three sites on one machine: ``hpc`` — ``gw`` — ``platform``, as Linux network namespaces; with
-``Sites(FOUR_PLACES)`` the original system's four places (a second campus and the experimental server too).
+``Sites(FOUR_PLACES)`` the original system's four places (a second campus and the experimental server too),
+and with ``platform2``, ``platform3`` more platform hosts beside the first (``Sites(with_hosts(2))``).
 
     hpc (compute nodes)          gw (gateway)                    platform
     10.N.1.2, 10.N.1.3  ──veth── 10.N.1.1 │ 10.N.2.1  ──veth──  10.N.2.2
                                  10.N.3.1 │ 10.N.4.1
-    campus  10.N.3.2    ──veth───────┘         └───────veth──   10.N.4.2  exp (experimental server)
+    campus  10.N.3.2    ──veth───────┘    │    └───────veth──   10.N.4.2  exp (experimental server)
+                                          └ 10.N.5.1 ──veth──   10.N.5.2  platform2 (10.N.6.2 platform3)
 
 The gateway namespace does not forward packets: the only way from one place to another
 is a process in ``gw`` (the medbridge gateway, or a delay relay).  Links can be cut and
@@ -49,18 +51,29 @@ def available() -> str | None:
 THREE_SITES = ("hpc", "gw", "platform")
 #: The original system's places: the HPC centre, a second campus, the data platform, the experimental server.
 FOUR_PLACES = ("hpc", "gw", "platform", "campus", "exp")
+#: Platform hosts beside ``platform``: each a place of its own on a link of its own to gw.
+PLATFORM_HOSTS = ("platform", "platform2", "platform3")
 #: One-way delay per link in ms (place to gw), rising with distance as in the original's RTT figure.
-DEFAULT_DELAYS_MS = {"hpc": 0.5, "platform": 0.5, "exp": 1.0, "campus": 3.0}
-_SUBNET = {"hpc": 1, "platform": 2, "campus": 3, "exp": 4}
+DEFAULT_DELAYS_MS = {"hpc": 0.5, "platform": 0.5, "platform2": 0.5, "platform3": 0.5, "exp": 1.0, "campus": 3.0}
+_SUBNET = {"hpc": 1, "platform": 2, "campus": 3, "exp": 4, "platform2": 5, "platform3": 6}
+
+
+def with_hosts(n: int, places: Sequence[str] = THREE_SITES) -> tuple[str, ...]:
+    """``places`` with ``n`` platform hosts: ``platform``, ``platform2``, …"""
+    if not 1 <= n <= len(PLATFORM_HOSTS):
+        raise ValueError(f"1 to {len(PLATFORM_HOSTS)} platform hosts (got {n})")
+    return (*places, *(p for p in PLATFORM_HOSTS[:n] if p not in places))
 
 
 class Sites:
     """The namespaces, their addresses, and the processes started in them."""
 
     def __init__(self, places: Sequence[str] = THREE_SITES, delays_ms: dict[str, float] | None = None) -> None:
-        unknown = set(places) - set(FOUR_PLACES)
+        unknown = set(places) - set(FOUR_PLACES) - set(PLATFORM_HOSTS)
         if unknown or not set(THREE_SITES) <= set(places):
-            raise ValueError(f"places: hpc, gw and platform, and any of campus, exp (got {', '.join(places)})")
+            raise ValueError(
+                f"places: hpc, gw and platform, and any of campus, exp, platform2, platform3 (got {', '.join(places)})"
+            )
         tag = secrets.token_hex(2)
         self.net = 100 + int(tag, 16) % 150
         self.ns = {site: f"mb{tag}-{site}" for site in places}
@@ -75,7 +88,7 @@ class Sites:
         self.delays_ms = {p: (delays_ms or DEFAULT_DELAYS_MS).get(p, 0.0) for p in self.address}
         self._veth = {"hpc": f"mb{tag}h", "gw-hpc": f"mb{tag}gh", "gw-platform": f"mb{tag}gp", "platform": f"mb{tag}p"}
         for p in set(places) - set(THREE_SITES):
-            self._veth[p], self._veth[f"gw-{p}"] = f"mb{tag}{p[0]}", f"mb{tag}g{p[0]}"
+            self._veth[p], self._veth[f"gw-{p}"] = f"mb{tag}{_SUBNET[p]}", f"mb{tag}g{_SUBNET[p]}"
         self._procs: list[subprocess.Popen[bytes]] = []
         self._made: list[str] = []
 
@@ -139,10 +152,10 @@ class Sites:
     # -- link faults ------------------------------------------------------------------
 
     def _gw_dev(self, link: str) -> str:
-        return self._veth["gw-hpc" if link == "hpc" else "gw-platform"]
+        return self._veth[f"gw-{link}"]
 
     def cut(self, link: str = "hpc") -> None:
-        """Drop every packet on the gw side of the ``hpc`` or ``platform`` link (TCP stays up, silent)."""
+        """Drop every packet on the gw side of a place's link (TCP stays up, silent)."""
         dev = self._gw_dev(link)
         for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
             self.exec("gw", "iptables", "-I", chain, flag, dev, "-j", "DROP").check_returncode()
