@@ -84,7 +84,7 @@ def tune(sock: Any, user_timeout_ms: int) -> None:
     Best effort: where the option is missing or the kernel keeps its own limit (see the
     module's docstring), the connection may end sooner, and the layers above reconnect.
     """
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):  # None: the connection has closed
         return
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(0, min(user_timeout_ms, 2**31 - 1)))

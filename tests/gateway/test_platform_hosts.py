@@ -1,4 +1,4 @@
-"""Two platform hosts behind the gateway, on one PostgreSQL and one shared home (medbridge.testing.hosts).
+"""Two platform hosts behind the gateway, on one PostgreSQL and one shared home (medbridge.testing.deployment).
 
 Jobs run at ``hpc`` and reach the hosts ``platform`` and ``platform2`` through the
 gateway's backend list (round robin, a refusing backend skipped).  Each host's audit
@@ -18,14 +18,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from medbridge.control.audit import Record
-from medbridge.testing.hosts import PlatformHosts
+from medbridge.testing.deployment import Deployment, wait_for
 from medbridge.testing.netns import Sites, available, with_hosts
 from medbridge.testing.postgres import PostgresServer, bindir
 from tests.conftest import CHEST, KNEE
@@ -40,25 +39,26 @@ BOUND = 3.0
 #: Small files whose reads both hosts audit at once.
 MANY = {f"f{i:03d}.bin": os.urandom(1024) for i in range(120)}
 PLACES = ("platform", "platform2")
+#: Sessions per user (max_sessions_per_user): the loader's four and job run's own fit.
+LIMIT = 6
 
 
 @pytest.fixture(scope="module")
-def hosts(postgres: PostgresServer | None) -> Iterator[PlatformHosts]:
+def hosts(postgres: PostgresServer | None) -> Iterator[Deployment]:
     root = Path(tempfile.mkdtemp(prefix="medbridge-hosts-", dir="/var/tmp"))
     with _server(postgres) as server:
         sites = Sites(with_hosts(2)).start()
         try:
-            h = PlatformHosts(sites, root, server.database(), enforcement_interval=0.25, max_sessions_per_user=4)
-            for user in ("alice", "bob"):
-                h.home.add_user(user)
-            h.home.add_dataset("chest", CHEST)
-            h.home.add_dataset("knee", KNEE)
-            h.home.add_dataset("many", MANY)
-            for user, dataset in (("alice", "chest"), ("alice", "knee"), ("alice", "many"), ("bob", "chest")):
-                h.home.grant(user, dataset)
-            h.start()
+            h = Deployment(sites, root, server.database(), enforcement_interval=0.25, max_sessions_per_user=LIMIT)
             try:
-                yield h
+                for user in ("alice", "bob"):
+                    h.home.add_user(user)
+                h.home.add_dataset("chest", CHEST)
+                h.home.add_dataset("knee", KNEE)
+                h.home.add_dataset("many", MANY)
+                for user, dataset in (("alice", "chest"), ("alice", "knee"), ("alice", "many"), ("bob", "chest")):
+                    h.home.grant(user, dataset)
+                yield h.start()
             finally:
                 h.stop()
         finally:
@@ -76,7 +76,7 @@ def _server(shared: PostgresServer | None) -> Iterator[PostgresServer]:
         yield own
 
 
-def run_job(h: PlatformHosts, user: str, script: str, *args: str, options: tuple[str, ...] = (),
+def run_job(h: Deployment, user: str, script: str, *args: str, options: tuple[str, ...] = (),
             timeout: float = 180) -> subprocess.CompletedProcess[str]:  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="work-", dir=h.root))
     (work / "payload.py").write_text(script)
@@ -85,7 +85,7 @@ def run_job(h: PlatformHosts, user: str, script: str, *args: str, options: tuple
                           env=h.job_environment(work))  # fmt: skip
 
 
-def start_job(h: PlatformHosts, user: str, script: str, *args: str,
+def start_job(h: Deployment, user: str, script: str, *args: str,
               options: tuple[str, ...] = ()) -> subprocess.Popen[str]:  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="work-", dir=h.root))
     (work / "payload.py").write_text(script)
@@ -94,31 +94,19 @@ def start_job(h: PlatformHosts, user: str, script: str, *args: str,
                             env=h.job_environment(work))  # fmt: skip
 
 
-def wait_for(check: Callable[[], bool], what: str, proc: subprocess.Popen[str] | None = None,
-             timeout: float = 120) -> None:  # fmt: skip
-    """Wait for an event (a file, an audit entry); the timeout only bounds a hang."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if proc is not None and proc.poll() is not None:
-            _, err = proc.communicate()
-            raise AssertionError(f"{what}: the job ended first (exit {proc.returncode}): {err[-2000:]}")
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.05)
-
-
 def detail(r: Record) -> dict[str, object]:
     d = json.loads(r.detail)
     assert isinstance(d, dict)
     return d
 
 
-def host_of(h: PlatformHosts, r: Record) -> str:
+def host_of(h: Deployment, r: Record) -> str:
     """Which host wrote an entry: the one whose link its ``via`` came through."""
     via = str(detail(r).get("via", ""))
     return next((p for p in PLACES if via.startswith(h.via(p) + ":")), "?")
 
 
-def logins(h: PlatformHosts, job: str) -> list[Record]:
+def logins(h: Deployment, job: str) -> list[Record]:
     return [r for r in h.home.audit("login") if r.subject == "certificate" and detail(r).get("job") == job]
 
 
@@ -149,7 +137,7 @@ asyncio.run(main())
 """
 
 
-def test_any_host_issues_certificates_that_every_host_accepts(hosts: PlatformHosts) -> None:
+def test_any_host_issues_certificates_that_every_host_accepts(hosts: Deployment) -> None:
     r = run_job(hosts, "alice", ISSUE_AND_LOG_IN, str(hosts.home.keys["alice"]), hosts.fingerprint,
                 options=("--job-id", "issue-1"))  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -192,11 +180,11 @@ asyncio.run(main())
 """
 
 
-def test_revoking_on_one_host_ends_the_sessions_on_every_host(hosts: PlatformHosts) -> None:
+def test_revoking_on_one_host_ends_the_sessions_on_every_host(hosts: Deployment) -> None:
     flag = hosts.root / "revoke-connected"
     job = start_job(hosts, "alice", HOLD_TWO_SESSIONS, str(flag), options=("--job-id", "revoke-1", "--dataset", "knee"))
     try:
-        wait_for(flag.exists, "two sessions", job)
+        wait_for(flag.exists, "two sessions", proc=job)
         assert {host_of(hosts, e) for e in logins(hosts, "revoke-1")} == set(PLACES)
         revoke = hosts.sites.exec("platform2", sys.executable, "-m", "medbridge", "revoke", "alice", "knee",
                                   "--home", str(hosts.home.home.root))  # fmt: skip
@@ -228,7 +216,7 @@ print(len(paths), total)
 """
 
 
-def test_two_hosts_append_to_one_audit_chain(hosts: PlatformHosts) -> None:
+def test_two_hosts_append_to_one_audit_chain(hosts: Deployment) -> None:
     r = run_job(hosts, "alice", READ_ALL, options=("--job-id", "chain-1"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(len(MANY)), str(len(MANY) * 1024)]
@@ -253,7 +241,7 @@ from medbridge.errors import MedbridgeError
 async def main():
     ep = endpoint_from_job(os.environ)
     held = []
-    for _ in range(6):
+    for _ in range(8):
         try:
             conn = await connect(ep)
             sftp = await conn.start_sftp_client()
@@ -268,11 +256,14 @@ asyncio.run(main())
 """
 
 
-def test_sessions_per_user_are_counted_over_every_host(hosts: PlatformHosts) -> None:
+def test_sessions_per_user_are_counted_over_every_host(hosts: Deployment) -> None:
+    """Counted per host, eight sessions would fit (four on each); counted over both, the limit of six stops them."""
     r = run_job(hosts, "bob", SESSIONS_UNTIL_REFUSED, options=("--job-id", "slots-1"))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split()[:3] == ["refused", "after", "4"], r.stdout
-    assert {host_of(hosts, e) for e in logins(hosts, "slots-1")} == set(PLACES), "the four were on both hosts"
+    words = r.stdout.split()
+    assert words[:2] == ["refused", "after"], r.stdout
+    assert LIMIT - 2 <= int(words[2]) <= LIMIT, "job run's own connection to the issuer may hold one place"
+    assert {host_of(hosts, e) for e in logins(hosts, "slots-1")} == set(PLACES), "the sessions were on both hosts"
     refused = [e for e in hosts.home.audit("login") if e.outcome == "refused" and e.actor == "bob"]
     assert any("max_sessions_per_user" in str(detail(e).get("reason", "")) for e in refused)
 
@@ -293,7 +284,7 @@ with Loader(connections=2, patience=120) as loader:
 """
 
 
-def kill_a_host_mid_job(hosts: PlatformHosts, script: str, job_id: str, *options: str,
+def kill_a_host_mid_job(hosts: Deployment, script: str, job_id: str, *options: str,
                        pick: Callable[[set[str]], str]) -> tuple[str, set[str], str]:  # fmt: skip
     """Run ``script`` until it has read once, SIGKILL the host ``pick`` chooses among those serving the job, let it
     read again; restart the host.  Returns the job's output, the hosts that served its first pass, and the victim."""
@@ -301,10 +292,10 @@ def kill_a_host_mid_job(hosts: PlatformHosts, script: str, job_id: str, *options
     job = start_job(hosts, "alice", script, str(flag), str(said), options=("--job-id", job_id, *options))
     victim = ""
     try:
-        wait_for(said.exists, "the first pass", job)
+        wait_for(said.exists, "the first pass", proc=job)
         serving = {host_of(hosts, e) for e in logins(hosts, job_id)}
         victim = pick(serving)
-        hosts.stop_host(victim, signal.SIGKILL)
+        hosts.stop_platform(signal.SIGKILL, victim)
         flag.touch()
         out, err = job.communicate(timeout=180)
     finally:
@@ -312,21 +303,21 @@ def kill_a_host_mid_job(hosts: PlatformHosts, script: str, job_id: str, *options
             job.kill()
             job.communicate()
         if victim:
-            hosts.start_host(victim)
+            hosts.start_platform(victim)
     assert job.returncode == 0, err
     return out, serving, victim
 
 
-def sessions_after(hosts: PlatformHosts, job_id: str, after: Record) -> set[str]:
+def sessions_after(hosts: Deployment, job_id: str, after: Record) -> set[str]:
     """The hosts the job logged in to after ``after`` (the victim's last entry) was written."""
     return {host_of(hosts, e) for e in logins(hosts, job_id) if e.seq > after.seq}
 
 
-def last_of(hosts: PlatformHosts, place: str) -> Record:
+def last_of(hosts: Deployment, place: str) -> Record:
     return [e for e in hosts.home.audit() if host_of(hosts, e) == place][-1]
 
 
-def test_a_host_that_dies_mid_job_is_skipped_and_the_loader_carries_on(hosts: PlatformHosts) -> None:
+def test_a_host_that_dies_mid_job_is_skipped_and_the_loader_carries_on(hosts: Deployment) -> None:
     marks: dict[str, Record] = {}
 
     def pick(serving: set[str]) -> str:
@@ -368,7 +359,7 @@ print(json.dumps({"same": first == second, "files": len(second), "failed": faile
 """
 
 
-def test_a_host_that_dies_under_an_sshfs_mount(hosts: PlatformHosts) -> None:
+def test_a_host_that_dies_under_an_sshfs_mount(hosts: Deployment) -> None:
     mount = hosts.root / "mnt-dies-2"
     marks: dict[str, Record] = {}
 

@@ -1,6 +1,7 @@
 """The whole deployment on the three sites, each part a process that can be stopped, killed and started again.
 
     hpc: ``medbridge job run`` (sshfs, the loader)  →  gw: ``medbridge gateway serve``  →  platform: ``platform serve``
+                                                                                         (platform2, …: more hosts)
 
 The platform's home is a :class:`~medbridge.testing.RunningPlatform` (users, datasets,
 grants, the audit log), served here by a process of its own in the ``platform``
@@ -8,6 +9,13 @@ namespace; the gateway routes ``gw:2201`` to it with PROXY v2 and counts bytes
 (``/metrics`` on the gateway's loopback).  Faults are made where they happen in life:
 links cut or reset at ``gw`` (:class:`~medbridge.testing.netns.Sites`), a gateway or a
 platform stopped, killed and restarted.  Used by the fault tests and ``bench outage``.
+
+With sites that have more platform hosts (``Sites(with_hosts(2))``), every host serves
+the same home and the gateway's route lists them all as backends.  The home then stands
+for the site's shared file system (here one folder that every namespace sees) and its
+``database_url`` must name one PostgreSQL for all hosts (here reached on its Unix
+socket, which every namespace sees too): the host key, the user CA, the storage and
+the limits' lock files are shared, as docs/platform-operator-guide.md lays out.
 """
 
 from __future__ import annotations
@@ -18,12 +26,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from medbridge import processes
 from medbridge.testing import RunningPlatform
-from medbridge.testing.netns import Sites
+from medbridge.testing.netns import PLATFORM_HOSTS, Sites
 
 PLATFORM_PORT, GATEWAY_PORT, METRICS_PORT = 2222, 2201, 9101
 
@@ -40,42 +49,55 @@ def first_line(proc: subprocess.Popen[bytes], words: str, what: str, timeout: fl
 
 
 class Deployment:
-    """A platform home served at ``platform``, a gateway at ``gw``, jobs run at ``hpc``."""
+    """A platform home served at ``platform`` (and every other platform host of ``sites``), a gateway at ``gw``,
+    jobs run at ``hpc``."""
 
-    def __init__(self, sites: Sites, root: Path, **settings: Any):
+    def __init__(self, sites: Sites, root: Path, database_url: str = "", **settings: Any):
         self.sites = sites
         self.root = root
-        settings.setdefault("trusted_proxies", [f"{sites.gw_platform_side}/32"])
-        self.home = RunningPlatform(root / "platform", **settings)
-        self.platform: subprocess.Popen[bytes] | None = None
+        #: The platform hosts: ``platform``, then ``platform2``, … where ``sites`` has them.
+        self.hosts = [p for p in PLATFORM_HOSTS if p in sites.ns]
+        if len(self.hosts) > 1 and not database_url.startswith("postgresql"):
+            raise ValueError("several platform hosts share one PostgreSQL (a SQLite file is one host's)")
+        settings.setdefault("trusted_proxies", [f"{sites.gw_side[p]}/32" for p in self.hosts])
+        self.home = RunningPlatform(root / "platform", database_url, **settings)
+        self.platforms: dict[str, subprocess.Popen[bytes]] = {}
         self.gateway: subprocess.Popen[bytes] | None = None
         self.fingerprint = ""
         self.gateway_config = root / "gateway.toml"
+        self.write_route(self.hosts)
+
+    def write_route(self, hosts: Sequence[str]) -> None:
+        """The gateway's configuration: its route ``prod`` to ``hosts`` (read when the gateway starts)."""
+        backends = ", ".join(f'"{self.sites.address[p]}:{PLATFORM_PORT}"' for p in hosts)
         self.gateway_config.write_text(
-            f'[[route]]\nname = "prod"\nlisten = "{sites.gw_hpc_side}:{GATEWAY_PORT}"\n'
-            f'backends = ["{sites.platform}:{PLATFORM_PORT}"]\nallow = ["{sites.node}/32"]\nproxy_protocol = true\n'
+            f'[[route]]\nname = "prod"\nlisten = "{self.sites.gw_hpc_side}:{GATEWAY_PORT}"\n'
+            f'backends = [{backends}]\nallow = ["{self.sites.node}/32"]\nproxy_protocol = true\n'
             f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
         )
 
+    def via(self, host: str) -> str:
+        """The address a host's audit entries name as ``via``: the gateway's side of that host's link."""
+        return self.sites.gw_side[host]
+
     # -- the parts ------------------------------------------------------------------
 
-    def start_platform(self) -> None:
-        log = open(self.root / "platform.log", "ab")  # noqa: SIM115 - the child holds it; closed below
+    def start_platform(self, host: str = "platform") -> None:
+        log = open(self.root / f"{host}.log", "ab")  # noqa: SIM115 - the child holds it; closed below
         try:
-            self.platform = self.sites.popen(
-                "platform",
+            proc = self.platforms[host] = self.sites.popen(
+                host,
                 [sys.executable, "-m", "medbridge", "platform", "serve", "--home", str(self.home.home.root),
-                 "--listen", f"{self.sites.platform}:{PLATFORM_PORT}", "--workers", "1"],
+                 "--listen", f"{self.sites.address[host]}:{PLATFORM_PORT}", "--workers", "1"],
                 stdout=subprocess.PIPE, stderr=log,
             )  # fmt: skip
         finally:
             log.close()
-        self.fingerprint = first_line(self.platform, "listening on", "the platform").split("host key ")[1].split()[0]
+        self.fingerprint = first_line(proc, "listening on", f"the platform at {host}").split("host key ")[1].split()[0]
 
-    def stop_platform(self, sig: int = signal.SIGTERM) -> None:
-        """Stop the platform (SIGKILL: no chance to close anything)."""
-        _end(self.platform, sig)
-        self.platform = None
+    def stop_platform(self, sig: int = signal.SIGTERM, host: str = "platform") -> None:
+        """Stop a host's platform (SIGKILL: no chance to close anything, as when it crashes or is OOM-killed)."""
+        _end(self.platforms.pop(host, None), sig)
 
     def start_gateway(self) -> None:
         self.gateway = self.sites.popen(
@@ -89,14 +111,16 @@ class Deployment:
         self.gateway = None
 
     def start(self) -> Deployment:
-        self.start_platform()
+        for host in self.hosts:
+            self.start_platform(host)
         self.start_gateway()
         return self
 
     def stop(self) -> None:
         _end(self.gateway)
-        _end(self.platform)
-        self.gateway = self.platform = None
+        self.gateway = None
+        for host in list(self.platforms):
+            self.stop_platform(host=host)
         self.home.store.close()
 
     # -- link faults at gw ------------------------------------------------------------
