@@ -135,8 +135,8 @@ def main(stdin: IO[str], stdout: IO[str]) -> None:
     with Loader(ep, connections=spec["connections"], window=spec["window"]) as loader:
         items: dict[str, list[Any]] = {
             "shards": loader.shard_samples("small") if "shards" in spec["data"] else [],
-            "small": loader.files("small"),
-            "large": loader.files("large"),
+            "small": loader.files("small") if {"small", "fsspec"} & set(spec["data"]) else [],
+            "large": loader.files("large") if "large" in spec["data"] else [],
         }
         items["fsspec"] = items["small"]
         read: dict[str, Callable[[list[Any]], Iterable[Any]]] = {name: loader.read_many for name in (*DATA, "fsspec")}

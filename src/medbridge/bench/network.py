@@ -136,10 +136,10 @@ class ThreeSites:
 
     name = "sites"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, places: Sequence[str] = netns.THREE_SITES):
         self.root = root
         try:
-            self.sites = netns.Sites().start()  # removes what it made if it fails
+            self.sites = netns.Sites(places).start()  # removes what it made if it fails
         except subprocess.CalledProcessError as exc:
             err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr or "")
             why = err.strip().splitlines()[-1] if err.strip() else str(exc)
@@ -175,8 +175,12 @@ class ThreeSites:
                 gw.stdout.close()
 
     @contextmanager
-    def job(self, key: asyncssh.SSHKey, fingerprint: str, host: str, port: int) -> Iterator[tuple[Endpoint, Path]]:
-        """``medbridge job run`` at ``hpc`` through the gateway; its payload hands back the job's environment."""
+    def job(self, key: asyncssh.SSHKey, fingerprint: str, host: str, port: int,
+            job_id: str = "") -> Iterator[tuple[Endpoint, Path]]:  # fmt: skip
+        """``medbridge job run`` at ``hpc`` through the gateway; its payload hands back the job's environment.
+
+        ``job_id``: default ``bench-<port>``; a second job through the same port needs one of its own (an
+        ended job gets no certificate again)."""
         key_file = self.root / f"bench-key-{port}"
         key_file.write_bytes(key.export_private_key())
         key_file.chmod(0o600)
@@ -188,7 +192,7 @@ class ThreeSites:
         env["MEDBRIDGE_STATE_DIR"] = str(work)
         cmd = [*self.prefix("hpc"), sys.executable, "-m", "medbridge", "job", "run", "--platform", f"{host}:{port}",
                "--key", str(key_file), "--user", "bench", "--host-key-fingerprint", fingerprint, "--job-id",
-               f"bench-{port}", "--no-purge", "--", sys.executable, "-c", _JOB_PAYLOAD]  # fmt: skip
+               job_id or f"bench-{port}", "--no-purge", "--", sys.executable, "-c", _JOB_PAYLOAD]  # fmt: skip
         log = work.with_suffix(".log")
         with open(log, "wb") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,

@@ -246,7 +246,7 @@ def bench_outage(read_path: str, cut_at: float | None, cut_for: float | None, vo
         raise click.exceptions.Exit(1)
 
 
-def _counts(text: str) -> tuple[int, ...]:
+def _counts(text: str, option: str = "--workers") -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(","))
     except ValueError:
@@ -254,7 +254,7 @@ def _counts(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1 or max(values) > 256:
         from medbridge.errors import InvalidInput
 
-        raise InvalidInput(f"--workers {text!r}: use counts from 1 to 256 separated by commas, such as 1,2,4,8")
+        raise InvalidInput(f"{option} {text!r}: use counts from 1 to 256 separated by commas, such as 1,2,4,8")
     return values
 
 
@@ -308,6 +308,53 @@ def bench_scale(quick: bool, workers: str | None, clients_per_worker: int | None
     output.table("bench scale (medians, loopback)", columns, rows)
     output.table("against the targets", ["target", "measured", "workers", "met"],
                  [(t["target"], t["measured"], t["workers"], {True: "yes", False: "no", None: "-"}[t["met"]])
+                  for t in result["targets"]])  # fmt: skip
+
+
+@bench.command("hosts")
+@click.option("--quick", is_flag=True, help="400 files, two runs (a few minutes here).")
+@click.option(
+    "--hosts", "hosts", default=None, help="Host counts to measure, comma-separated (default: 1,2; at most 3)."
+)
+@click.option("--clients-per-host", type=click.IntRange(1, 64), default=None, help="Loader processes per host.")
+@click.option("--connections", type=click.IntRange(1, 64), default=None, help="SSH connections per loader.")
+@click.option("--small-files", type=click.IntRange(1, 1_000_000), default=None, help="Number of ~100 KiB files.")
+@click.option("--repeats", type=click.IntRange(1, 20), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a chart (PNG).")
+def bench_hosts(quick: bool, hosts: str | None, clients_per_host: int | None, connections: int | None,
+                small_files: int | None, repeats: int | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
+    """Small-file throughput of N platform hosts behind the gateway (one home, one PostgreSQL), read from hpc."""
+    import dataclasses
+
+    from medbridge.bench import hosts as bench_hosts_mod
+
+    plan = bench_hosts_mod.Plan.quick() if quick else bench_hosts_mod.Plan()
+    changes: dict[str, object] = {}
+    if hosts is not None:
+        changes["hosts"] = _counts(hosts, "--hosts")
+    for key, value in (("clients_per_host", clients_per_host), ("connections", connections),
+                       ("small_files", small_files), ("repeats", repeats)):  # fmt: skip
+        if value:
+            changes[key] = value
+    plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
+    say = (lambda m: None) if as_json else (lambda m: output.err.print(m, highlight=False))
+    result = bench_hosts_mod.run(plan, progress=say)
+    if plot is not None:
+        bench_hosts_mod.plot(result, plot)
+    if as_json:
+        output.emit_json(result)
+        return
+    columns = ["hosts", "clients", "files/s", "MB/s", "speedup", "CPU-s hosts/gw/cli", "busy", "cores needed", "free"]
+    rows = [
+        (r["hosts"], r["clients"], r["files_per_s"], r["mb_per_s"], r["speedup"],
+         f"{r['cpu_s']['hosts']}/{r['cpu_s']['gateway']}/{r['cpu_s']['clients']}", r["cores_busy"],
+         r["cores_needed"], "yes" if r["cores_free"] else "no")
+        for r in result["rows"]
+    ]  # fmt: skip
+    output.table("bench hosts (medians, through the gateway)", columns, rows)
+    output.table("against the target", ["target", "measured", "met"],
+                 [(t["target"], t["measured"], {True: "yes", False: "no", None: t.get("why", "-")}[t["met"]])
                   for t in result["targets"]])  # fmt: skip
 
 
