@@ -7,6 +7,7 @@ Non-root users are used where Slurm's own decision is the point (AllowGroups).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from medbridge.compute.job import default_job_id
 from medbridge.compute.slurm import Submission, batch_script, private_temp
+from medbridge.errors import InvalidInput
 from medbridge.testing import RunningPlatform
 from medbridge.testing.slurm import DONE, JOB_USER, OUTSIDER, SlurmCluster, available, job_python
 from medbridge.testing.wait import until
@@ -119,6 +122,25 @@ def test_batch_script_is_stable() -> None:
         "exec /opt/mb/bin/python -m medbridge job run --platform p:22 --scan /tmp --scan /dev/shm --scratch . "
         "--purge -- python train.py --epochs 9\n"
     )
+
+
+def test_a_job_of_several_nodes_runs_a_job_run_of_its_own_on_each() -> None:
+    sub = Submission(command=["python", "train.py"], job_run_args=["--platform", "p:22"], partition="bridge", nodes=2)
+    script = batch_script(sub, python="/opt/mb/bin/python")
+    assert script.splitlines()[3:5] == ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1"]
+    assert script.splitlines()[-3:] == [
+        "exec srun --ntasks-per-node=1 /bin/bash -c 'workdir=\"${MEDBRIDGE_WORKDIR:-$SLURM_SUBMIT_DIR}/"
+        'medbridge-job-$SLURM_JOB_ID-n$SLURM_NODEID"',
+        'mkdir -p "$workdir" && cd "$workdir" || exit 9',
+        "exec /opt/mb/bin/python -m medbridge job run --platform p:22 --scan /tmp --scan /dev/shm --scratch . "
+        "--purge -- python train.py'",
+    ]
+    with pytest.raises(InvalidInput, match="at least one node"):
+        batch_script(dataclasses.replace(sub, nodes=0))
+    one = {"SLURM_JOB_ID": "41", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0"}
+    assert default_job_id(one) == "41"
+    assert default_job_id({**one, "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1"}) == "41-n1"
+    assert default_job_id({"SLURM_JOB_ID": "41"}) == "41"  # an older Slurm or a step without the node's number
 
 
 #: /proc/self/mountinfo inside a job of this test cluster (Slurm 22.05, job_container/tmpfs), trimmed.

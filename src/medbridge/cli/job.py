@@ -239,6 +239,13 @@ RESIDUE_FOUND = 10
     show_default=True,
     help="The dedicated partition that may reach the platform.",
 )
+@click.option(
+    "--nodes",
+    type=click.IntRange(1, 4096),
+    default=1,
+    show_default=True,
+    help="Nodes of the job; on several, each runs its own job run (platform job '<Slurm job id>-n<node index>').",
+)
 @click.option("--sbatch", "sbatch_args", multiple=True, help="An option passed to sbatch as is (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the batch script instead of submitting it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -246,8 +253,8 @@ RESIDUE_FOUND = 10
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def job_submit(
     platform_addr: str, key_file: str, host_key_fingerprint: str, user_name: str | None, datasets: Sequence[str],
-    mount: str | None, outputs: str | None, lifetime: int | None, partition: str, sbatch_args: Sequence[str],
-    dry_run: bool, as_json: bool, outage_tolerance: float | None, command: Sequence[str],
+    mount: str | None, outputs: str | None, lifetime: int | None, partition: str, nodes: int,
+    sbatch_args: Sequence[str], dry_run: bool, as_json: bool, outage_tolerance: float | None, command: Sequence[str],
 ) -> None:  # fmt: skip
     """Submit COMMAND as a Slurm batch job wrapped in `job run` on the dedicated partition."""
     from medbridge.compute.slurm import Submission, batch_script, submit
@@ -263,13 +270,13 @@ def job_submit(
         args += ["--outage-tolerance", f"{outage_tolerance:g}"]
     for d in datasets:
         args += ["--dataset", d]
-    sub = Submission(command=command, job_run_args=args, partition=partition, sbatch_args=sbatch_args)
+    sub = Submission(command=command, job_run_args=args, partition=partition, sbatch_args=sbatch_args, nodes=nodes)
     if dry_run:
         click.echo(batch_script(sub), nl=False)
         return
     job_id, script = submit(sub, os.environ)
     if as_json:
-        output.emit_json({"job_id": job_id, "partition": partition, "script": script})
+        output.emit_json({"job_id": job_id, "partition": partition, "nodes": nodes, "script": script})
     else:
         output.out.print(f"submitted job {job_id} to partition {partition}")
 

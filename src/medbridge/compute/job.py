@@ -99,8 +99,17 @@ class JobSpec:
 
 
 def default_job_id(environ: Mapping[str, str]) -> str:
-    """The Slurm job id when inside a job, else a fresh local one."""
-    return environ.get("SLURM_JOB_ID") or f"local-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+    """The Slurm job id when inside a job, else a fresh local one.
+
+    In a job of several nodes each node's ``job run`` is a platform job of its own,
+    ``<Slurm job id>-n<node index>``: its own certificates, results and end (a job's end
+    revokes all its certificates, which must not cut another node still at work).
+    """
+    slurm = environ.get("SLURM_JOB_ID")
+    if not slurm:
+        return f"local-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+    nodes, node = environ.get("SLURM_JOB_NUM_NODES", ""), environ.get("SLURM_NODEID", "")
+    return f"{slurm}-n{node}" if nodes.isdigit() and int(nodes) > 1 and node.isdigit() else slurm
 
 
 def accepts_connections(path: Path) -> bool:

@@ -89,26 +89,41 @@ class Submission:
     partition: str = DEFAULT_PARTITION
     sbatch_args: Sequence[str] = ()
     job_name: str = "medbridge"
+    #: Nodes of the job: on more than one, ``srun`` starts a ``job run`` on each.
+    nodes: int = 1
 
 
 def batch_script(sub: Submission, python: str = sys.executable) -> str:
-    """The batch script: a per-job working folder (the job's own: ``--scratch .``), then ``job run``."""
+    """The batch script: a per-job working folder (the job's own: ``--scratch .``), then ``job run``.
+
+    On several nodes each node gets a ``job run`` of its own (``srun``, one task per
+    node), in a working folder of its own named like its platform job,
+    ``<Slurm job id>-n<node index>`` (see :func:`medbridge.compute.job.default_job_id`).
+    """
     check_name("partition", sub.partition)
+    if sub.nodes < 1:
+        raise InvalidInput(f"--nodes {sub.nodes}: a job needs at least one node")
     run = [python, "-m", "medbridge", "job", "run", *sub.job_run_args, "--scan", "/tmp", "--scan", "/dev/shm",
            "--scratch", ".", "--purge", "--", *sub.command]  # fmt: skip
-    return "\n".join(
-        [
-            "#!/bin/bash",
-            f"#SBATCH --partition={sub.partition}",
-            f"#SBATCH --job-name={shlex.quote(sub.job_name)}",
-            "# Written by 'medbridge job submit': job run holds the job's platform access and always tears down.",
-            "umask 077  # what the job writes is its user's alone",
-            'workdir="${MEDBRIDGE_WORKDIR:-$SLURM_SUBMIT_DIR}/medbridge-job-$SLURM_JOB_ID"',
-            'mkdir -p "$workdir" && cd "$workdir" || exit 9',
-            f"exec {shlex.join(run)}",
-            "",
+    job = "$SLURM_JOB_ID" if sub.nodes == 1 else "$SLURM_JOB_ID-n$SLURM_NODEID"
+    steps = [
+        f'workdir="${{MEDBRIDGE_WORKDIR:-$SLURM_SUBMIT_DIR}}/medbridge-job-{job}"',
+        'mkdir -p "$workdir" && cd "$workdir" || exit 9',
+        f"exec {shlex.join(run)}",
+    ]
+    head = [
+        "#!/bin/bash",
+        f"#SBATCH --partition={sub.partition}",
+        f"#SBATCH --job-name={shlex.quote(sub.job_name)}",
+    ]
+    if sub.nodes > 1:
+        head += [f"#SBATCH --nodes={sub.nodes}", "#SBATCH --ntasks-per-node=1"]
+        steps = [
+            "# On each node a job run of its own: its own certificate, mount, working folder and platform job.",
+            f"exec srun --ntasks-per-node=1 /bin/bash -c {shlex.quote(chr(10).join(steps))}",
         ]
-    )
+    comment = "# Written by 'medbridge job submit': job run holds the job's platform access and always tears down."
+    return "\n".join([*head, comment, "umask 077  # what the job writes is its user's alone", *steps, ""])
 
 
 def submit(sub: Submission, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -179,11 +194,15 @@ def _ancestors() -> set[int]:
     return pids
 
 
-def leftover_processes(slurm_job_id: str, uid: int) -> list[tuple[int, int]]:
+def leftover_processes(slurm_job_id: str, uid: int, node: str | None = None) -> list[tuple[int, int]]:
     """``(pid, pidfd)`` of processes of this job's uid that still carry its SLURM_JOB_ID.
 
-    The pidfd is opened before the process is checked, so the signal later reaches
-    that very process even if its PID is reused meanwhile.
+    With ``node`` (the epilog's ``SLURMD_NODENAME``), a process that names another node
+    is not this node's: where several slurmd share one process table (Slurm's
+    multiple-slurmd setups, the test cluster's nodes) a job's epilogs run side by side
+    and each must leave the others, and the other nodes' tasks, alone.  A process that
+    names no node is still taken.  The pidfd is opened before the process is checked,
+    so the signal later reaches that very process even if its PID is reused meanwhile.
     """
     mine = _ancestors()
     found = []
@@ -197,7 +216,8 @@ def leftover_processes(slurm_job_id: str, uid: int) -> list[tuple[int, int]]:
             pidfd = os.pidfd_open(pid)
         except OSError:
             continue
-        if _proc_uid(pid) == uid and _proc_env(pid).get("SLURM_JOB_ID") == slurm_job_id:
+        env = _proc_env(pid) if _proc_uid(pid) == uid else {}
+        if env.get("SLURM_JOB_ID") == slurm_job_id and (node is None or env.get("SLURMD_NODENAME", node) == node):
             found.append((pid, pidfd))
         else:
             os.close(pidfd)
@@ -350,7 +370,7 @@ def epilog(
         reader.close()
     report.notes += reader.notes
 
-    report.killed = kill_all(leftover_processes(job, uid))
+    report.killed = kill_all(leftover_processes(job, uid, environ.get("SLURMD_NODENAME") or None))
 
     recorded = state.get("mount")
     for point, alive in mounts(uid):

@@ -1,8 +1,16 @@
-"""A real single-node Slurm for tests: munge, slurmctld and slurmd, and the Unix users jobs run as.
+"""A real Slurm for tests: munge, slurmctld and slurmd, and the Unix users jobs run as.
 
-Everything it starts it stops by PID, and every user and group it creates it
-removes.  Needs root and Debian's ``slurmctld slurmd slurm-client munge``
-(``scripts/setup`` installs them).  See shared/reference/slurm-single-node.md.
+One node by default: this machine, its slurmd beside slurmctld on 127.0.0.1.  With
+``nodes=2`` (or more) each compute node is a slurmd of its own (``slurmd -N NAME``) in a
+network namespace of its own, with its own address, spool and private-/tmp base; the
+nodes, and the root namespace where slurmctld (and a test's platform) listen, share one
+network segment (a bridge in a namespace of its own).  Nodes share this machine's file
+systems and mount table, as compute nodes share a cluster file system.
+
+Everything it starts it stops by PID, every namespace and link it makes it removes,
+and every user and group it creates it removes.  Needs root and Debian's ``slurmctld
+slurmd slurm-client munge`` (``scripts/setup`` installs them).  See
+shared/reference/slurm-single-node.md.
 """
 
 from __future__ import annotations
@@ -12,11 +20,12 @@ import fcntl
 import grp
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -50,17 +59,105 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class SlurmCluster:
-    """One node, partitions ``debug`` and ``bridge`` (AllowGroups=mbbridge), an epilog, private /tmp."""
+#: The compute nodes of a cluster of several (one node is this machine under its own name).
+NODE_NAMES = ("mbnode1", "mbnode2", "mbnode3", "mbnode4")
 
-    def __init__(self, root: Path, epilog: str, state_dir: Path):
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def _unused_net() -> str:
+    """``10.X.250``, a /24 that no route or address of the root namespace touches."""
+    taken = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    taken += subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    for _ in range(200):
+        net = f"10.{100 + secrets.randbelow(150)}.250"
+        if f"{net}." not in taken and f"{net}.0/" not in taken:
+            return net
+    raise RuntimeError("no free 10.X.250.0/24 for the test cluster's nodes")
+
+
+class NodeNetwork:
+    """Compute nodes as network namespaces on one segment, the root namespace on it too.
+
+    root namespace: slurmctld, a test's platform   10.X.250.1  ─┐
+    mbnode1 (slurmd -N mbnode1)                     10.X.250.11 ─┼─ bridge (a namespace of its own)
+    mbnode2 (slurmd -N mbnode2)                     10.X.250.12 ─┘
+    """
+
+    def __init__(self, nodes: Sequence[str]):
+        tag = secrets.token_hex(2)
+        net = _unused_net()
+        self.hub = f"mbs{tag}-net"
+        self.ns = {n: f"mbs{tag}-{n}" for n in nodes}
+        self.root_dev = f"mbs{tag}r"
+        #: The root namespace's address on the segment: slurmctld's, and where a test's platform listens.
+        self.controller = f"{net}.1"
+        self.address = {n: f"{net}.{10 + i}" for i, n in enumerate(nodes, 1)}
+        self._made: list[str] = []
+        self._root_link = False
+
+    def start(self) -> NodeNetwork:
+        try:
+            _ip("netns", "add", self.hub)
+            self._made.append(self.hub)
+            _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.hub, "link", "set", "br0", "up")
+            _ip("link", "add", self.root_dev, "type", "veth", "peer", "name", "root", "netns", self.hub)
+            self._root_link = True
+            _ip("-n", self.hub, "link", "set", "root", "master", "br0", "up")
+            _ip("addr", "add", f"{self.controller}/24", "dev", self.root_dev)
+            _ip("link", "set", self.root_dev, "up")
+            for i, (node, ns) in enumerate(self.ns.items(), 1):
+                _ip("netns", "add", ns)
+                self._made.append(ns)
+                _ip("-n", self.hub, "link", "add", f"n{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+                _ip("-n", self.hub, "link", "set", f"n{i}", "master", "br0", "up")
+                _ip("-n", ns, "addr", "add", f"{self.address[node]}/24", "dev", "eth0")
+                _ip("-n", ns, "link", "set", "eth0", "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def enter(self, node: str) -> list[str]:
+        """A command prefix that runs in the node's network namespace only (its mounts stay the machine's)."""
+        return ["nsenter", f"--net=/run/netns/{self.ns[node]}"]
+
+    def stop(self) -> None:
+        if self._root_link:  # at once: a namespace's links go with it only later
+            subprocess.run(["ip", "link", "del", self.root_dev], capture_output=True)
+            self._root_link = False
+        for name in reversed(self._made):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self._made.clear()
+
+
+class SlurmCluster:
+    """Partitions ``debug`` and ``bridge`` (AllowGroups=mbbridge) over every node, an epilog, private /tmp.
+
+    ``task_prolog``: Slurm's TaskProlog (its ``export NAME=value`` lines reach each task's
+    environment), for what differs per node, such as a node-local state folder.
+    """
+
+    def __init__(self, root: Path, epilog: str, state_dir: Path, *, nodes: int = 1, task_prolog: str | None = None):
+        if not 1 <= nodes <= len(NODE_NAMES):
+            raise ValueError(f"1 to {len(NODE_NAMES)} nodes")
         self.root = root
         self.epilog = epilog
+        self.task_prolog = task_prolog
         self.state_dir = state_dir
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         #: The interpreter jobs run medbridge with (see :func:`job_python`).
         self.python = sys.executable
+        self.network = NodeNetwork(NODE_NAMES[:nodes]) if nodes > 1 else None
+        #: Where slurmctld listens, and where a platform must listen for every node to reach it.
+        self.controller = self.network.controller if self.network else "127.0.0.1"
+        #: The node names (a one-node cluster's is this machine's, known once configured).
+        self.nodes: list[str] = list(NODE_NAMES[:nodes]) if nodes > 1 else []
         self._pids: dict[str, int] = {}
         self._created_users: list[str] = []
         self._created_groups: list[str] = []
@@ -87,14 +184,29 @@ class SlurmCluster:
 
     # -- daemons ----------------------------------------------------------------------
 
+    def container_base(self, node: str) -> Path:
+        """job_container/tmpfs's BasePath on ``node`` (each job's private /tmp is made below it)."""
+        return self.root / "containers" / (node if self.network else "")
+
     def write_config(self) -> None:
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
         for d in ("state", "spool", "containers", "munge"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        (self.root / "job_container.conf").write_text(f"AutoBasePath=true\nBasePath={self.root / 'containers'}\n")
+        many = self.network is not None
+        if many:
+            containers = ""
+            for n in self.nodes:
+                for folder in (self.root / "spool" / n, self.container_base(n)):
+                    folder.mkdir(parents=True, exist_ok=True)
+                containers += f"NodeName={n} BasePath={self.container_base(n)}\n"
+        else:
+            self.nodes = [node.split()[0].removeprefix("NodeName=")]
+            containers = f"BasePath={self.root / 'containers'}\n"
+        (self.root / "job_container.conf").write_text(f"AutoBasePath=true\n{containers}")
+        per_node = "/%n" if many else ""
         lines = {
             "ClusterName": "medbridge-test",
-            "SlurmctldHost": f"{socket.gethostname()}(127.0.0.1)",
+            "SlurmctldHost": f"{socket.gethostname()}({self.controller})",
             "SlurmUser": "root",
             "SlurmdUser": "root",
             "AuthType": "auth/munge",
@@ -103,11 +215,11 @@ class SlurmCluster:
             "SlurmctldPort": str(_free_port()),
             "SlurmdPort": str(_free_port()),
             "StateSaveLocation": str(self.root / "state"),
-            "SlurmdSpoolDir": str(self.root / "spool"),
+            "SlurmdSpoolDir": f"{self.root / 'spool'}{per_node}",
             "SlurmctldPidFile": str(self.root / "slurmctld.pid"),
-            "SlurmdPidFile": str(self.root / "slurmd.pid"),
+            "SlurmdPidFile": str(self.root / f"slurmd{'-%n' if many else ''}.pid"),
             "SlurmctldLogFile": str(self.root / "slurmctld.log"),
-            "SlurmdLogFile": str(self.root / "slurmd.log"),
+            "SlurmdLogFile": str(self.root / f"slurmd{'-%n' if many else ''}.log"),
             "ProctrackType": "proctrack/linuxproc",
             "TaskPlugin": "task/none",
             "JobContainerType": "job_container/tmpfs",
@@ -124,9 +236,16 @@ class SlurmCluster:
             "KillWait": "5",
             "MinJobAge": "300",
             "Epilog": self.epilog,
+            **({"TaskProlog": self.task_prolog} if self.task_prolog else {}),
         }
         text = "".join(f"{k}={v}\n" for k, v in lines.items())
-        text += f"{node} NodeAddr=127.0.0.1 State=UNKNOWN\n"
+        if self.network is None:
+            text += f"{node} NodeAddr=127.0.0.1 State=UNKNOWN\n"
+        else:
+            hardware = node.split(maxsplit=1)[1]  # CPUs=… RealMemory=…, without the machine's NodeName
+            for n in self.nodes:
+                text += (f"NodeName={n} NodeHostname={socket.gethostname()} NodeAddr={self.network.address[n]} "
+                         f"{hardware} State=UNKNOWN\n")  # fmt: skip
         text += "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
         text += (
             f"PartitionName={PARTITION} Nodes=ALL MaxTime=INFINITE State=UP "
@@ -147,14 +266,14 @@ class SlurmCluster:
         self._procs = [proc]
         until(sock.exists, "munged's socket", 15)
 
-    def _start(self, name: str, *args: str) -> None:
+    def _start(self, name: str, *args: str, prefix: Sequence[str] = ()) -> None:
         proc = subprocess.Popen(
-            [name, "-D", "-f", str(self.conf), *args],
+            [*prefix, name, "-D", "-f", str(self.conf), *args],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self._pids[name] = proc.pid
+        self._pids[" ".join([name, *args])] = proc.pid
         self._procs.append(proc)
 
     def start(self) -> SlurmCluster:
@@ -165,11 +284,18 @@ class SlurmCluster:
             self._ensure_group(ALLOWED_GROUP)
             self._ensure_user(JOB_USER, [ALLOWED_GROUP])
             self._ensure_user(OUTSIDER, [])
+            if self.network is not None:
+                self.network.start()
             self.write_config()
             self._start_munge()
             self._start("slurmctld")
-            self._start("slurmd")
-            until(self.node_idle, "the node to become idle", 60)
+            network = self.network
+            if network is None:
+                self._start("slurmd")
+            else:
+                for node in self.nodes:
+                    self._start("slurmd", "-N", node, prefix=network.enter(node))
+            until(self.node_idle, "every node to become idle", 60)
         except BaseException:
             self.stop()
             raise
@@ -191,6 +317,8 @@ class SlurmCluster:
         for proc in reversed(getattr(self, "_procs", [])):
             processes.stop(proc, timeout=20)
         self._pids.clear()
+        if self.network is not None:
+            self.network.stop()
         for user in self._created_users:
             subprocess.run(["userdel", user], capture_output=True)
         for group in self._created_groups:
