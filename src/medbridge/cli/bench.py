@@ -8,11 +8,13 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from medbridge.cli import output
+
+_Plan = TypeVar("_Plan")
 
 
 @click.group()
@@ -246,6 +248,24 @@ def bench_outage(read_path: str, cut_at: float | None, cut_for: float | None, vo
         raise click.exceptions.Exit(1)
 
 
+def _given(plan: _Plan, **options: object) -> _Plan:
+    """``plan`` with the options the user gave (None: the plan's own)."""
+    import dataclasses
+
+    return dataclasses.replace(plan, **{k: v for k, v in options.items() if v is not None})  # type: ignore[type-var]
+
+
+def _measured(module: Any, plan: object, as_json: bool, plot: Path | None) -> dict[str, Any] | None:
+    """Run a scaling benchmark (``module.run``, ``module.plot``): its result to print, or None once printed as JSON."""
+    result: dict[str, Any] = module.run(plan, progress=_say(as_json))
+    if plot is not None:
+        module.plot(result, plot)
+    if as_json:
+        output.emit_json(result)
+        return None
+    return result
+
+
 def _counts(text: str, option: str = "--workers") -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(","))
@@ -277,27 +297,15 @@ def bench_scale(quick: bool, workers: str | None, clients_per_worker: int | None
                 data: str | None, repeats: int | None, small_files: int | None, large_files: int | None,
                 large_mb: int | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
     """Aggregate throughput of N platform workers serving N loader processes on this machine."""
-    import dataclasses
-
     from medbridge.bench import scale
 
-    plan = scale.Plan.quick() if quick else scale.Plan()
-    changes: dict[str, object] = {}
-    if workers is not None:
-        changes["workers"] = _counts(workers)
-    if data is not None:
-        changes["data"] = tuple(x.strip() for x in data.split(",") if x.strip())
-    for key, value in (("clients_per_worker", clients_per_worker), ("connections", connections),
-                       ("repeats", repeats), ("small_files", small_files), ("large_files", large_files),
-                       ("large_mb", large_mb)):  # fmt: skip
-        if value:
-            changes[key] = value
-    plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
-    result = scale.run(plan, progress=(lambda m: None) if as_json else (lambda m: output.err.print(m, highlight=False)))
-    if plot is not None:
-        scale.plot(result, plot)
-    if as_json:
-        output.emit_json(result)
+    plan = _given(scale.Plan.quick() if quick else scale.Plan(),
+                  workers=_counts(workers) if workers is not None else None,
+                  data=tuple(x.strip() for x in data.split(",") if x.strip()) if data is not None else None,
+                  clients_per_worker=clients_per_worker, connections=connections, repeats=repeats,
+                  small_files=small_files, large_files=large_files, large_mb=large_mb)  # fmt: skip
+    result = _measured(scale, plan, as_json, plot)
+    if result is None:
         return
     columns = ["N", "clients", "data", "files/s", "MB/s", "scaling", "CPU-s srv/cli", "busy", "free"]
     rows = [
@@ -325,25 +333,13 @@ def bench_scale(quick: bool, workers: str | None, clients_per_worker: int | None
 def bench_hosts(quick: bool, hosts: str | None, clients_per_host: int | None, connections: int | None,
                 small_files: int | None, repeats: int | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
     """Small-file throughput of N platform hosts behind the gateway (one home, one PostgreSQL), read from hpc."""
-    import dataclasses
-
     from medbridge.bench import hosts as bench_hosts_mod
 
-    plan = bench_hosts_mod.Plan.quick() if quick else bench_hosts_mod.Plan()
-    changes: dict[str, object] = {}
-    if hosts is not None:
-        changes["hosts"] = _counts(hosts, "--hosts")
-    for key, value in (("clients_per_host", clients_per_host), ("connections", connections),
-                       ("small_files", small_files), ("repeats", repeats)):  # fmt: skip
-        if value:
-            changes[key] = value
-    plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
-    say = (lambda m: None) if as_json else (lambda m: output.err.print(m, highlight=False))
-    result = bench_hosts_mod.run(plan, progress=say)
-    if plot is not None:
-        bench_hosts_mod.plot(result, plot)
-    if as_json:
-        output.emit_json(result)
+    plan = _given(bench_hosts_mod.Plan.quick() if quick else bench_hosts_mod.Plan(),
+                  hosts=_counts(hosts, "--hosts") if hosts is not None else None, clients_per_host=clients_per_host,
+                  connections=connections, small_files=small_files, repeats=repeats)  # fmt: skip
+    result = _measured(bench_hosts_mod, plan, as_json, plot)
+    if result is None:
         return
     columns = ["hosts", "clients", "files/s", "MB/s", "speedup", "CPU-s hosts/gw/cli", "busy", "cores needed", "free"]
     rows = [
