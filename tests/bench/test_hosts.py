@@ -27,7 +27,6 @@ def test_bench_hosts_reads_everything_through_one_and_two_hosts(tmp_path: Path) 
     assert set(rows) == {1, 2}
     for n, row in rows.items():
         assert row["clients"] == n and row["files_per_s"] > 0 and row["mb_per_s"] > 0  # every file read, verified
-        assert row["cpu_s"]["hosts"] >= 0  # 20 small files can take less than one clock tick of a host's CPU
         assert row["cores_needed"] == 2 * n + 1
     assert rows[1]["speedup"] == 1.0
     assert rows[2]["speedup"] == pytest.approx(rows[2]["files_per_s"] / rows[1]["files_per_s"], abs=1e-3)
