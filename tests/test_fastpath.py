@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncssh
@@ -14,6 +16,8 @@ from asyncssh.sftp import SFTPServerHandler
 from medbridge import fastpath
 from medbridge.config import READ_FILE_EXTENSION
 from medbridge.platform.requests import PASSED_EXTENSIONS
+from medbridge.testing import RunningPlatform
+from medbridge.testing.wait import HANG, Lines
 
 
 @pytest.mark.parametrize(
@@ -74,3 +78,22 @@ def test_the_handler_tables_it_extends_are_asyncssh_s() -> None:
     assert cls._packet_handlers[READ_FILE_EXTENSION] is fastpath.SFTPHandler._process_read_file
     assert set(SFTPServerHandler._packet_handlers) < set(cls._packet_handlers)
     assert 5 in SFTPServerHandler._packet_handlers  # FXP_READ, answered in place
+
+
+def test_platform_serve_decides_at_start_up_and_says_it_once(tmp_path: Path) -> None:
+    """Before any connection, and once for two workers: the gate is decided before they fork."""
+    home = RunningPlatform(tmp_path).home.root
+    cmd = [sys.executable, "-m", "medbridge", "platform", "serve", "--home", str(home), "--listen", "127.0.0.1:0",
+           "--workers", "2"]  # fmt: skip
+    env = {**os.environ, "MEDBRIDGE_FASTPATH": "sometimes"}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as server:
+        assert server.stdout is not None and server.stderr is not None
+        out, err = Lines(server.stdout), Lines(server.stderr)
+        try:
+            out.wait_for("listening")
+            err.wait_for("public path only")
+        finally:
+            server.terminate()
+            server.wait(HANG)
+        said, _ = err.join(), out.join()
+    assert said.count("public path only") == 1 and "'sometimes' is not on or off" in said, said

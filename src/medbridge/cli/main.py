@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
-from medbridge import __version__, logs, processes
+from medbridge import __version__, fastpath, logs, processes
 from medbridge.cli import ingest as ingest_cli
 from medbridge.cli import output
 from medbridge.config import Home, metrics_address
@@ -179,6 +179,7 @@ def platform_serve(
 
     count = workers or os.cpu_count() or 1
     processes.keep_freed_memory()  # before the workers fork: they inherit it
+    fastpath.enabled()  # decided at start-up, once (one warning if off), before the workers fork
 
     def ready(bound_host: str, bound_port: int, metrics_url: str | None) -> None:
         click.echo(
