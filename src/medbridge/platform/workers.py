@@ -2,7 +2,9 @@
 
 The parent reserves the port (bound, never listening), forks the workers (each
 listens on the same port; the kernel spreads connections), forwards SIGTERM/SIGINT to
-them by PID and restarts one that dies.  Workers share state only through the
+them by PID and restarts one that dies.  A worker whose parent dies (even by SIGKILL) is
+sent SIGTERM by the kernel and stops as it would on the operator's (the audit written out,
+the listener closed): no orphan goes on serving.  Workers share state only through the
 control database: grants, certificates, the audit chain; each enforces expiry and
 revocation on its own sessions, within the same bound.
 
@@ -27,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medbridge import processes
 from medbridge.config import Home
 from medbridge.errors import MedbridgeError, PlatformUnavailable
 from medbridge.net import STOP_SIGNALS, bind, stop_event
@@ -105,6 +108,7 @@ def run(home: Home, host: str, port: int, workers: int, trusted: Sequence[str],
 
     def spawn(slot: int) -> int:
         r, w = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             os.close(r)
@@ -113,6 +117,10 @@ def run(home: Home, host: str, port: int, workers: int, trusted: Sequence[str],
                 exporter.forget_in_child()
             code = 0
             try:
+                for sig in STOP_SIGNALS:  # not the parent's handler: until the worker's own, a stop signal ends it
+                    signal.signal(sig, signal.SIG_DFL)
+                if not processes.set_parent_death_signal(signal.SIGTERM, parent):
+                    os.kill(os.getpid(), signal.SIGTERM)  # orphaned before it could ask: as if the signal came
                 _worker(home, host, port, trusted, w)
             except BaseException:  # a forked child must never unwind into the parent's code: log and exit
                 log.exception("worker %d failed", slot)
