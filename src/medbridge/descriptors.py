@@ -5,12 +5,18 @@ then keep the listener readable (a busy loop) and their clients wait for a banne
 never comes.  With one descriptor held back, the server can accept them and close them
 at once (a refusal the client sees), count them, back off, and accept again as soon as
 descriptors free up.  Used by the gateway's listeners and the platform's.
+
+The limits that keep one client from getting there are derived from the process's
+descriptor limit (:func:`share`): whatever a service manager's ``LimitNOFILE`` allows, one
+source or one user may take at most a quarter of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import resource
 import socket
 import threading
 
@@ -19,6 +25,48 @@ import threading
 EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: Back-off after running out: the first wait, and the longest, in seconds.
 BACKOFF = (0.05, 1.0)
+
+
+#: Descriptors a server keeps for itself, not its clients': the interpreter's, listeners, logs,
+#: the database, epoll, the reserve below.
+RESERVED = 32
+#: What :func:`share` leaves one client (a source address, a user) of the rest: a quarter,
+#: so that three at their limit still leave the others a quarter.
+SHARE = 4
+
+
+def raise_limit() -> int:
+    """Raise the soft descriptor limit to the hard one (a server has no use for less); the soft limit after.
+
+    systemd's default soft limit is 1024 whatever its hard limit; a service manager that
+    set ``LimitNOFILE=`` sets both.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        # a hard limit the kernel will not grant as soft (unlimited, above nr_open): keep the soft one
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft_limit()
+
+
+def soft_limit() -> int:
+    """The process's soft descriptor limit (unlimited counts as 2**20, the kernel's default ``nr_open``)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
+def share(each: int, limit: int | None = None) -> int:
+    """How many things of ``each`` descriptors one client may hold (at least 1).
+
+    A :data:`SHARE` of the limit past :data:`RESERVED`.
+    """
+    limit = soft_limit() if limit is None else limit
+    return max(1, (limit - RESERVED) // (each * SHARE))
+
+
+def needed(count: int, each: int) -> int:
+    """The descriptor limit under which :func:`share` allows one client ``count`` things of ``each`` descriptors."""
+    return RESERVED + count * each * SHARE
 
 
 def next_backoff(wait: float) -> float:

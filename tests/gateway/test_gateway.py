@@ -386,8 +386,8 @@ def test_descriptors_above_1023_are_served(bound_platform: RunningPlatform, gate
 
 
 def test_descriptor_exhaustion_is_refused_counted_and_survived(tmp_path: Path) -> None:
-    """The issue's attack: 200 stalled 'SSH-' connections from an allowed node against a gateway
-    limited to 64 descriptors.  The excess is refused and counted, the stalled ones are dropped,
+    """The issue's attack: 200 stalled 'SSH-' connections from allowed nodes against a gateway
+    limited to 128 descriptors.  The excess is refused and counted, the stalled ones are dropped,
     and afterwards a job reads through the same route."""
     p = RunningPlatform(tmp_path, trusted_proxies=["127.0.0.1/32"])
     p.add_user("alice")
@@ -397,15 +397,16 @@ def test_descriptor_exhaustion_is_refused_counted_and_survived(tmp_path: Path) -
     cfg.write_text(limited(config(("prod", ["PLATFORM"], "127.0.0.0/8", True), metrics=True), banner_timeout=2))
     with p:
         cfg.write_text(cfg.read_text().replace("PLATFORM", p.address))
-        cmd = ["prlimit", "--nofile=64:64", sys.executable, "-m", "medbridge", "gateway", "serve", "--config", str(cfg)]
+        cmd = ["prlimit", "--nofile=128:128", sys.executable, "-m", "medbridge", "gateway", "serve", "--config",
+               str(cfg)]  # fmt: skip
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as gw:
             try:
                 assert gw.stdout is not None
                 port = int(gw.stdout.readline().split(" -> ")[0].rsplit(":", 1)[1])
                 metrics_url = gw.stdout.readline().split()[-1]
-                flood = [
-                    socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(NODE, 0))
-                    for _ in range(200)
+                flood = [  # from 200 nodes: one source alone is held to its share of the descriptors
+                    socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(f"127.0.1.{i}", 0))
+                    for i in range(1, 201)
                 ]
                 try:
                     for s in flood:
@@ -432,3 +433,75 @@ def test_descriptor_exhaustion_is_refused_counted_and_survived(tmp_path: Path) -
     assert counts["accepted"] == 2, "issuer and data connections of the job"
     assert 'medbridge_gateway_accept_errors_total{error="EMFILE",route="prod"}' in body
     assert "out of descriptors (EMFILE)" in err
+
+
+def metric_samples(body: str, name: str) -> dict[str, float]:
+    """``name``'s samples in a Prometheus text body, by their label text."""
+    return {
+        line.split("{", 1)[1].split("}", 1)[0] if "{" in line else "": float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith((name + "{", name + " "))
+    }
+
+
+def test_one_source_cannot_take_the_descriptors_of_the_others(tmp_path: Path) -> None:
+    """The review's attack (g2): full SSH banners from one node, then silence, each held relayed.
+
+    Under 256 descriptors a relayed connection's six would let ~40 of them exhaust the
+    gateway whatever max_per_source (256) says; the node is held to its share instead
+    (a quarter of the limit past the gateway's own), and another node is still relayed.
+    """
+    backend = socket.create_server(("127.0.0.1", 0), backlog=512)
+    held: list[socket.socket] = []
+
+    def serve_backend() -> None:
+        while True:
+            try:
+                conn, _ = backend.accept()
+            except OSError:  # closed: the test is over
+                return
+            conn.sendall(b"SSH-2.0-backend\r\n")
+            held.append(conn)
+
+    threading.Thread(target=serve_backend, daemon=True).start()
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(config(("prod", [f"127.0.0.1:{backend.getsockname()[1]}"], "127.0.0.0/8", False), metrics=True))
+    cmd = ["prlimit", "--nofile=256:256", sys.executable, "-m", "medbridge", "gateway", "serve", "--config", str(cfg)]
+    flood: list[socket.socket] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as gw:
+        try:
+            assert gw.stdout is not None and gw.stderr is not None
+            port = int(gw.stdout.readline().split(" -> ")[0].rsplit(":", 1)[1])
+            metrics_url = gw.stdout.readline().split()[-1]
+            errors = Lines(gw.stderr)
+
+            def body() -> str:
+                return str(urllib.request.urlopen(metrics_url, timeout=HANG).read().decode())
+
+            for _ in range(60):
+                c = socket.create_connection(("127.0.0.1", port), timeout=HANG, source_address=(NODE, 0))
+                c.sendall(b"SSH-2.0-stall\r\n")
+                flood.append(c)
+
+            def settled() -> dict[str, float] | None:
+                counts = metric_samples(body(), "medbridge_gateway_connections_total")
+                return counts if sum(counts.values()) >= 60 else None
+
+            counts = until(settled, "the gateway to relay or refuse all 60 connections")
+            assert banner_through(port, OTHER_NODE) == b"SSH-", "another node is relayed"
+            cap = (256 - 32) // (6 * 4)
+            assert counts.get('outcome="accepted",route="prod"') == cap, counts
+            assert counts.get('outcome="refused_per_source",route="prod"') == 60 - cap, counts
+            assert metric_samples(body(), "medbridge_gateway_max_per_source") == {"": cap}
+            assert len(os.listdir(f"/proc/{gw.pid}/fd")) < 256
+            assert f"at most {cap:.0f} connections per source, not max_per_source = 256" in errors.wait_for(
+                "connections per source"
+            )
+        finally:
+            for c in flood:
+                c.close()
+            backend.close()
+            for c in held:
+                c.close()
+            gw.terminate()
+            gw.wait(timeout=HANG)

@@ -11,6 +11,7 @@ from types import FrameType
 import click
 
 from medbridge import logs
+from medbridge.descriptors import raise_limit
 from medbridge.errors import InvalidInput
 from medbridge.logs import FORMATS
 
@@ -38,6 +39,7 @@ def gateway_serve(config_file: Path, log_format: str) -> None:
 
     load()
     logs.configure("gateway", log_format)
+    raise_limit()  # before any route is bound: the per-source limit is derived from it
     stop, reload = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

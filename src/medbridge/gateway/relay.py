@@ -18,6 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 
+#: What one relayed connection holds: its two sockets and a pipe (two ends) per direction.
+#: splice(2) moves bytes only to or from a pipe, so the pipes are the price of never copying.
+DESCRIPTORS = 6
 PIPE_SIZE = 1 << 20
 CHUNK = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from medbridge import outage
+from medbridge import descriptors, outage
 from medbridge.descriptors import EXHAUSTED, Reserve, error_name, next_backoff
 from medbridge.gateway import proxy
 from medbridge.gateway.config import Address, GatewayConfig, RouteConfig
-from medbridge.gateway.relay import Link
+from medbridge.gateway.relay import DESCRIPTORS, Link
 from medbridge.net import bind
 
 log = logging.getLogger("medbridge.gateway")
@@ -41,6 +41,10 @@ class Metrics:
                             registry=self.registry)  # fmt: skip
         self.pending = Gauge("medbridge_gateway_pending_connections", "Connections waiting for their SSH banner",
                              ["route"], registry=self.registry)  # fmt: skip
+        self.descriptor_limit = Gauge("medbridge_gateway_descriptor_limit", "The process's soft descriptor limit",
+                                      registry=self.registry)  # fmt: skip
+        self.source_cap = Gauge("medbridge_gateway_max_per_source", "Connections one source may hold, on all "
+                                "routes together, as the descriptor limit allows", registry=self.registry)  # fmt: skip
         self.accept_errors = Counter("medbridge_gateway_accept_errors", "Failed accept() calls by errno",
                                      ["route", "error"], registry=self.registry)  # fmt: skip
 
@@ -122,7 +126,8 @@ class Listener:
     Accepting never stops for good: out of descriptors (EMFILE/ENFILE), the waiting
     connections are refused with the descriptor held in reserve, counted, logged, and the
     thread backs off until descriptors free up; any other accept error is counted and
-    skipped.  Each source address may hold at most ``max_per_source`` connections.
+    skipped.  Each source address may hold at most ``max_per_source`` connections, and at
+    most what the descriptor limit allows one source over all routes (:class:`_Sources`).
     """
 
     def __init__(self, route: RouteConfig, gateway: Gateway):
@@ -150,22 +155,22 @@ class Listener:
         self.thread.join(timeout=5)
         self.sock.close()
 
-    def enter(self, source: str) -> bool:
-        """Take a place for ``source``; False when it already holds ``max_per_source`` connections."""
+    def enter(self, source: str) -> str | None:
+        """Take a place for ``source``; why not, when it holds the route's or the gateway's most already."""
         with self._sources_lock:
             held = self._sources.get(source, 0)
             if held >= self.route.max_per_source:
-                return False
+                return f"it already holds max_per_source = {self.route.max_per_source} connections"
+            if not self.gateway.sources.enter(source):
+                return (f"it already holds {self.gateway.sources.limit} connections on all routes, what the "
+                        f"descriptor limit of {self.gateway.descriptor_limit} allows one source")  # fmt: skip
             self._sources[source] = held + 1
-            return True
+            return None
 
     def leave(self, source: str) -> None:
         with self._sources_lock:
-            held = self._sources.get(source, 0) - 1
-            if held > 0:
-                self._sources[source] = held
-            else:
-                self._sources.pop(source, None)
+            _drop(self._sources, source)
+        self.gateway.sources.leave(source)
 
     def _accept_loop(self) -> None:
         poller = select.poll()
@@ -211,11 +216,11 @@ class Listener:
                                         route.name, *peer[:2])  # fmt: skip
             sock.close()
             return
-        if not self.enter(peer[0]):
+        why = self.enter(peer[0])
+        if why is not None:
             m.connections.labels(route.name, "refused_per_source").inc()
-            self.gateway.throttled.warn(f"{route.name}/per-source", "route %s: refused %s:%s (it already holds "
-                                        "max_per_source = %d connections)", route.name, *peer[:2],
-                                        route.max_per_source)  # fmt: skip
+            self.gateway.throttled.warn(f"{route.name}/per-source", "route %s: refused %s:%s (%s)", route.name,
+                                        *peer[:2], why)  # fmt: skip
             sock.close()
             return
         client = _Client(self, sock, peer)
@@ -298,6 +303,41 @@ class Listener:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return s
         return None
+
+
+def _drop(counts: dict[str, int], key: str) -> None:
+    held = counts.get(key, 0) - 1
+    if held > 0:
+        counts[key] = held
+    else:
+        counts.pop(key, None)
+
+
+class _Sources:
+    """Connections per source address over every route, at most ``limit`` each.
+
+    ``limit`` comes from the descriptor limit (:func:`medbridge.descriptors.share`): one
+    source's relayed connections, at :data:`~medbridge.gateway.relay.DESCRIPTORS` each, can
+    take at most a quarter of what the process may open, so no node, and no three nodes,
+    can leave the others without descriptors, whatever ``max_per_source`` says.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, source: str) -> bool:
+        with self._lock:
+            held = self._held.get(source, 0)
+            if held >= self.limit:
+                return False
+            self._held[source] = held + 1
+            return True
+
+    def leave(self, source: str) -> None:
+        with self._lock:
+            _drop(self._held, source)
 
 
 def _local(sock: socket.socket) -> tuple[str, int]:
@@ -432,6 +472,10 @@ class Gateway:
         self.metrics_address: tuple[str, int] | None = None
         #: Out of descriptors, waiting connections are still accepted and closed (refused) with it.
         self.reserve = Reserve()
+        self.descriptor_limit = descriptors.soft_limit()
+        self.sources = _Sources(descriptors.share(DESCRIPTORS, self.descriptor_limit))
+        self.metrics.descriptor_limit.set(self.descriptor_limit)
+        self.metrics.source_cap.set(self.sources.limit)
         self.admission = _Admission(self)
 
     def remember(self, link: Link) -> None:
@@ -449,6 +493,13 @@ class Gateway:
 
     def apply(self, config: GatewayConfig) -> None:
         """Start new routes, update changed ones in place, stop removed ones; live links carry on."""
+        for route in config.routes:
+            if route.max_per_source > self.sources.limit:
+                log.warning("route %s: at most %d connections per source, not max_per_source = %d: the descriptor "
+                            "limit (ulimit -n) is %d, a relayed connection takes %d and one source a quarter of them; "
+                            "a limit of %d would allow %d", route.name, self.sources.limit, route.max_per_source,
+                            self.descriptor_limit, DESCRIPTORS, descriptors.needed(route.max_per_source, DESCRIPTORS),
+                            route.max_per_source)  # fmt: skip
         wanted = {_key(r): r for r in config.routes}
         started: list[Listener] = []
         try:
