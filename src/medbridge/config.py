@@ -63,6 +63,9 @@ class PlatformSettings:
     # -- limits: what one user, job or connection can make the platform spend ------------
     #: File and directory handles open at once on one connection (all its SFTP sessions).
     max_open_handles: int = 256
+    #: Handles one user holds at once in one worker, over all the user's connections; 0: a
+    #: quarter of the worker's descriptor limit (limits.handles_per_user).
+    max_open_handles_per_user: int = 0
     #: Session channels (SFTP or a command) open at once on one connection.
     max_channels_per_connection: int = 4
     #: Logged-in connections (certificate or enrolment key) one user holds at once, all workers together.
@@ -119,6 +122,8 @@ class PlatformSettings:
         for key in _LIMITS:
             if getattr(settings, key) <= 0:
                 raise InvalidInput(f"{origin}: {key} must be positive")
+        if settings.max_open_handles_per_user < 0:
+            raise InvalidInput(f"{origin}: max_open_handles_per_user must be positive (or 0: derived)")
         try:
             outage.check(settings.outage_tolerance, f"{origin}: outage_tolerance")
         except ValueError as exc:

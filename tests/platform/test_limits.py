@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncssh
@@ -16,6 +17,7 @@ import pytest
 
 from medbridge.platform.limits import SessionSlots
 from medbridge.testing import RunningPlatform
+from medbridge.testing.wait import HANG
 from tests.conftest import CHEST
 
 
@@ -57,8 +59,9 @@ async def open_until_refused(sftp: asyncssh.SFTPClient, most: int) -> tuple[list
 def test_a_session_cannot_take_the_platforms_descriptors(tmp_path: Path) -> None:
     """The issue's attack: one certificate session opens handles until refused, under ``ulimit -n 1024``.
 
-    It is refused at ``max_open_handles`` (256), with a reason, audited; while it holds them
-    another user logs in and reads.
+    It is refused at 248, a quarter of the descriptors past 32 (the user's share of the worker,
+    max_open_handles_per_user, below max_open_handles' 256), with a reason, audited; while it
+    holds them another user logs in and reads.
     """
     p = two_users(tmp_path)
     with p.process(nofile=1024) as port:
@@ -70,16 +73,69 @@ def test_a_session_cannot_take_the_platforms_descriptors(tmp_path: Path) -> None
                 return len(handles), said, await read(p, "bob", port)
 
         opened, said, other = asyncio.run(go())
-    assert opened == 256 and "max_open_handles" in said
+    assert opened == (1024 - 32) // 4 and "max_open_handles_per_user" in said
     assert other == CHEST["scan-002.bin"]
-    refused = p.audit("sftp.refused", until=lambda r: "max_open_handles" in r.detail)
-    assert any(r.actor == "alice" and "max_open_handles" in r.detail for r in refused)
+    refused = p.audit("sftp.refused", until=lambda r: "max_open_handles_per_user" in r.detail)
+    assert any(r.actor == "alice" and "max_open_handles_per_user" in r.detail for r in refused)
+
+
+def test_a_connection_is_refused_at_max_open_handles(tmp_path: Path) -> None:
+    p = two_users(tmp_path, max_open_handles=20)
+    with p.process() as port:
+
+        async def go() -> tuple[int, str]:
+            async with await certificate_connection(p, "alice", port) as conn:
+                handles, said = await open_until_refused(await conn.start_sftp_client(), 100)
+                return len(handles), said
+
+        opened, said = asyncio.run(go())
+    assert opened == 20 and "(max_open_handles)" in said
+
+
+def test_one_user_cannot_take_a_workers_descriptors_over_many_connections(tmp_path: Path) -> None:
+    """The review's attack: one certificate, 4 connections of 256 handles each, under ``ulimit -n 1024``.
+
+    Each connection is within max_open_handles, but together they would hold every descriptor
+    of the worker; the user's handles are counted over all of them (a quarter of the worker's
+    descriptors), so another user still logs in and reads, and a closed connection's handles
+    go back to its user.
+    """
+    p = two_users(tmp_path)
+    with p.process(nofile=1024) as port:
+
+        async def go() -> tuple[list[int], str, bytes, int]:
+            key, cred = await p.credential("alice", port=port)
+            conns = [await p.connect("alice", [(key, cred.certificate)], port=port) for _ in range(4)]
+            try:
+                opened, said = [], ""
+                for conn in conns:
+                    handles, said = await open_until_refused(await conn.start_sftp_client(), 256)
+                    opened.append(len(handles))
+                other = await read(p, "bob", port)
+                first = conns.pop(0)
+                first.close()  # gives its handles back to alice, once the worker sees it end
+                await first.wait_closed()
+                sftp = await conns[0].start_sftp_client()
+                deadline = time.monotonic() + HANG
+                while True:  # each refusal is a round trip: retried until the worker has seen the close
+                    back, _ = await open_until_refused(sftp, 256)
+                    if back or time.monotonic() > deadline:
+                        return opened, said, other, len(back)
+            finally:
+                for conn in conns:
+                    conn.close()
+
+        opened, said, other, back = asyncio.run(go())
+    budget = (1024 - 32) // 4
+    assert sum(opened) == budget and "max_open_handles_per_user" in said
+    assert other == CHEST["scan-002.bin"], "another user is served meanwhile"
+    assert opened[0] == budget and back == budget, "the closed connection's handles went back to its user"
 
 
 def test_out_of_descriptors_the_platform_refuses_counts_and_recovers(tmp_path: Path) -> None:
     """With a handle limit above the process's descriptors, a session exhausts them: new connections
     are refused (closed at once, counted in the audit), and once it leaves the platform serves again."""
-    p = two_users(tmp_path, max_open_handles=100_000)
+    p = two_users(tmp_path, max_open_handles=100_000, max_open_handles_per_user=100_000)
     with p.process(nofile=256) as port:
 
         async def go() -> tuple[str, bytes, bytes]:
@@ -206,3 +262,26 @@ def test_session_slots_are_shared_by_every_process(tmp_path: Path) -> None:
     for fd in [mine, *freed]:
         if fd is not None:
             os.close(fd)
+
+
+def test_serve_raises_its_descriptor_limit_and_says_what_the_limits_need(tmp_path: Path) -> None:
+    """Started with systemd's default (soft 1024, hard higher), ``platform serve`` takes the hard limit
+    and, still short of what the limits need, says so in one line; the worker's budget is derived from it."""
+    p = two_users(tmp_path)
+    cmd = ["prlimit", "--nofile=1024:4096", sys.executable, "-m", "medbridge", "platform", "serve", "--home",
+           str(p.home.root), "--listen", "127.0.0.1:0", "--workers", "1"]  # fmt: skip
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            assert "listening on" in proc.stdout.readline()
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=HANG)
+    lines = [line for line in err.splitlines() if "descriptor limit" in line]
+    assert lines == [
+        "medbridge platform: descriptor limit 4096 (ulimit -n, LimitNOFILE) is below the 66592 the limits need "
+        "(max_sessions_per_user 64 x max_open_handles 256 for one user within a quarter of it): each user may "
+        f"hold at most {(4096 - 32) // 4} handles per worker (max_open_handles_per_user)"
+    ]
+    start = p.audit("platform.start")[-1].as_dict()["detail"]
+    assert start["descriptor_limit"] == 4096 and start["max_open_handles_per_user"] == (4096 - 32) // 4

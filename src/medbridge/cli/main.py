@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -22,10 +23,12 @@ from medbridge.cli import ingest as ingest_cli
 from medbridge.cli import output
 from medbridge.config import Home, metrics_address
 from medbridge.control.store import Store
+from medbridge.descriptors import raise_limit
 from medbridge.errors import InvalidInput, MedbridgeError
 from medbridge.logs import FORMATS
 from medbridge.net import parse_address, parse_networks, stop_event
 from medbridge.platform.keys import fingerprint, load_private_key, public_line, read_public_key_file
+from medbridge.platform.limits import descriptor_shortfall
 from medbridge.policy.manifest import manifest_line
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -180,6 +183,9 @@ def platform_serve(
     count = workers or os.cpu_count() or 1
     processes.keep_freed_memory()  # before the workers fork: they inherit it
     fastpath.enabled()  # decided at start-up, once (one warning if off), before the workers fork
+    shortfall = descriptor_shortfall(h.settings(), raise_limit())  # the workers inherit the raised limit
+    if shortfall:
+        logging.getLogger("medbridge.platform").warning("%s", shortfall)
 
     def ready(bound_host: str, bound_port: int, metrics_url: str | None) -> None:
         click.echo(

@@ -4,6 +4,10 @@ Workers are separate processes, so what must hold across them is kept in small f
 under locks the kernel releases when a process dies (``flock``): nothing to clean up
 after a crash, nothing shared in memory.
 
+- **Handles per user**: each worker counts the file and directory handles of each user
+  over all the user's connections to it (:class:`HandleBudget`), besides each connection's
+  ``max_open_handles``: descriptors are the worker's own, so a user's many sessions must
+  not add up to all of them (:func:`handles_per_user`).
 - **Sessions per user**: a session holds a lock on one of ``max_sessions_per_user``
   slot files of its user (``<home>/run/sessions/<user>/<n>``); no free slot, no session.
 - **Results usage**: per user and per job, bytes (apparent sizes, so a sparse file counts
@@ -25,6 +29,12 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medbridge import descriptors
+
+if TYPE_CHECKING:
+    from medbridge.config import PlatformSettings
 
 #: A usage record: bytes, entries.
 _RECORD = struct.Struct("<qq")
@@ -74,12 +84,93 @@ class Committing(Exception):
     """A change to a job's results while a worker verifies its commit."""
 
 
+#: Descriptors a session costs its worker besides its handles: the connection's socket, its
+#: session slot, the user's and the job's usage records.
+SESSION_DESCRIPTORS = 4
+
+
+def handles_per_user(configured: int, descriptor_limit: int) -> int:
+    """The handles one user may hold in one worker: ``max_open_handles_per_user`` when set (> 0),
+    else a quarter of the worker's descriptors (:func:`medbridge.descriptors.share`)."""
+    return configured if configured > 0 else descriptors.share(1, descriptor_limit)
+
+
+def descriptor_shortfall(settings: PlatformSettings, descriptor_limit: int) -> str | None:
+    """One line for the operator when the descriptor limit is below what the limits need; None when it is not.
+
+    What they need: one user at ``max_sessions_per_user`` sessions of ``max_open_handles``
+    each, all in one worker, within a quarter of the worker's descriptors.
+    """
+    s = settings
+    handles = s.max_open_handles * s.max_sessions_per_user
+    need = descriptors.needed(handles + s.max_sessions_per_user * SESSION_DESCRIPTORS, 1)
+    if descriptor_limit >= need:
+        return None
+    per_user = handles_per_user(s.max_open_handles_per_user, descriptor_limit)
+    return (f"descriptor limit {descriptor_limit} (ulimit -n, LimitNOFILE) is below the {need} the limits need "
+            f"(max_sessions_per_user {s.max_sessions_per_user} x max_open_handles {s.max_open_handles} for one user "
+            f"within a quarter of it): each user may hold at most {per_user} handles per worker "
+            "(max_open_handles_per_user)")  # fmt: skip
+
+
+class HandleBudget:
+    """Handles each user holds in this worker process, over all the user's connections: at most ``limit``."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._held: dict[str, int] = {}
+
+    def take(self, user: str) -> bool:
+        held = self._held.get(user, 0)
+        if held >= self.limit:
+            return False
+        self._held[user] = held + 1
+        return True
+
+    def give(self, user: str, count: int = 1) -> None:
+        held = self._held.get(user, 0) - count
+        if held > 0:
+            self._held[user] = held
+        else:
+            self._held.pop(user, None)
+
+    def held(self, user: str) -> int:
+        return self._held.get(user, 0)
+
+
 @dataclass
 class Handles:
-    """File and directory handles one connection holds, over all its SFTP sessions."""
+    """File and directory handles one connection holds, over all its SFTP sessions.
+
+    Once the connection is a user's session, ``budget`` counts them against the user's too.
+    """
 
     limit: int
     held: int = 0
+    budget: HandleBudget | None = None
+    user: str = ""
+
+    def take(self) -> str | None:
+        """Count one more handle; why not, when the connection or its user holds the most already."""
+        if self.held >= self.limit:
+            return f"the connection already holds {self.limit} open handles (max_open_handles); close some first"
+        if self.budget is not None and not self.budget.take(self.user):
+            return (f"user {self.user!r} already holds {self.budget.limit} open handles on this worker, over all "
+                    "their connections (max_open_handles_per_user); close some first")  # fmt: skip
+        self.held += 1
+        return None
+
+    def give(self) -> None:
+        if self.held > 0:
+            self.held -= 1
+            if self.budget is not None:
+                self.budget.give(self.user)
+
+    def give_all(self) -> None:
+        """The connection ended: whatever it still held goes back to its user."""
+        if self.budget is not None and self.held:
+            self.budget.give(self.user, self.held)
+        self.held = 0
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any, cast
 import asyncssh
 from asyncssh.channel import SSHChannel
 
-from medbridge import outage
+from medbridge import descriptors, outage
 from medbridge.config import CIPHERS, Home, PlatformSettings
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
@@ -39,7 +39,7 @@ from medbridge.platform.issuer import (
     Issuer,
 )
 from medbridge.platform.keys import fingerprint, load_private_key
-from medbridge.platform.limits import Handles, Quota, Refusals, SessionSlots, Usage
+from medbridge.platform.limits import HandleBudget, Handles, Quota, Refusals, SessionSlots, Usage, handles_per_user
 from medbridge.platform.listener import accept_forever
 from medbridge.platform.metrics import SessionTable, process_metrics
 from medbridge.platform.sftp import JobSFTPServer, PlatformSession, Results
@@ -232,6 +232,7 @@ class PlatformConnection(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         assert self.conn is not None
         self._authenticated = True
+        self.handles.budget, self.handles.user = self.platform.user_handles, self.username
         serial = self.conn.get_key_option("medbridge-serial")
         node_key = self.conn.get_key_option("medbridge-node")
         kind = "certificate" if serial is not None else "node" if node_key is not None else "enrolment"
@@ -281,6 +282,7 @@ class PlatformConnection(asyncssh.SSHServer):
         if self._slot is not None:
             os.close(self._slot)  # gives the place back (the kernel would, were this process to die)
             self._slot = None
+        self.handles.give_all()
         if not self._authenticated:
             self.platform.sink.record(
                 AuditEvent(
@@ -412,6 +414,9 @@ class Platform:
                       file_size=s.results_max_file_size)  # fmt: skip
         self.results = Results(str(self.results_root), Usage(self.results_root, quota))
         self.slots = SessionSlots(home.root / "run" / "sessions", s.max_sessions_per_user)
+        #: The descriptors of this process, and the handles each user may hold of them.
+        self.descriptor_limit = descriptors.soft_limit()
+        self.user_handles = HandleBudget(handles_per_user(s.max_open_handles_per_user, self.descriptor_limit))
         #: Connections refused for want of descriptors since the last report (see :meth:`_out_of_descriptors`).
         self._shed = 0
         self._shed_error = ""
@@ -613,7 +618,12 @@ class Platform:
                 action="platform.start",
                 outcome="ok",
                 subject=f"{bound[0]}:{bound[1]}",
-                detail={"pid": os.getpid(), "trusted_proxies": [str(n) for n in proxies]},
+                detail={
+                    "pid": os.getpid(),
+                    "trusted_proxies": [str(n) for n in proxies],
+                    "descriptor_limit": self.descriptor_limit,
+                    "max_open_handles_per_user": self.user_handles.limit,
+                },
             )
         )
         return bound[0], bound[1]

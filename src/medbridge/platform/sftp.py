@@ -375,15 +375,13 @@ class JobSFTPServer(asyncssh.SFTPServer):
     # -- limits ------------------------------------------------------------------------
 
     def take_handle(self, vpath: str, op: str) -> None:
-        """Count one more open handle on the connection, or refuse: it holds ``max_open_handles``."""
-        h = self.handles
-        if h.held >= h.limit:
-            self._refuse(vpath, op, Refusal.LIMIT, f"the connection already holds {h.limit} open handles "
-                         "(max_open_handles); close some first")  # fmt: skip
-        h.held += 1
+        """Count one more open handle, or refuse: the connection or its user holds the most (limits.Handles)."""
+        why = self.handles.take()
+        if why is not None:
+            self._refuse(vpath, op, Refusal.LIMIT, why)
 
     def give_handle(self) -> None:
-        self.handles.held = max(self.handles.held - 1, 0)
+        self.handles.give()
 
     def _writable(self, f: OpenFile, op: str) -> str:
         """The job a change through ``f`` charges; refused (and audited) unless the handle may still change."""

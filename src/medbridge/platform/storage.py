@@ -43,6 +43,8 @@ trusted_proxies = []
 # Limits: what one user, job or connection may make the platform spend (defaults shown).
 # Handles (files and folders) open at once on one connection; session channels per connection.
 # max_open_handles = 256
+# Handles one user holds in one worker over all their connections (0: a quarter of its descriptor limit).
+# max_open_handles_per_user = 0
 # max_channels_per_connection = 4
 # Logged-in connections one user holds at once, over all worker processes.
 # max_sessions_per_user = 64
