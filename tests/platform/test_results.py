@@ -273,3 +273,27 @@ def test_a_full_results_file_system_stops_neither_revocation_nor_enforcement(tmp
             ends = p.audit("session.end", until=lambda r: "grant ended" in r.detail)
             assert any("grant ended for dataset(s) chest" in r.detail for r in ends)
             assert not (p.home.root / "storage" / "results" / "alice").exists(), "results went to results_dir"
+
+
+def test_statvfs_shows_the_jobs_quota_not_the_file_system(tmp_path: Path) -> None:
+    """The review's finding: ``statvfs /`` told any user the results file system's size and free space."""
+    p = limited_platform(tmp_path, results_quota_per_job="1MiB", results_quota_per_user="4MiB",
+                         results_max_entries_per_job=10)  # fmt: skip
+
+    async def go() -> list[tuple[int, int, int, int]]:
+        conn, sftp = await job_sftp(p, "j1")
+        async with conn:
+            seen = []
+            for path in ("/", "/datasets/chest", "/results/alice/j1"):
+                v = await sftp.statvfs(path)
+                seen.append((v.frsize * v.blocks, v.frsize * v.bavail, v.files, v.ffree))
+            async with sftp.open("/results/alice/j1/a.bin", "wb") as f:
+                await f.write(b"a" * (256 << 10))
+                v = await f.statvfs()
+                seen.append((v.frsize * v.blocks, v.frsize * v.bavail, v.files, v.ffree))
+            return seen
+
+    with p:
+        seen = asyncio.run(go())
+    assert seen[:3] == [(MiB, MiB, 10, 10)] * 3, "the job's quota, whatever the path"
+    assert seen[3] == (MiB, MiB - (256 << 10), 10, 9), "less what the job wrote"

@@ -36,6 +36,9 @@ from medbridge import descriptors
 if TYPE_CHECKING:
     from medbridge.config import PlatformSettings
 
+#: The block size ``statvfs`` answers in, and the longest name it reports.
+STATVFS_BLOCK = 4096
+NAME_MAX = 255
 #: A usage record: bytes, entries.
 _RECORD = struct.Struct("<qq")
 #: The user's total, beside one file per job (job names start with a letter or digit).
@@ -333,6 +336,27 @@ class Account:
             if grow > 0 and used + grow > limit:
                 return f"{what} = {limit}) reached: {used} used, {grow} more asked"
         raise AssertionError("no limit was passed")
+
+    def statvfs(self, job: str) -> os.statvfs_result:
+        """``statvfs`` as the job sees its results: its quotas and what is left of them.
+
+        Never the file system's own figures: its size and free space are other users' business.
+        Reads under the user's lock only, so it answers while the job's commit verifies.
+        """
+        total = self._total if self._total is not None else self._open_total()
+        fcntl.flock(total, fcntl.LOCK_EX)
+        try:
+            job_bytes, job_entries = _read(self._job(job))
+            user_bytes, user_entries = _read(total)
+        finally:
+            fcntl.flock(total, fcntl.LOCK_UN)
+        q, b = self._usage.quota, STATVFS_BLOCK
+        size = min(q.user_bytes, q.job_bytes)
+        free = max(0, min(q.user_bytes - user_bytes, q.job_bytes - job_bytes))
+        files = min(q.user_entries, q.job_entries)
+        free_files = max(0, min(q.user_entries - user_entries, q.job_entries - job_entries))
+        return os.statvfs_result((b, b, size // b, free // b, free // b, files, free_files, free_files,
+                                  os.ST_NOSUID, NAME_MAX))  # fmt: skip
 
     def used(self, job: str) -> tuple[tuple[int, int], tuple[int, int]]:
         """(bytes, entries) recorded for the job, and for the user."""

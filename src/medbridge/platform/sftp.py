@@ -953,12 +953,15 @@ class JobSFTPServer(asyncssh.SFTPServer):
     # -- file systems ------------------------------------------------------------------
 
     def statvfs(self, path: bytes) -> os.statvfs_result:
-        _, real = self._resolve(path, Action.READ, "statvfs")
-        return os.statvfs(real or self._results_root)
+        """The job's results quotas and what is left of them (limits.Account.statvfs), for any path it may see."""
+        self._resolve(path, Action.READ, "statvfs")
+        assert self._session is not None
+        return self._account().statvfs(self._session.job)
 
     def fstatvfs(self, file_obj: object) -> os.statvfs_result:
-        f = _handle(file_obj)
-        return os.fstatvfs(f.fd)
+        _handle(file_obj)
+        assert self._session is not None
+        return self._account().statvfs(self._session.job)
 
     def exit(self) -> None:
         for fd in list(self._open):
