@@ -184,10 +184,10 @@ def platform_serve(
     processes.keep_freed_memory()  # before the workers fork: they inherit it
     fastpath.enabled()  # decided at start-up, once (one warning if off), before the workers fork
     shortfall = descriptor_shortfall(h.settings(), raise_limit())  # the workers inherit the raised limit
-    if shortfall:
-        logging.getLogger("medbridge.platform").warning("%s", shortfall)
 
     def ready(bound_host: str, bound_port: int, metrics_url: str | None) -> None:
+        if shortfall:  # once serving: a platform that cannot start says only why
+            logging.getLogger("medbridge.platform").warning("%s", shortfall)
         click.echo(
             f"medbridge platform listening on {bound_host}:{bound_port} host key {fingerprint(key)} "
             f"({count} worker{'s' if count > 1 else ''})"
