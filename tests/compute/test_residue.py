@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from medbridge.compute.residue import JobContext, load_manifests, purge, scan, signature
+from medbridge.compute.residue import JobContext, inventory, load_manifests, purge, scan, signature
 from medbridge.errors import InvalidInput
 
 
@@ -158,7 +158,7 @@ def test_scan_skips_excluded_and_foreign_files(tmp_path: Path) -> None:
 
 def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
     (tmp_path / "a.dcm").write_bytes(dicom())
-    secret = os.urandom(100)
+    secret = os.urandom(1000)
     (tmp_path / "x.raw").write_bytes(secret)
     manifest = tmp_path / "m.sha256"
     manifest.write_text(f"{hashlib.sha256(secret).hexdigest()}  x.raw\n")
@@ -210,3 +210,31 @@ def test_manifest_files_are_streamed_in_chunks(tmp_path: Path, monkeypatch: pyte
     manifest.write_text("not a manifest\n")
     with pytest.raises(InvalidInput, match="line 1"):
         residue.ManifestFiles([manifest])
+
+
+def test_small_or_preexisting_files_equal_to_dataset_files_are_reported_never_purged(tmp_path: Path) -> None:
+    """A user's empty ``__init__.py`` and a one-line note equal to a dataset's readme prove nothing; a copy
+    that was there when the job began (the same inode, even moved or chmodded since) is not the job's."""
+    work = tmp_path / "work"
+    (work / "pkg").mkdir(parents=True)
+    (work / "pkg" / "__init__.py").write_bytes(b"")
+    (work / "notes.txt").write_bytes(b"lungs\n")
+    big = os.urandom(4000)
+    (work / "old-copy.raw").write_bytes(big)
+    existed = inventory([work])
+    started = changed_after(tmp_path, (work / "old-copy.raw").stat().st_ctime)
+    (work / "old-copy.raw").chmod(0o600)  # the payload touched it: its ctime is now after the start
+    (work / "new-copy.raw").write_bytes(big)
+    (work / "new-note.txt").write_bytes(b"lungs\n")
+    sums = {"chest/empty.txt": b"", "chest/labels/readme.txt": b"lungs\n", "chest/scan.raw": big}
+    known = load_manifests([f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in sums.items()])
+    report = purge(scan([work], known, job=JobContext(started=started, scratch=[work], existed=existed)))
+    assert {Path(f.path).name for f in report.findings if f.purged} == {"new-copy.raw"}
+    assert sorted(p.name for p in work.rglob("*") if p.is_file()) == [
+        "__init__.py", "new-note.txt", "notes.txt", "old-copy.raw"
+    ]  # fmt: skip
+    left = {Path(f.path).name: f.why for f in report.findings if not f.purged}
+    assert set(left) == {"old-copy.raw", "new-note.txt"}
+    assert "there before the job started" in left["old-copy.raw"] and "proves nothing" in left["new-note.txt"]
+    assert [Path(f.path).name for f in report.preexisting] == ["notes.txt"], "reported, not residue"
+    assert "__init__.py" not in {Path(f.path).name for f in [*report.findings, *report.preexisting]}

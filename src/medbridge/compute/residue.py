@@ -11,6 +11,7 @@ are not followed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -18,7 +19,7 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,13 @@ class JobContext:
 
     ``started`` None means no job (a scan by hand): then only dataset copies are proven
     platform data.  ``scratch`` folders are scanned as well as the scan's roots.
+    ``existed``: the files (device, inode) that were in the roots when the job began
+    (:func:`inventory`): never the job's, whatever they hold when it ends.
     """
 
     started: float | None = None
     scratch: Sequence[str | os.PathLike[str]] = ()
+    existed: Collection[tuple[int, int]] = frozenset()
 
 
 NO_JOB = JobContext()
@@ -256,7 +260,7 @@ def scan(
             found = {}
         for path, sha, st, sig in pending:
             copy_of = found.get(sha)
-            _judge(report, path, st, copy_of, None if copy_of is not None else sig, job, scratch)
+            _judge(report, path, st, copy_of, sig, job, scratch)
         pending.clear()
 
     for root in resolved:
@@ -295,6 +299,8 @@ def _judge(report: ScanReport, path: Path, st: os.stat_result, copy_of: str | No
         changed=st.st_ctime,
         started=job.started,
         own_folder=_own_folder(path, scratch) if sig and scratch else None,
+        size=st.st_size,
+        existed=(st.st_dev, st.st_ino) in job.existed,
     )
     if verdict is None:
         return
@@ -304,6 +310,29 @@ def _judge(report: ScanReport, path: Path, st: os.stat_result, copy_of: str | No
         identity=(st.st_dev, st.st_ino, st.st_ctime_ns),
     )  # fmt: skip
     (report.preexisting if verdict.kind is Kind.PREEXISTING else report.findings).append(finding)
+
+
+#: Files :func:`inventory` records at most: beyond that, the rest are protected only by their ctime.
+INVENTORY_MAX = 1_000_000
+
+
+def inventory(roots: Iterable[str | os.PathLike[str]], errors: list[str] | None = None) -> frozenset[tuple[int, int]]:
+    """The (device, inode) of every file in ``roots`` now (no content read): what a job found there when it began.
+
+    A user's file the job moves, renames or chmods gets a new ctime but keeps its inode:
+    this is what still proves it was not the job's.  At most :data:`INVENTORY_MAX` files.
+    """
+    seen: set[tuple[int, int]] = set()
+    errs = errors if errors is not None else []
+    for root in roots:
+        for path in _walk(Path(root).absolute(), set(), errs):
+            if len(seen) >= INVENTORY_MAX:
+                errs.append(f"more than {INVENTORY_MAX} files in the scan's folders: the rest are not inventoried")
+                return frozenset(seen)
+            with contextlib.suppress(OSError):  # gone meanwhile: nothing to protect
+                st = path.lstat()
+                seen.add((st.st_dev, st.st_ino))
+    return frozenset(seen)
 
 
 def purge(report: ScanReport) -> ScanReport:
