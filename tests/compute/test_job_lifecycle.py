@@ -129,6 +129,55 @@ def test_interrupted_upload_never_looks_complete_and_a_retry_finishes_it(platfor
     assert "b.bin" in (res / "MANIFEST.sha256").read_text()
 
 
+class WriteDuringUpload(JobSFTPServer):
+    """The payload's leftovers at work while the upload runs: a new output appears, an uploaded one grows."""
+
+    outputs: Path
+
+    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        assert isinstance(file_obj, OpenFile)
+        late = self.outputs / "late" / "new.txt"
+        if "b.bin" in file_obj.path and not late.exists():
+            late.parent.mkdir()
+            late.write_text("written after the upload began")
+            with open(self.outputs / "a.bin", "ab") as f:
+                f.write(b" and more")
+        return super().write(file_obj, offset, data)
+
+
+def test_outputs_written_during_the_upload_are_kept_not_wiped(platform: RunningPlatform) -> None:
+    outputs = platform.root / "job" / "outputs"
+    platform.root.joinpath("job").mkdir(exist_ok=True)
+    assert platform.platform is not None
+    WriteDuringUpload.outputs = outputs
+    platform.platform.sftp_class = WriteDuringUpload
+    r = job_run(platform, f"mkdir -p {outputs} && printf aaa > {outputs}/a.bin && printf bbb > {outputs}/b.bin",
+                "--job-id", "w1", "--outputs", str(outputs))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "2 files appeared or changed in --outputs" in r.stderr and "not uploaded, kept" in r.stderr
+    assert (results(platform, "w1") / "MANIFEST.sha256").exists()
+    assert (outputs / "late" / "new.txt").read_text() == "written after the upload began"
+    assert (outputs / "a.bin").read_bytes() == b"aaa and more", "changed after it was uploaded: kept"
+    assert not (outputs / "b.bin").exists(), "uploaded and unchanged: wiped"
+
+
+def test_an_output_with_a_name_that_is_not_utf8_is_refused_and_the_teardown_completes(
+    platform: RunningPlatform,
+) -> None:
+    tmp = platform.root / "job"
+    outputs = tmp / "outputs"
+    script = f"mkdir -p {outputs}; printf ok > {outputs}/ok.txt; printf bad > {outputs}/$(printf '\\377').bin"
+    code, rep = _teardown_after(platform, script, "--job-id", "nu1", "--outputs", str(outputs), "--purge")
+    assert code == 9
+    assert "is not UTF-8" in rep["upload_error"] and rep["committed"] is None
+    assert sorted(os.listdir(os.fsencode(outputs))) == [b"ok.txt", b"\xff.bin"], "outputs kept"
+    assert not (results(platform, "nu1") / "MANIFEST.sha256").exists()
+    assert rep["agent_stopped"] is True and rep["teardown_errors"] == []
+    assert rep["residue"]["files_scanned"] >= 1
+    assert not list((tmp / "jobtmp").glob("medbridge-*")), "the job's folders are removed"
+    assert platform.audit("residue.reported", until=lambda r: r.subject == "nu1"), "the platform is told it ended"
+
+
 def test_platform_refuses_a_manifest_that_does_not_match(platform: RunningPlatform) -> None:
     async def go() -> None:
         key, cred = await platform.credential("alice", job_id="t1")
@@ -274,7 +323,10 @@ def test_a_purge_deletes_only_what_the_job_brought(platform: RunningPlatform) ->
     """The working folder is the user's (a virtual environment with pydicom's DICOM files, their own
     NIfTI atlas): nothing of theirs is deleted, all of it reported as pre-existing.  The job's copy of a
     dataset file is deleted wherever it is; the medical files it wrote in its own folders ($TMPDIR, a
-    --scratch folder) are deleted; one it wrote in the user's folder is left and reported, not proven ours."""
+    --scratch folder) are deleted; one it wrote in the user's folder is left and reported, not proven ours.
+    The user's files equal to dataset files are not deleted: an empty ``__init__.py`` and a note equal to a
+    dataset's one-line readme prove nothing; a copy of a dataset file that was there before the job (which
+    the payload chmods, so only its inode says so) is the user's."""
     tmp = platform.root / "job"
     work, scratch = tmp / "work", tmp / "scratch"
     work.mkdir(parents=True, exist_ok=True)
@@ -283,12 +335,17 @@ def test_a_purge_deletes_only_what_the_job_brought(platform: RunningPlatform) ->
     assert len(bundled) > 100
     (work / "atlas.nii").write_bytes(nifti1())
     (scratch / "old.dcm").write_bytes(dicom())
+    (work / "pkg").mkdir()
+    (work / "pkg" / "__init__.py").write_bytes(b"")
+    (work / "notes.txt").write_bytes(CHEST["labels/readme.txt"])
+    (work / "mine.bin").write_bytes(CHEST["scan-001.bin"])
     before = {**_contents(work), **_contents(scratch)}
     dcm = dicom().hex()
     script = (
         'sftp -q -b - -F "$MEDBRIDGE_SSH_CONFIG" "$MEDBRIDGE_SSH_HOST" <<EOF\n'
         "get /datasets/chest/scan-001.bin copy.bin\n"
         "EOF\n"
+        "chmod 600 mine.bin\n"
         f"{sys.executable} -c \"import os, sys; [open(p, 'wb').write(bytes.fromhex('{dcm}')) for p in sys.argv[1:]]\" "
         f'"$TMPDIR/slice.dcm" {scratch}/new.dcm made.dcm'
     )
@@ -298,22 +355,24 @@ def test_a_purge_deletes_only_what_the_job_brought(platform: RunningPlatform) ->
     found = {str(Path(f["path"]).relative_to(tmp)): f["purged"] for f in residue["findings"]}
     slice_ = next(k for k in found if k.endswith("/slice.dcm"))
     assert slice_.startswith("jobtmp/medbridge-tmp-")
-    assert found == {"work/copy.bin": True, "scratch/new.dcm": True, slice_: True, "work/made.dcm": False}
+    assert found == {"work/copy.bin": True, "scratch/new.dcm": True, slice_: True, "work/made.dcm": False,
+                     "work/mine.bin": False}  # fmt: skip
     why = {Path(f["path"]).name: f["why"] for f in residue["findings"]}
     assert "outside the job's own folders" in why["made.dcm"] and "own folder" in why["new.dcm"]
+    assert "there before the job started" in why["mine.bin"]
     after = {**_contents(work), **_contents(scratch)}
     assert {p: after.get(p) for p in before} == before, "nothing that was there before the job is deleted or changed"
     assert sorted(p.relative_to(tmp) for p in set(after) - set(before)) == [Path("work/harmless.txt"),
                                                                            Path("work/made.dcm")]  # fmt: skip
     old = {Path(f["path"]) for f in residue["preexisting"]}
-    assert old == {*bundled, work / "atlas.nii", scratch / "old.dcm"}
-    assert all(f["why"].startswith("pre-existing medical file, not ours") for f in residue["preexisting"])
+    assert old == {*bundled, work / "atlas.nii", scratch / "old.dcm", work / "notes.txt"}
+    assert all(f["why"].startswith("pre-existing ") and "not ours" in f["why"] for f in residue["preexisting"])
     assert residue["clean"] is False, "a medical file the job left unproven is residue"
     assert not list((tmp / "jobtmp").glob("medbridge-tmp-*")), "the job's emptied $TMPDIR is removed"
     scans = platform.audit("residue.reported", until=lambda r: True)  # the report may be recorded after job run exits
     assert scans, f"the job's end was not recorded: {rep['end_error']}"
     claim = json.loads(scans[-1].detail)["claim"]
-    assert scans[-1].outcome == "claims-residue" and claim["found"] == 4 and claim["purged"] == 3
+    assert scans[-1].outcome == "claims-residue" and claim["found"] == 5 and claim["purged"] == 3
     assert claim["preexisting"] == len(old)
 
 

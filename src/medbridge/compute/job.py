@@ -259,6 +259,8 @@ class Outcome:
     uploaded_bytes: int = 0
     upload_error: str | None = None
     committed: bool | None = None
+    #: Files left in --outputs because they were not uploaded as they are now (written after the upload read them).
+    outputs_kept: list[str] = field(default_factory=list)
     outage_tolerance: float = outage.DEFAULT_TOLERANCE
     outages: list[dict[str, Any]] = field(default_factory=list)
     #: Why the platform refused the job's certificate at its end (a revoked grant, a disabled account).
@@ -268,6 +270,8 @@ class Outcome:
     unmounted: bool | None = None
     agent_stopped: bool = False
     residue: dict[str, Any] = field(default_factory=dict)
+    #: Teardown steps that failed with an unexpected error (the later steps still ran).
+    teardown_errors: list[str] = field(default_factory=list)
 
 
 class Job:
@@ -320,6 +324,8 @@ class Job:
         self.started_at: float | None = None
         self.tmpdir: Path | None = None
         self.job_scratch: Path | None = None  # $MEDBRIDGE_SCRATCH: removed with the job's folder at teardown
+        #: The files (device, inode) in the scanned folders before the payload started: never purged.
+        self.existed: frozenset[tuple[int, int]] = frozenset()
 
     async def certify(self) -> JobCredential:
         """A certificate for the job's in-memory key, loaded into its agent."""
@@ -360,6 +366,8 @@ class Job:
                 self.write_state()
             except (OSError, InvalidInput) as exc:
                 self.say(f"could not leave state for the Slurm epilog ({exc}); its safety net is weaker for this job")
+            # What is in the scanned folders now is not the job's, however the payload moves or chmods it.
+            self.existed = residue.inventory([*self.scan_roots(), *self.own_folders()])
             self.renewer = Renewer(cred, self.certify, self.say)
             self.renewer.start()
             if signals.received is None:
@@ -424,7 +432,7 @@ class Job:
         if o.signal is not None:
             return 128 + o.signal
         code = o.exit_code if o.exit_code is not None else JobFailed.exit_code
-        if code == 0 and o.upload_error:
+        if code == 0 and (o.upload_error or o.teardown_errors):
             return JobFailed.exit_code
         return code
 
@@ -492,6 +500,52 @@ class Job:
         return own
 
     def teardown(self, folder: Path, *, scanned: bool, cred_ok: bool) -> None:
+        """Every step runs, whatever an earlier one raised: the agent stops, the mount closes, the end is reported."""
+        o = self.outcome
+        keep: list[Path] = []
+        self._step("stopping the renewals", self.stop_renewals)
+        written = self.written(folder)
+        uploads = (self.spec.outputs is not None or written) and cred_ok and self.renewer is not None
+        if uploads and not self._step("the upload of the outputs", lambda: self.upload(keep, written)):
+            o.upload_error = o.upload_error or "the upload failed (internal error): outputs kept"
+            if self.spec.outputs is not None:
+                keep.append(self.spec.outputs)
+        if self.watch is not None:
+            watch = self.watch
+            self._step("stopping the link watch", lambda: setattr(o, "outages", [x.as_dict() for x in watch.stop()]))
+        if self.mount is not None:
+            mount = self.mount
+            self._step("unmounting", lambda: setattr(o, "unmounted", mount.close()))
+        if self.agent is not None:
+            self._step("stopping the ssh-agent", self.stop_agent)
+        shutil.rmtree(folder, ignore_errors=True)
+        if scanned:
+            self._step("the residue scan", lambda: self.scan(keep))
+        if self.tmpdir is not None:
+            tmpdir = self.tmpdir
+            self._step("removing $TMPDIR", lambda: self.remove_tmpdir(tmpdir))
+        if cred_ok:
+            self._step("telling the platform the job ended", self.end)
+        for path, mode in self.loosened:
+            with contextlib.suppress(OSError):  # gone meanwhile: nothing to give back
+                os.chmod(path, mode)
+        if self.state is not None:
+            self._step("removing the epilog's state", self.remove_state)
+        if self.agent is not None:
+            self._step("the summary", self.summarise)
+
+    def _step(self, what: str, action: Callable[[], object]) -> bool:
+        """One teardown step: an unexpected error is said and recorded (the job then fails), and the next step runs."""
+        try:
+            action()
+        except Exception as exc:  # the later steps (agent, mount, end of job) must run whatever this is
+            said = f"{what} failed: internal error ({type(exc).__name__}: {exc})"
+            self.outcome.teardown_errors.append(said)
+            self.say(said)
+            return False
+        return True
+
+    def stop_renewals(self) -> None:
         o = self.outcome
         if self.renewer is not None:
             self.renewer.stop()
@@ -500,40 +554,27 @@ class Job:
             o.access_revoked = self.revoked()
             if o.access_revoked:
                 self.say(f"data access ended during the job: {o.access_revoked}")
-        keep: list[Path] = []
-        written = self.written(folder)
-        if (self.spec.outputs is not None or written) and cred_ok and self.renewer is not None:
-            self.upload(keep, written)
-        if self.watch is not None:
-            o.outages = [x.as_dict() for x in self.watch.stop()]
-        if self.mount is not None:
-            o.unmounted = self.mount.close()
-        if self.agent is not None:
-            self.agent.stop()
-            o.agent_stopped = True
-        shutil.rmtree(folder, ignore_errors=True)
-        if scanned:
-            self.scan(keep)
-        if self.tmpdir is not None:
-            self.remove_tmpdir(self.tmpdir)
-        if cred_ok:
-            # An ended job gets no certificate again: left open while its outputs wait for 'job run --job-id'.
-            ended = o.upload_error is None
-            try:
-                asyncio.run(end_job(self.enrolment, self.job_id, self.residue_summary, self.outcome.outages[-20:],
-                                    ended=ended))  # fmt: skip
-            except MedbridgeError as exc:
-                o.end_error = str(exc)
-                self.say(f"could not tell the platform the job ended: {exc}")
-        for path, mode in self.loosened:
-            with contextlib.suppress(OSError):  # gone meanwhile: nothing to give back
-                os.chmod(path, mode)
-        if self.state is not None:
-            state, name = self.state
-            state.remove(name)
-            state.close()
-        if self.agent is not None:
-            self.summarise()
+
+    def remove_state(self) -> None:
+        assert self.state is not None
+        state, name = self.state
+        state.remove(name)
+        state.close()
+
+    def stop_agent(self) -> None:
+        assert self.agent is not None
+        self.agent.stop()
+        self.outcome.agent_stopped = True
+
+    def end(self) -> None:
+        """Tell the platform the job ended; left open while its outputs wait for 'job run --job-id'."""
+        o = self.outcome
+        try:
+            asyncio.run(end_job(self.enrolment, self.job_id, self.residue_summary, o.outages[-20:],
+                                ended=o.upload_error is None))  # fmt: skip
+        except MedbridgeError as exc:
+            o.end_error = str(exc)
+            self.say(f"could not tell the platform the job ended: {exc}")
 
     def revoked(self) -> str | None:
         """Why the platform no longer lets the job in, if it does not (a revoked grant, a disabled account).
@@ -584,11 +625,16 @@ class Job:
             return
         o.uploaded_files, o.uploaded_bytes, o.committed = done.files, done.bytes, done.committed
         if outputs is not None:
-            wipe(outputs)
+            kept = wipe(outputs, done.sent)
+            if kept:
+                keep.append(outputs)
+                o.outputs_kept = [str(p) for p in kept]
+                self.say(f"{len(kept)} files appeared or changed in --outputs {outputs} after the upload began: "
+                         "not uploaded, kept")  # fmt: skip
 
     def scan(self, keep: list[Path]) -> None:
         exclude = [p for p in (self.mount.mountpoint if self.mount else None, *keep) if p is not None]
-        job = residue.JobContext(started=self.started_at, scratch=self.own_folders())
+        job = residue.JobContext(started=self.started_at, scratch=self.own_folders(), existed=self.existed)
         lookup = PlatformLookup(self.enrolment, self.job_id)  # hashes are asked of the platform: no manifest here
         report = residue.scan(self.scan_roots(), lookup, exclude=exclude, owner=os.getuid(), job=job)
         if self.purge:
@@ -635,8 +681,12 @@ class Job:
                 parts.append(f"{o.uploaded_files} output files uploaded but NOT committed (the payload failed)")
             else:
                 parts.append(f"{o.uploaded_files} output files ({o.uploaded_bytes} bytes) committed")
+        if o.outputs_kept:
+            parts.append(f"{len(o.outputs_kept)} files kept in --outputs, not uploaded")
         if o.unmounted is not None:
             parts.append("unmounted" if o.unmounted else "MOUNT STILL PRESENT")
+        if o.teardown_errors:
+            parts.append(f"{len(o.teardown_errors)} teardown step(s) FAILED (the others ran)")
         if o.residue:
             r = o.residue
             found = r["findings"]

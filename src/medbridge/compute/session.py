@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import posixpath
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,8 @@ class Upload:
     manifest: str
     committed: bool = True
     attempts: int = 1
+    #: Each uploaded local file with its identity (device, inode, size, mtime) when read: what :func:`wipe` may remove.
+    sent: dict[Path, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 #: Attempts that reach the platform and still move no byte before an upload gives up (a server that keeps
@@ -153,9 +156,19 @@ async def upload_outputs(
     """
     files = [] if outputs is None else sorted(p for p in outputs.rglob("*") if p.is_file() and not p.is_symlink())
     root = f"/results/{ep.user}/{job_id}"
+    for path in files:
+        try:
+            os.fsencode(path).decode("utf-8")
+        except UnicodeDecodeError:
+            assert outputs is not None
+            name = os.fsencode(path.relative_to(outputs)).decode("utf-8", "backslashreplace")
+            raise JobFailed(f"uploading outputs to {root} refused: the output file name {name!r} is not UTF-8 "
+                            "(the platform keeps UTF-8 names only); rename it and run the job again with "
+                            f"--job-id {job_id} --outputs {outputs}") from None  # fmt: skip
     if not files and not written:
         return Upload(0, 0, "", committed=False)
     placed: dict[str, str] = {}  # relative path -> SHA-256, for files renamed into place
+    sent: dict[Path, tuple[int, int, int, int]] = {}
     total = 0
     keepalive = outage.client_keepalive(tolerance)
     progress = time.monotonic()
@@ -183,10 +196,13 @@ async def upload_outputs(
                     parent = posixpath.dirname(remote)
                     if parent != root:
                         await sftp.makedirs(parent, exist_ok=True)
+                    read = _identity(path)
                     await sftp.put(str(path), remote + PARTIAL_SUFFIX, progress_handler=moved)
                     await sftp.posix_rename(remote + PARTIAL_SUFFIX, remote)
                     placed[rel] = sha256_file(path)
-                    total += path.stat().st_size
+                    if _identity(path) == read:  # unchanged while it was sent: only then may wipe remove it
+                        sent[path] = read
+                    total += read[2]
                     moved()
                 latest = {rel: sha for sha, rel in written}  # a result written twice: its last version
                 entries = [*placed.items(), *((rel, sha) for rel, sha in latest.items() if rel not in placed)]
@@ -196,7 +212,7 @@ async def upload_outputs(
                     async with sftp.open(staged, "wb") as f:
                         await f.write(manifest.encode())
                     await sftp.posix_rename(staged, posixpath.join(root, RESULTS_MANIFEST))
-            return Upload(len(entries), total, manifest, committed=commit, attempts=attempts)
+            return Upload(len(entries), total, manifest, committed=commit, attempts=attempts, sent=sent)
         except asyncssh.SFTPError as exc:
             if not isinstance(exc, asyncssh.SFTPConnectionLost):  # the platform refused: no retry changes that
                 raise _upload_failed(root, job_id, outputs, f"the platform refused it: {exc.reason}") from exc
@@ -223,14 +239,32 @@ def _upload_failed(root: str, job_id: str, outputs: Path | None, why: str) -> Jo
     )
 
 
-def wipe(outputs: Path) -> None:
-    """Remove uploaded outputs from the node (they now live on the platform)."""
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.lstat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def wipe(outputs: Path, sent: Mapping[Path, tuple[int, int, int, int]]) -> list[Path]:
+    """Remove the uploaded outputs from the node (they now live on the platform); return what is kept.
+
+    Only a file that was uploaded and is unchanged since (same device, inode, size and
+    mtime) is removed: one written or changed after the upload read it, a link, anything
+    else, stays.  Folders are removed only when that leaves them empty.
+    """
+    kept: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(outputs, topdown=False):
-        for name in filenames:
-            os.remove(os.path.join(dirpath, name))
+        for name in [*filenames, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))]:
+            path = Path(dirpath, name)
+            try:
+                if sent.get(path) == _identity(path):
+                    path.unlink()
+                    continue
+            except FileNotFoundError:
+                continue
+            kept.append(path)
         for name in dirnames:
             full = os.path.join(dirpath, name)
-            if os.path.islink(full):
-                os.remove(full)
-            else:
-                os.rmdir(full)
+            if not os.path.islink(full):
+                with contextlib.suppress(OSError):  # not empty: it holds what is kept
+                    os.rmdir(full)
+    return sorted(kept)
