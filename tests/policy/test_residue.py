@@ -22,6 +22,11 @@ def test_only_dataset_copies_and_new_files_in_the_jobs_own_folders_are_ours() ->
     assert kind() is Kind.UNPROVEN, "written during the job, but not in a folder of its own"
     assert kind(changed=STARTED - 3600) is Kind.PREEXISTING
     assert kind(started=None, own_folder="/w") is Kind.UNPROVEN, "no job start: nothing but copies is proven"
+    assert kind(own_folder="/w", modified=STARTED - 1) is Kind.UNPROVEN, "a user's file moved into the job's folder"
+    assert kind(copy_of="ct/1.raw", signature=None, size=511) is Kind.UNPROVEN, "a small copy proves nothing"
+    assert kind(copy_of="ct/1.raw", signature=None, size=0) is None, "an empty file holds no data"
+    assert kind(copy_of="ct/1.raw", signature=None, existed=True) is Kind.UNPROVEN, "the job found it there"
+    assert kind(copy_of="ct/1.raw", signature=None, changed=STARTED - 1) is Kind.PREEXISTING
 
 
 def test_each_verdict_says_why() -> None:

@@ -654,7 +654,8 @@ class Job:
         o = self.outcome
         failed = o.exit_code != 0 or o.signal is not None or o.upload_error is not None
         cause = self.watch.during() if self.watch is not None and failed else None
-        broke = self.mount.broke() if self.mount is not None and failed and cause is None else None
+        payload_failed = o.exit_code != 0 or o.signal is not None  # only its reads go through the mount
+        broke = self.mount.broke() if self.mount is not None and payload_failed and cause is None else None
         if cause is not None:
             parts = [f"job {o.job_id} failed: {cause.describe()}"]
         elif broke is not None:

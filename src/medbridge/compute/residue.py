@@ -301,6 +301,7 @@ def _judge(report: ScanReport, path: Path, st: os.stat_result, copy_of: str | No
         own_folder=_own_folder(path, scratch) if sig and scratch else None,
         size=st.st_size,
         existed=(st.st_dev, st.st_ino) in job.existed,
+        modified=st.st_mtime,
     )
     if verdict is None:
         return

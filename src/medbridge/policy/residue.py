@@ -8,7 +8,8 @@ A purge deletes only what is proven to be platform data brought by the job:
   one-line readme) and was not there before the job started;
 - a file with a medical-image signature that was created or changed (its ``ctime``,
   which no user can set back) at or after the job started, inside one of the job's
-  own folders (folders that exist for this job alone).
+  own folders (folders that exist for this job alone), and whose content was written
+  then too (its ``mtime``: a user's file moved or chmodded there keeps its old one).
 
 A file that was there before the job started (its ``ctime`` says so, or the job saw
 the same file, by device and inode, when it began) is never deleted, whatever it holds.
@@ -49,11 +50,13 @@ def judge(
     own_folder: str | None,
     size: int = MIN_COPY_BYTES,
     existed: bool = False,
+    modified: float | None = None,
 ) -> Verdict | None:
     """Decide about one file: ``copy_of`` names the dataset file its hash matched, ``signature``
     the medical format its bytes carry, ``changed`` its ctime, ``started`` the job's start on
     the same clock (None: no job), ``own_folder`` the job's own folder that holds it, if any,
-    ``size`` its length, ``existed`` whether the job saw this very file (device, inode) when it began.
+    ``size`` its length, ``existed`` whether the job saw this very file (device, inode) when it began,
+    ``modified`` its mtime (a file moved or chmodded into the job's folder keeps its old one).
     None when the file is neither.
     """
     if copy_of is not None and size == 0:
@@ -81,6 +84,12 @@ def judge(
         )
     if started is None:
         return Verdict(Kind.UNPROVEN, "medical file with no job to tie it to: not proven platform data, left in place")
+    if own_folder is not None and modified is not None and modified < started:
+        return Verdict(
+            Kind.UNPROVEN,
+            f"medical file last written {_when(modified)}, before the job started, and moved or changed into "
+            f"its own folder {own_folder} during it: not proven the job's, left in place",
+        )
     if own_folder is not None:
         return Verdict(Kind.OURS, f"written during the job in its own folder {own_folder}")
     return Verdict(
