@@ -24,7 +24,7 @@ from medbridge import descriptors, outage
 from medbridge.config import CIPHERS, Home, PlatformSettings
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
-from medbridge.errors import MedbridgeError, PlatformUnavailable
+from medbridge.errors import InvalidInput, MedbridgeError, PlatformUnavailable
 from medbridge.fastpath import coalesce, sealing_channel
 from medbridge.net import bind, parse_networks
 from medbridge.platform.audit import AuditSink
@@ -366,7 +366,7 @@ class PlatformConnection(asyncssh.SSHServer):
             process.exit(126)
             return
         try:
-            raw = await process.stdin.read(REQUEST_LIMITS.get(command, MAX_REQUEST))
+            raw = await read_request(process.stdin, REQUEST_LIMITS.get(command, MAX_REQUEST))
             await self.platform.sink.flush()
             reply = await asyncio.to_thread(handler, raw, {**self.where(), "fingerprint": credential})
         except MedbridgeError as exc:
@@ -385,6 +385,34 @@ class PlatformConnection(asyncssh.SSHServer):
             body = {**body, "exit_code": code}
         process.stdout.write(json.dumps(body).encode() + b"\n")
         process.exit(code)
+
+
+#: How long a command's client may take to send its whole request (it holds a channel meanwhile).
+REQUEST_SECONDS = 60.0
+
+
+async def read_request(stdin: asyncssh.SSHReader[bytes], limit: int, seconds: float = REQUEST_SECONDS) -> bytes:
+    """A command's whole request, up to its EOF: one ``read(n)`` returns whatever one packet brought.
+
+    A body over ``limit`` bytes is refused before more of it is buffered, and so is one
+    still unfinished after ``seconds``.
+    """
+    chunks: list[bytes] = []
+    size = 0
+
+    async def until_eof() -> bytes:
+        nonlocal size
+        while chunk := await stdin.read(limit + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise InvalidInput(f"a request is at most {limit} bytes")
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(until_eof(), seconds)
+    except TimeoutError:
+        raise InvalidInput(f"the request did not end within {seconds:g} s") from None
 
 
 class Platform:
