@@ -235,3 +235,18 @@ def test_workers_share_one_port_and_each_enforces_revocation(home: Path, tmp_pat
               if e["action"] == "login" and e["subject"] == "certificate"]  # fmt: skip
     assert len(logins) == 8
     assert mb("audit", "verify", home=home).returncode == 0, "one chain, written by both workers"
+
+
+@pytest.mark.parametrize(
+    ("option", "kind", "words"),
+    [("--mount", "file", "is a file"), ("--outputs", "file", "is a file"), ("--report", "folder", "is a directory")],
+)
+def test_job_run_names_a_file_given_for_a_folder_and_back(tmp_path: Path, option: str, kind: str, words: str) -> None:
+    """Before, these reached the job and ended as "internal error" after it had started."""
+    given = tmp_path / "given"
+    given.mkdir() if kind == "folder" else given.write_text("mine")
+    r = mb("job", "run", "--platform", "127.0.0.1:9", "--key", str(tmp_path / "none"), "--host-key-fingerprint",
+           "SHA256:x", option, str(given), "--", "true")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"Invalid value for '{option}'" in r.stderr and words in r.stderr
+    assert given.is_dir() if kind == "folder" else given.read_text() == "mine", "left as it was"

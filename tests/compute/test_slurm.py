@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from medbridge.compute import residue, slurm
 from medbridge.compute.job import default_job_id
 from medbridge.compute.slurm import Submission, batch_script, private_temp
 from medbridge.errors import InvalidInput
@@ -302,3 +303,13 @@ def test_timed_out_job_is_torn_down(cluster: SlurmCluster, platform: RunningPlat
     residue = report.get("residue") or {}
     purged_by_epilog = any(f["purged"] for f in residue.get("findings", []))  # type: ignore[union-attr]
     assert purged_by_job or purged_by_epilog
+
+
+def test_an_epilog_scan_that_runs_too_long_is_reported_unfinished_not_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan's own process is stopped at the bound (no interpreter starts within it); never an uncaught timeout."""
+    monkeypatch.setattr(slurm, "SCAN_SECONDS", 0.001)
+    found = slurm._scan_as(os.geteuid(), [str(tmp_path)], [], [], residue.JobContext(started=None, scratch=[]))
+    assert found["clean"] is False and found["findings"] == []
+    assert found["errors"] == [f"scan as uid {os.geteuid()} did not finish within 0.001 s and was stopped"]

@@ -22,6 +22,10 @@ from medbridge.platform.keys import read_private_key_file
 from medbridge.policy.names import check_name
 
 PATH = click.Path(path_type=Path)
+#: A folder (an existing file is refused by click with a one-line usage error, exit 2).
+FOLDER = click.Path(path_type=Path, file_okay=False)
+#: A file (an existing folder is refused the same way).
+FILE = click.Path(path_type=Path, dir_okay=False)
 TOLERANCE = click.option(
     "--outage-tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
     help="Seconds a silent link to the platform may last before the job gives up "
@@ -61,9 +65,9 @@ def job() -> None:
     help="Wanted certificate lifetime, seconds; the platform may give less, and the job renews it.",
 )
 @click.option("--dataset", "datasets", multiple=True, help="Limit the job to these datasets (repeatable).")
-@click.option("--mount", type=PATH, default=None, help="Mount the job's view here with sshfs (MEDBRIDGE_MOUNT).")
+@click.option("--mount", type=FOLDER, default=None, help="Mount the job's view here with sshfs (MEDBRIDGE_MOUNT).")
 @click.option(
-    "--outputs", type=PATH, default=None, help="Folder whose files are uploaded to the job's results at the end."
+    "--outputs", type=FOLDER, default=None, help="Folder whose files are uploaded to the job's results at the end."
 )
 @click.option("--scan", "scan", multiple=True, type=PATH, help="Also scan this path for residue (repeatable).")
 @click.option(
@@ -78,7 +82,7 @@ def job() -> None:
     default=None,
     help="Delete residue proven to be the job's (default: on inside Slurm, else off).",
 )
-@click.option("--report", type=PATH, default=None, help="Write what happened as JSON here.")
+@click.option("--report", type=FILE, default=None, help="Write what happened as JSON here.")
 @TOLERANCE
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def job_run(

@@ -296,6 +296,10 @@ def _lookup_args(lookup: Any) -> list[str]:
             lookup["host_fingerprint"], "--user", lookup["user"], "--job-id", lookup["job_id"]]  # fmt: skip
 
 
+#: Longest the epilog's residue scan may run (Slurm's EpilogMsgTime and the node's next job wait on it).
+SCAN_SECONDS = 3600
+
+
 def _scan_as(
     uid: int, roots: Sequence[str], lookup: list[str], exclude: Sequence[str], job: residue.JobContext
 ) -> dict[str, Any]:
@@ -309,7 +313,11 @@ def _scan_as(
         cmd += ["--exclude", path]
     if job.started is not None:
         cmd += ["--since", repr(job.started), *(a for p in job.scratch for a in ("--scratch", str(p)))]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, **_as_user(uid))
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=SCAN_SECONDS, **_as_user(uid))
+    except subprocess.TimeoutExpired:  # the scan was killed: nothing it found is known, nothing is called clean
+        why = f"scan as uid {uid} did not finish within {SCAN_SECONDS} s and was stopped"
+        return {"clean": False, "findings": [], "errors": [why]}
     try:
         result: dict[str, Any] = json.loads(r.stdout)
     except json.JSONDecodeError:
