@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from medbridge.cli import output
+from medbridge.cli.types import PLOT, Seconds
 
 _Plan = TypeVar("_Plan")
 
@@ -71,7 +72,7 @@ def _items(text: str | None, what: str) -> tuple[str, ...]:
     help="Default: both inside 'job run', else tcp.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a bar chart (PNG).")
+@click.option("--plot", type=PLOT, default=None, help="Write a bar chart (PNG).")
 def bench_rtt(routes: Sequence[str], sites: bool, pairs: str | None, link_delays: Sequence[str], samples: int,
               level: str | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
     """Min / mean / max round-trip time per route (or, with --sites, per pair of places), at TCP and SFTP level."""
@@ -152,7 +153,7 @@ def bench_relay(mb: int, repeats: int, as_json: bool) -> None:
               help="sites: readers at hpc, gateway at gw, servers at platform (network namespaces, root); "
               "loopback: all on 127.0.0.1; auto: sites where namespaces can be made.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a chart (PNG).")
+@click.option("--plot", type=PLOT, default=None, help="Write a chart (PNG).")
 def bench_io(quick: bool, rtts: str, repeats: int | None, server_workers: int | None, small_files: int | None,
              large_files: int | None, large_mb: int | None, paths: str | None, network: str, as_json: bool,
              plot: Path | None) -> None:  # fmt: skip
@@ -200,17 +201,17 @@ def bench_io(quick: bool, rtts: str, repeats: int | None, server_workers: int | 
 @bench.command("outage")
 @click.option("--path", "read_path", type=click.Choice(["mount", "native"]), default="mount", show_default=True,
               help="How the job reads: the sshfs mount, or the native loader.")  # fmt: skip
-@click.option("--cut-at", type=click.FloatRange(min=0), default=None, help="Seconds into the job to cut the link "
+@click.option("--cut-at", type=Seconds(), default=None, help="Seconds into the job to cut the link "
               "[default: 500; --quick 20].")  # fmt: skip
-@click.option("--cut-for", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--cut-for", type=Seconds(min_open=True), default=None,
               help="Seconds the link stays cut [default: 300; --quick 30].")  # fmt: skip
 @click.option("--volumes", type=click.IntRange(1, 10_000), default=None,
               help="Chest CT volumes (default: enough that the job runs well past the cut).")  # fmt: skip
-@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--tolerance", type=Seconds(min_open=True), default=None,
               help="The platform's outage tolerance, seconds (default: its default).")  # fmt: skip
 @click.option("--quick", is_flag=True, help="A 30 s cut 20 s in, fewer volumes (a few minutes here).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the timeline, cut shaded (PNG).")
+@click.option("--plot", type=PLOT, default=None, help="Write the timeline, cut shaded (PNG).")
 def bench_outage(read_path: str, cut_at: float | None, cut_for: float | None, volumes: int | None,
                  tolerance: float | None, quick: bool, as_json: bool, plot: Path | None) -> None:  # fmt: skip
     """The original's figure: a lung-segmentation job on the three sites, its link cut at gw mid-inference.
@@ -292,7 +293,7 @@ def _counts(text: str, option: str = "--workers") -> tuple[int, ...]:
 @click.option("--large-files", type=click.IntRange(1, 1000), default=None, help="Number of large volumes.")
 @click.option("--large-mb", type=click.IntRange(1, 4096), default=None, help="Size of each large volume, MiB.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a chart (PNG).")
+@click.option("--plot", type=PLOT, default=None, help="Write a chart (PNG).")
 def bench_scale(quick: bool, workers: str | None, clients_per_worker: int | None, connections: int | None,
                 data: str | None, repeats: int | None, small_files: int | None, large_files: int | None,
                 large_mb: int | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
@@ -329,7 +330,7 @@ def bench_scale(quick: bool, workers: str | None, clients_per_worker: int | None
 @click.option("--small-files", type=click.IntRange(1, 1_000_000), default=None, help="Number of ~100 KiB files.")
 @click.option("--repeats", type=click.IntRange(1, 20), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a chart (PNG).")
+@click.option("--plot", type=PLOT, default=None, help="Write a chart (PNG).")
 def bench_hosts(quick: bool, hosts: str | None, clients_per_host: int | None, connections: int | None,
                 small_files: int | None, repeats: int | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
     """Small-file throughput of N platform hosts behind the gateway (one home, one PostgreSQL), read from hpc."""
@@ -376,7 +377,7 @@ scheduler_option = click.option("--scheduler", type=click.Choice(["auto", "slurm
 @device_option
 @click.option("--network", type=click.Choice(["auto", "loopback", "sites"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the grouped bar chart (PNG).")
+@click.option("--plot", type=PLOT, default=None, help="Write the grouped bar chart (PNG).")
 def bench_images(quick: bool, tests: str | None, paths: str | None, fmt: str, iterations: int | None, rtt_ms: float,
                  train: bool, device: str, network: str, as_json: bool, plot: Path | None) -> None:  # fmt: skip
     """The AI-benchmark's 17 vision tests: image load and compute timed apart, from local disk, sshfs, the loader."""
@@ -433,7 +434,7 @@ def bench_images(quick: bool, tests: str | None, paths: str | None, fmt: str, it
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep each job's CSVs here (one folder per job).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the per-job chart (PNG).")
+@click.option("--plot", type=PLOT, default=None, help="Write the per-job chart (PNG).")
 def bench_ct_train(quick: bool, per_path: int | None, paths: str | None, cases: int | None, size: int | None,
                    epochs: int | None, max_steps: int | None, val_cases: int | None, source: Path | None,
                    alone: bool | None,
@@ -495,7 +496,7 @@ def bench_ct_train(quick: bool, per_path: int | None, paths: str | None, cases: 
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Where each job's log is kept (the input of 'bench loss-curve').")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the loss curve (PNG).")
+@click.option("--plot", type=PLOT, default=None, help="Write the loss curve (PNG).")
 def bench_pretrain(quick: bool, chain: int | None, steps_per_job: int | None, size: int | None,
                    feature_size: int | None, cases: int | None, val_every: int | None, source: Path | None,
                    path: str, rtt_ms: float,
@@ -531,7 +532,7 @@ def _curve_table(result: dict[str, Any]) -> None:
 
 @bench.command("loss-curve")
 @click.argument("results", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the curve (PNG).")
+@click.option("--plot", type=PLOT, default=None, help="Write the curve (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def bench_loss_curve(results: Path, plot: Path | None, as_json: bool) -> None:
     """Validation loss over wall time from the pre-training jobs' logs below RESULTS, and whether the chain held."""
@@ -578,7 +579,7 @@ def bench_report(profile: str, out: Path, only: str | None, scheduler: str, devi
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to generate files (default: the system's temporary folder).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a chart (PNG).")
+@click.option("--plot", type=PLOT, default=None, help="Write a chart (PNG).")
 def bench_catalogue(sizes: str, database: str, concurrent: int, concurrent_size: int, seconds: float,
                     workdir: Path | None, as_json: bool, plot: Path | None) -> None:  # fmt: skip
     """What dataset add, manifests, job start, residue scan and the audit cost as a dataset grows."""

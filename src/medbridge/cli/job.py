@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from medbridge.cli import output
+from medbridge.cli.types import Seconds
 from medbridge.compute import residue as residue_mod
 from medbridge.compute.credentials import Enrolment, PlatformLookup
 from medbridge.compute.job import JobSpec, run
@@ -27,7 +28,7 @@ FOLDER = click.Path(path_type=Path, file_okay=False)
 #: A file (an existing folder is refused the same way).
 FILE = click.Path(path_type=Path, dir_okay=False)
 TOLERANCE = click.option(
-    "--outage-tolerance", type=click.FloatRange(min=0, min_open=True), default=None,
+    "--outage-tolerance", type=Seconds(min_open=True), default=None,
     help="Seconds a silent link to the platform may last before the job gives up "
     "(default: as long as the platform allows, 2400 unless its operators changed it).",
 )  # fmt: skip
