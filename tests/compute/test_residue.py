@@ -238,3 +238,21 @@ def test_small_or_preexisting_files_equal_to_dataset_files_are_reported_never_pu
     assert "there before the job started" in left["old-copy.raw"] and "proves nothing" in left["new-note.txt"]
     assert [Path(f.path).name for f in report.preexisting] == ["notes.txt"], "reported, not residue"
     assert "__init__.py" not in {Path(f.path).name for f in [*report.findings, *report.preexisting]}
+
+
+def test_a_sparse_file_is_reported_unchecked_not_hashed_for_hours(tmp_path: Path) -> None:
+    """One byte at 64 GiB: hashing it read 64 GiB of zeros; it is reported (the scan is not clean), never read."""
+    sparse = tmp_path / "huge.bin"
+    with sparse.open("wb") as f:
+        f.seek(64 << 30)
+        f.write(b"x")
+    (tmp_path / "copy.dcm").write_bytes(dicom())
+    asked: list[str] = []
+
+    def lookup(hashes: Sequence[str]) -> dict[str, str]:
+        asked.extend(hashes)
+        return {}
+
+    report = scan([tmp_path], lookup)
+    assert report.bytes_hashed == len(dicom()) and len(asked) == 1
+    assert [e for e in report.errors if "huge.bin: not hashed: sparse" in e], report.errors
