@@ -59,6 +59,8 @@ class PlatformSettings:
     trusted_proxies: tuple[str, ...] = field(default=())
     #: Seconds a silent link may last before a session is given up (see medbridge.outage); jobs wait as long.
     outage_tolerance: float = outage.DEFAULT_TOLERANCE
+    #: Seconds between signed audit checkpoints (each also written to the home's audit-anchor.json).
+    audit_checkpoint_interval: float = 60.0
 
     # -- limits: what one user, job or connection can make the platform spend ------------
     #: File and directory handles open at once on one connection (all its SFTP sessions).
@@ -117,7 +119,10 @@ class PlatformSettings:
         settings = cls(**values)
         for key in ("certificate_source_addresses", "trusted_proxies"):
             parse_networks(getattr(settings, key), f"{origin}: {key}")
-        if settings.max_certificate_lifetime <= 0 or settings.enforcement_interval <= 0:
+        if (
+            min(settings.max_certificate_lifetime, settings.enforcement_interval, settings.audit_checkpoint_interval)
+            <= 0
+        ):
             raise InvalidInput(f"{origin}: lifetimes and intervals must be positive")
         for key in _LIMITS:
             if getattr(settings, key) <= 0:
@@ -187,6 +192,16 @@ class Home:
     @property
     def ca_key(self) -> Path:
         return self.keys / "user_ca_ed25519"
+
+    @property
+    def audit_key(self) -> Path:
+        """Signs the audit's checkpoints (medbridge.platform.anchor)."""
+        return self.keys / "audit_ed25519"
+
+    @property
+    def audit_anchor(self) -> Path:
+        """The latest signed checkpoint, for an operator to ship off the platform."""
+        return self.root / "audit-anchor.json"
 
     @property
     def datasets(self) -> Path:

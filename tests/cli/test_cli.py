@@ -66,6 +66,11 @@ def test_admin_flow_and_json_listings(home: Path, tmp_path: Path) -> None:
     assert mb("revoke", "@society", "chest", home=home).returncode == 0
     actions = [e["action"] for e in json.loads(mb("audit", "--json", home=home).stdout)["entries"]]
     assert actions == ["platform.init", "group.add", "user.add", "dataset.add", "grant", "revoke"]
+    about = mb("audit", "--json", "--dataset", "chest", "--since", "2000-01-01", "--last", "2", home=home).stdout
+    assert [(e["action"], e["dataset"]) for e in json.loads(about)["entries"]] == [
+        ("grant", "chest"),
+        ("revoke", "chest"),
+    ]
     assert mb("audit", "verify", home=home).returncode == 0
 
 
@@ -147,6 +152,27 @@ def test_deleted_audit_entry_is_detected(home: Path, tmp_path: Path) -> None:
     assert "entry 2 is missing" in one_line_error(r)
 
 
+def test_a_published_anchor_catches_a_cut_end_and_verify_can_start_from_it(home: Path, tmp_path: Path) -> None:
+    assert mb("user", "add", "alice", "--key", str(tmp_path / "alice.pub"), home=home).returncode == 0
+    r = mb("audit", "anchor", "--out", str(tmp_path / "anchor.json"), "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    anchored = json.loads(r.stdout)
+    assert json.loads((tmp_path / "anchor.json").read_text())["seq"] == anchored["seq"] == 2
+    assert (home / "audit-anchor.json").read_text() == (tmp_path / "anchor.json").read_text()
+    assert mb("group", "add", "society", home=home).returncode == 0
+    r = mb("audit", "verify", "--from", str(tmp_path / "anchor.json"), "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["entries_checked"] == 2, "the checkpoint and the group, nothing before the anchor"
+    db = sqlite3.connect(home / "control.db")
+    with db:
+        db.execute("DELETE FROM audit WHERE seq >= 2")
+    db.close()
+    assert mb("audit", "verify", home=home).returncode == 0, "the chain alone cannot tell its end was cut"
+    r = mb("audit", "verify", "--anchor", str(tmp_path / "anchor.json"), home=home)
+    assert r.returncode == 7
+    assert "the chain ends at entry 1 but an anchor names entry 2 (the end was cut)" in one_line_error(r)
+
+
 def test_serve_reports_port_in_use(home: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -175,7 +201,7 @@ def test_serve_prints_its_address_and_stops_on_sigterm(home: Path) -> None:
                 proc.kill()
                 proc.wait()
     actions = [e["action"] for e in json.loads(mb("audit", "--json", home=home).stdout)["entries"]]
-    assert actions[-3:] == ["platform.start", "login", "platform.stop"], "the bare TCP probe is audited too"
+    assert actions[-4:] == ["platform.start", "login", "platform.stop", "audit.checkpoint"], "the bare probe too"
 
 
 def test_workers_share_one_port_and_each_enforces_revocation(home: Path, tmp_path: Path) -> None:

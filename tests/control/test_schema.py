@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
 
 from medbridge.control import schema
+from medbridge.control.audit import GENESIS, Record, chain_hash
 from medbridge.control.models import Base
 from medbridge.control.store import Store
 from medbridge.errors import SchemaOutdated
@@ -51,6 +53,7 @@ def test_an_old_database_is_refused_then_migrated_with_its_data(url: str, tmp_pa
         for i, size in enumerate((10, 20, 30)):
             conn.execute(text("INSERT INTO dataset_files (dataset_id, path, size, sha256, media_type) "
                               f"VALUES (1, 'f{i}', {size}, '{i:064}', 'x')"))  # fmt: skip
+        _old_audit(conn)
     engine.dispose()
     store = Store(url)
     with pytest.raises(SchemaOutdated, match="platform migrate"):
@@ -60,6 +63,8 @@ def test_an_old_database_is_refused_then_migrated_with_its_data(url: str, tmp_pa
     (ds,) = fresh.datasets()
     assert (ds.files, ds.bytes, ds.version) == (3, 60, 1)
     assert [m.path for m in fresh.manifest("ct")] == ["f0", "f1", "f2"]
+    assert [(r.job, r.dataset) for r in fresh.audit_records(dataset="ct")] == [("j1", "ct")], "the audit's index filled"
+    assert fresh.verify_audit() == 2
     for s in (store, fresh):
         s.close()
     assert _differences(url) == []
@@ -87,3 +92,19 @@ def test_a_home_made_between_releases_without_a_revision_upgrades(url: str) -> N
     assert schema.upgrade(store.engine) == (schema.BASELINE, schema.head())
     store.close()
     assert _differences(url) == []
+
+
+def _old_audit(conn: Connection) -> None:
+    """Two entries as a release before the audit's index wrote them (no job or dataset column)."""
+    prev = GENESIS
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    for seq, (action, subject, detail) in enumerate(
+        [("sftp.open", "/datasets/ct/f0", '{"job":"j1"}'), ("user.add", "alice", "{}")], 1
+    ):
+        r = Record(seq=seq, at=at, actor="alice", action=action, outcome="ok", subject=subject, detail=detail,
+                   prev_hash=prev)  # fmt: skip
+        prev = chain_hash(r)
+        conn.execute(text("INSERT INTO audit (seq, at, actor, action, outcome, subject, detail, prev_hash, hash) "
+                          "VALUES (:seq, :at, 'alice', :action, 'ok', :subject, :detail, :prev, :hash)"),
+                     {"seq": seq, "at": "2026-01-01 00:00:00", "action": action, "subject": subject,
+                      "detail": detail, "prev": r.prev_hash, "hash": prev})  # fmt: skip

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from medbridge.control.audit import AuditEvent
-from medbridge.control.store import ManifestEntry, Store
+from medbridge.control.store import ManifestEntry, Store, audit_query
 from medbridge.errors import AccountDisabled, AlreadyExists, CertificateRefused, NotFound
 from medbridge.policy.sessions import SessionDecision, decide_session
 
@@ -123,3 +123,29 @@ def test_concurrent_appends_keep_one_chain(store: Store, url: str) -> None:
         t.join()
     assert store.verify_audit() == 2 + 80
     other.close()
+
+
+def test_audit_queries_by_user_job_dataset_action_and_time_use_their_indexes(store: Store) -> None:
+    at = [NOW - timedelta(hours=h) for h in (3, 2, 1)]
+    store.audit([AuditEvent(actor="alice", action="sftp.open", outcome="ok", subject="/datasets/chest/a.bin",
+                            detail={"job": "j1"}, at=at[0]),
+                 AuditEvent(actor="bob", action="sftp.open", outcome="ok", subject="/datasets/knee/b.bin",
+                            detail={"job": "j2"}, at=at[1]),
+                 AuditEvent(actor="alice", action="certificate.issue", outcome="ok", subject="j3", at=at[2])],
+                NOW)  # fmt: skip
+    assert [r.subject for r in store.audit_records(user="alice", action="sftp.open")] == ["/datasets/chest/a.bin"]
+    assert [r.subject for r in store.audit_records(job="j3")] == ["j3"]
+    assert [r.actor for r in store.audit_records(dataset="knee")] == ["bob"]
+    assert len(store.audit_records(dataset="chest")) == 2, "dataset.add names it too"
+    assert [r.subject for r in store.audit_records(since=at[1], until=at[2])] == ["/datasets/knee/b.bin"]
+    for kw, index in (({"user": "alice"}, "ix_audit_actor_seq"), ({"job": "j1"}, "ix_audit_job_seq"),
+                      ({"dataset": "chest"}, "ix_audit_dataset_seq"), ({"action": "grant"}, "ix_audit_action_seq"),
+                      ({"since": NOW}, "ix_audit_at_seq")):  # fmt: skip
+        sql = str(audit_query(**kw).compile(store.engine, compile_kwargs={"literal_binds": True}))  # type: ignore[arg-type]
+        with store.engine.connect() as conn:
+            if store.engine.dialect.name == "postgresql":  # a table this small is scanned unless told otherwise
+                conn.exec_driver_sql("SET enable_seqscan = off")
+                plan = " ".join(str(row[0]) for row in conn.exec_driver_sql(f"EXPLAIN {sql}"))
+            else:
+                plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+        assert index in plan, (kw, plan)

@@ -27,6 +27,7 @@ from medbridge.descriptors import raise_limit
 from medbridge.errors import InvalidInput, MedbridgeError
 from medbridge.logs import FORMATS
 from medbridge.net import parse_address, parse_networks, stop_event
+from medbridge.platform import anchor as anchor_files
 from medbridge.platform.keys import fingerprint, load_private_key, public_line, read_public_key_file
 from medbridge.platform.limits import descriptor_shortfall
 from medbridge.policy.manifest import manifest_line
@@ -184,6 +185,7 @@ def platform_serve(
     processes.keep_freed_memory()  # before the workers fork: they inherit it
     fastpath.enabled()  # decided at start-up, once (one warning if off), before the workers fork
     shortfall = descriptor_shortfall(h.settings(), raise_limit())  # the workers inherit the raised limit
+    anchor_files.audit_key(h)  # made here if the home predates it, not by racing workers
 
     def ready(bound_host: str, bound_port: int, metrics_url: str | None) -> None:
         if shortfall:  # once serving: a platform that cannot start says only why
@@ -584,19 +586,42 @@ def grants_cmd(home: Path | None, as_json: bool) -> None:
 
 # -- audit ----------------------------------------------------------------------------
 
+_ANCHOR_PATH = click.Path(dir_okay=False, path_type=Path)
+
 
 @cli.group("audit", invoke_without_command=True)
 @home_option
 @json_option
 @click.option("--last", type=click.IntRange(min=1), default=None, help="Only the last N entries.")
 @click.option("--action", default=None, help="Only entries of this action (e.g. sftp.refused).")
+@click.option("--user", default=None, help="Only entries whose actor is this user.")
+@click.option("--job", default=None, help="Only entries about this job.")
+@click.option("--dataset", default=None, help="Only entries about this dataset.")
+@click.option("--since", default=None, help="From this day (YYYY-MM-DD, UTC) or ISO time on.")
+@click.option("--until", default=None, help="Through this day (YYYY-MM-DD, UTC) or up to this ISO time.")
 @click.pass_context
-def audit_cmd(ctx: click.Context, home: Path | None, as_json: bool, last: int | None, action: str | None) -> None:
-    """Show the audit log (hash-chained; `audit verify` checks it)."""
+def audit_cmd(
+    ctx: click.Context,
+    home: Path | None,
+    as_json: bool,
+    last: int | None,
+    action: str | None,
+    user: str | None,
+    job: str | None,
+    dataset: str | None,
+    since: str | None,
+    until: str | None,
+) -> None:
+    """Show the audit log (hash-chained; `audit verify` checks it, `audit anchor` signs its head).
+
+    Every filter is answered by an index, however long the chain.
+    """
     if ctx.invoked_subcommand is not None:
         return
     _, store = _store(home)
-    records = store.audit_records(last=last, action=action)
+    records = store.audit_records(last=last, action=action, user=user, job=job, dataset=dataset,
+                                  since=_audit_time("--since", since, end=False),
+                                  until=_audit_time("--until", until, end=True))  # fmt: skip
     if as_json:
         output.emit_json({"entries": [r.as_dict() for r in records]})
         return
@@ -609,13 +634,87 @@ def audit_cmd(ctx: click.Context, home: Path | None, as_json: bool, last: int | 
         )
 
 
+def _audit_time(option: str, value: str | None, *, end: bool) -> datetime | None:
+    """A day (its start, or with ``end`` the start of the next) or an ISO time (UTC if naive)."""
+    if value is None:
+        return None
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value) + timedelta(days=int(end)), time(), tzinfo=UTC)
+        at = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidInput(f"{option} {value!r}: use YYYY-MM-DD or an ISO 8601 time") from exc
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
 @audit_cmd.command("verify")
 @home_option
-def audit_verify(home: Path | None) -> None:
-    """Check every link of the audit chain; exit 7 at the first broken one."""
-    _, store = _store(home)
-    n = store.verify_audit()
-    output.out.print(f"audit chain intact: {n} entries")
+@json_option
+@click.option("--anchor", "anchors", multiple=True, type=_ANCHOR_PATH,
+              help="A published anchor the chain must still contain, unchanged (repeatable).")  # fmt: skip
+@click.option("--from", "since", type=_ANCHOR_PATH, default=None,
+              help="A trusted anchor from an earlier verification: check only the entries after it.")  # fmt: skip
+@click.option("--key", type=_ANCHOR_PATH, default=None,
+              help="The audit public key (default: the home's keys/audit_ed25519.pub; keep a copy too).")  # fmt: skip
+def audit_verify(
+    home: Path | None, as_json: bool, anchors: tuple[Path, ...], since: Path | None, key: Path | None
+) -> None:
+    """Check every link and signed checkpoint of the chain; exit 7 at the first that fails.
+
+    With --anchor, a chain cut below the anchor or rewritten up to it fails too.
+    """
+    h, store = _store(home)
+    check = anchor_files.checker(anchor_files.public_key(h, key))
+    published = [anchor_files.read_anchor(a, check) for a in anchors]
+    start = anchor_files.read_anchor(since, check) if since else None
+    walk = store.verify_chain(start=start, anchors=published, check=check)
+    summary = {
+        "intact": True,
+        "entries_checked": walk.entries,
+        "from_entry": start.seq + 1 if start else 1,
+        "last_entry": walk.last,
+        "head": walk.prev_hash,
+        "checkpoints": walk.checkpoints,
+        "anchors": [{"seq": a.seq, "hash": a.hash} for a in published],
+    }
+    if as_json:
+        output.emit_json(summary)
+        return
+    where = f" after the anchor at entry {start.seq}" if start else ""
+    met = f"; {len(published)} anchor(s) met" if published else ""
+    output.ok(f"audit chain intact: {walk.entries} entries checked{where}, up to entry {walk.last}; "
+              f"{walk.checkpoints} signed checkpoint(s){met}")  # fmt: skip
+
+
+@audit_cmd.command("anchor")
+@home_option
+@json_option
+@click.option("--out", type=_ANCHOR_PATH, default=None,
+              help="Also write the anchor here: the file to ship off the platform.")  # fmt: skip
+@click.option("--from", "since", type=_ANCHOR_PATH, default=None,
+              help="The previous anchor: verify only the entries after it before signing.")  # fmt: skip
+def audit_anchor(home: Path | None, as_json: bool, out: Path | None, since: Path | None) -> None:
+    """Verify the chain, sign its head into it as a checkpoint, and write the anchor.
+
+    The anchor goes to the home's audit-anchor.json (the platform also writes one
+    there at every checkpoint) and to --out.
+    """
+    h, store = _store(home)
+    check = anchor_files.checker(anchor_files.public_key(h, None))
+    start = anchor_files.read_anchor(since, check) if since else None
+    store.verify_chain(start=start, check=check)
+    signed = anchor_files.checkpoint(h, store)
+    if out is not None:
+        try:
+            anchor_files.write_anchor(out, signed)
+        except OSError as exc:
+            raise InvalidInput(f"cannot write the anchor to {out}: {exc.strerror or exc}") from exc
+    if as_json:
+        output.emit_json({"seq": signed.seq, "hash": signed.hash, "key": signed.key, "at": signed.at,
+                          "files": [str(h.audit_anchor), *([str(out)] if out else [])]})  # fmt: skip
+        return
+    output.ok(f"anchored entry {signed.seq} ({signed.hash[:16]}…) signed by {signed.key}; "
+              f"ship {out or h.audit_anchor} off the platform")  # fmt: skip
 
 
 # -- compute side -----------------------------------------------------------------------

@@ -10,10 +10,11 @@ every field is bounded.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -55,6 +56,9 @@ class Record:
     detail: str
     prev_hash: str
     hash: str = ""
+    #: What the entry is about, for indexed queries: derived from it (:func:`index_keys`), outside the hash.
+    job: str | None = None
+    dataset: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +70,8 @@ class Record:
             "subject": self.subject,
             "detail": json.loads(self.detail),
             "hash": self.hash,
+            "job": self.job,
+            "dataset": self.dataset,
         }
 
 
@@ -163,6 +169,33 @@ def entry_fields(ev: AuditEvent) -> tuple[str, str, str, str, str]:
     return texts["actor"], texts["action"], texts["outcome"], texts["subject"], detail
 
 
+#: Actions whose subject is a job id, and whose subject is a dataset's name (besides every ``dataset.*``).
+_JOB_SUBJECT = frozenset({"certificate.issue", "job.end", "residue.scan"})
+_DATASET_SUBJECT = frozenset({"grant", "revoke"})
+
+
+def index_keys(action: str, subject: str, detail: str) -> tuple[str | None, str | None]:
+    """The job and the dataset an entry is about, as stored for indexed queries.
+
+    Derived from the entry itself (the session's job in its detail; a dataset from a
+    ``/datasets/<name>/`` path or a dataset action's subject), so ``audit verify`` can
+    check that no one changed them to hide an entry from a query.
+    """
+    try:
+        fields = json.loads(detail)
+    except ValueError:
+        fields = None
+    job = fields.get("job") if isinstance(fields, dict) else None
+    if not isinstance(job, str):
+        job = subject if action in _JOB_SUBJECT else None
+    dataset = None
+    if subject.startswith("/datasets/"):
+        dataset = subject.split("/")[2]
+    elif action in _DATASET_SUBJECT or action.startswith("dataset."):
+        dataset = subject
+    return (job or None) and job[:64], (dataset or None) and dataset[:64]
+
+
 def chain_hash(r: Record) -> str:
     """SHA-256 over the previous hash and every field of ``r`` except its own hash."""
     body = json.dumps(
@@ -174,13 +207,134 @@ def chain_hash(r: Record) -> str:
 
 def first_break(records: Iterable[Record]) -> tuple[int, str] | None:
     """Walk the chain; return ``(seq, why)`` of the first entry that does not verify."""
-    prev_hash, expected_seq = GENESIS, None
-    for r in records:
-        if expected_seq is not None and r.seq != expected_seq:
-            return r.seq, f"entry {expected_seq} is missing"
-        if r.prev_hash != prev_hash:
-            return r.seq, "does not link to the entry before it"
-        if chain_hash(r) != r.hash:
-            return r.seq, "content does not match its hash (altered)"
-        prev_hash, expected_seq = r.hash, r.seq + 1
+    walk = ChainWalk()
+    try:
+        for r in records:
+            walk.feed(r)
+    except ChainBroken as exc:
+        return exc.seq, exc.why
     return None
+
+
+#: The action of a signed checkpoint entry (see :func:`checkpoint_detail`).
+CHECKPOINT = "audit.checkpoint"
+
+
+def checkpoint_message(seq: int, hash: str) -> bytes:
+    """What a checkpoint's signature covers: entry ``seq`` of this chain has ``hash``."""
+    return f"medbridge-audit-checkpoint:{seq}:{hash}".encode()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Anchor:
+    """A signed statement that entry ``seq`` of the chain has ``hash``.
+
+    The platform signs one into the chain at every checkpoint (an ``audit.checkpoint``
+    entry right after entry ``seq``) and writes it to a file an operator ships
+    elsewhere: a chain cut below it, or rewritten up to it, no longer contains it.
+    """
+
+    seq: int
+    hash: str
+    at: str
+    key: str
+    signature: str
+
+    FORMAT = "medbridge-audit-anchor/1"
+
+    def message(self) -> bytes:
+        return checkpoint_message(self.seq, self.hash)
+
+    def to_json(self) -> str:
+        body = {"format": self.FORMAT, **dataclasses.asdict(self)}
+        return json.dumps(body, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Anchor:
+        """Parse an anchor file; ValueError says what is wrong with it."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
+            raise ValueError(f"not a {cls.FORMAT} file")
+        try:
+            anchor = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        except KeyError as exc:
+            raise ValueError(f"missing {exc.args[0]!r}") from exc
+        if not isinstance(anchor.seq, int) or anchor.seq < 1 or not isinstance(anchor.hash, str):
+            raise ValueError("seq must be a positive entry number and hash a string")
+        return anchor
+
+    @classmethod
+    def from_checkpoint(cls, r: Record) -> Anchor:
+        """The anchor a checkpoint entry signs."""
+        d = json.loads(r.detail)
+        return cls(seq=d["seq"], hash=d["hash"], at=r.at.isoformat(), key=d["key"], signature=d["signature"])
+
+
+#: Checks a signature: ``(key fingerprint, message, signature) -> bool``.
+SignatureCheck = Callable[[str, bytes, str], bool]
+
+
+class ChainBroken(Exception):
+    """The chain does not verify at entry ``seq``."""
+
+    def __init__(self, seq: int, why: str):
+        super().__init__(f"audit chain broken at entry {seq}: {why}")
+        self.seq = seq
+        self.why = why
+
+
+class ChainWalk:
+    """Verifies a chain one entry at a time, holding nothing but the last link (memory stays flat).
+
+    Starts at the genesis, or after a trusted :class:`Anchor` (entry ``seq`` with
+    ``hash``, checked by the caller): then only the entries after it are read.
+    Every ``audit.checkpoint`` entry must sign the entry before it, with a key
+    ``check`` accepts; every anchor in ``anchors`` must be met by the entry it names.
+    """
+
+    def __init__(self, start: Anchor | None = None, *, check: SignatureCheck | None = None,
+                 anchors: Sequence[Anchor] = ()):  # fmt: skip
+        self.prev_hash = start.hash if start else GENESIS
+        self.last = start.seq if start else 0
+        self.entries = 0
+        self.checkpoints = 0
+        self._check = check
+        self._anchors = {a.seq: a for a in anchors}
+
+    def feed(self, r: Record) -> None:
+        if r.seq != self.last + 1:
+            raise ChainBroken(r.seq, f"entry {self.last + 1} is missing")
+        if r.prev_hash != self.prev_hash:
+            raise ChainBroken(r.seq, "does not link to the entry before it")
+        if chain_hash(r) != r.hash:
+            raise ChainBroken(r.seq, "content does not match its hash (altered)")
+        if (r.job, r.dataset) != index_keys(r.action, r.subject, r.detail):
+            raise ChainBroken(r.seq, "its job or dataset column was altered (it would hide from queries)")
+        if r.action == CHECKPOINT:
+            self._checkpoint(r)
+        anchor = self._anchors.pop(r.seq, None)
+        if anchor is not None and anchor.hash != r.hash:
+            raise ChainBroken(r.seq, "differs from the published anchor: the chain was rewritten up to here")
+        self.prev_hash, self.last = r.hash, r.seq
+        self.entries += 1
+
+    def _checkpoint(self, r: Record) -> None:
+        try:
+            signed = Anchor.from_checkpoint(r)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ChainBroken(r.seq, f"checkpoint unreadable ({exc})") from exc
+        if signed.seq != self.last or signed.hash != self.prev_hash:
+            raise ChainBroken(r.seq, "checkpoint signs another chain: the entries before it were rewritten")
+        if self._check is not None and not self._check(signed.key, signed.message(), signed.signature):
+            raise ChainBroken(r.seq, "checkpoint signature does not verify with the audit key")
+        self.checkpoints += 1
+
+    def finish(self) -> None:
+        """The chain has ended: every anchor must have been met (else it was cut)."""
+        if self._anchors:
+            seq = min(self._anchors)
+            raise ChainBroken(seq, f"missing: the chain ends at entry {self.last} but an anchor names entry {seq} "
+                                   "(the end was cut)")  # fmt: skip

@@ -222,3 +222,15 @@ class AuditEntry(Base):
     detail: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    #: What the entry is about, for indexed queries (medbridge.control.audit.index_keys; outside the hash,
+    #: checked by audit verify).
+    job: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    dataset: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    __table_args__ = (
+        Index("ix_audit_actor_seq", "actor", "seq"),
+        Index("ix_audit_action_seq", "action", "seq"),
+        Index("ix_audit_job_seq", "job", "seq"),
+        Index("ix_audit_dataset_seq", "dataset", "seq"),
+        Index("ix_audit_at_seq", "at", "seq"),
+    )

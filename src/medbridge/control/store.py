@@ -11,16 +11,28 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, TypedDict, TypeVar, Unpack, cast
 
-from sqlalchemy import Table, create_engine, delete, event, func, insert, select, text, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import Select, Table, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
 from medbridge.control import schema
-from medbridge.control.audit import GENESIS, AuditEvent, Record, chain_hash, entry_fields, first_break
+from medbridge.control.audit import (
+    CHECKPOINT,
+    GENESIS,
+    Anchor,
+    AuditEvent,
+    ChainBroken,
+    ChainWalk,
+    Record,
+    SignatureCheck,
+    chain_hash,
+    entry_fields,
+    index_keys,
+)
 from medbridge.control.models import (
     AuditEntry,
     Certificate,
@@ -82,6 +94,11 @@ def writer_alive(writer: str | None) -> bool:
     return True
 
 
+#: The audit chain's last link, and an append: built once (the data plane runs them per commit).
+_HEAD = select(AuditEntry.seq, AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1)
+_APPEND = insert(_AUDIT_TABLE)
+
+
 @dataclass(frozen=True)
 class UserInfo:
     name: str
@@ -137,6 +154,7 @@ class Store:
             raise InvalidInput(f"database URL {url!r}: {exc}") from exc
         if self.engine.dialect.name == "sqlite":
             _sqlite_tuning(self.engine)
+        self._writer = self.engine.execution_options(medbridge_write=True)
         self._schema_ok = False
 
     def check_schema(self) -> None:
@@ -585,8 +603,9 @@ class Store:
         sign: Callable[[CertificateSpec], Any],
         limits: IssuanceLimits | None = None,
         placement: tuple[str, str] | None = None,
+        audit: Callable[[CertificateSpec], AuditEvent] | None = None,
     ) -> tuple[CertificateSpec, Any]:
-        """Decide, sign and record one job certificate in one transaction.
+        """Decide, sign and record one job certificate, and its audit entry, in one transaction.
 
         The serial counter's row is locked first, so issuances are counted one after
         another by every process (``limits``: the user's rate, the job's live certificates,
@@ -642,6 +661,8 @@ class Store:
             )
             if placement is not None:
                 self._place(s, u, job_id, *placement, now)
+            if audit is not None:
+                self._append(s, [audit(spec)], now)
             return spec, signed
 
     @staticmethod
@@ -797,23 +818,30 @@ class Store:
     # -- audit ------------------------------------------------------------------------
 
     def audit(self, events: Sequence[AuditEvent], now: datetime) -> None:
-        """Append events to the chain, serialised against every other writer."""
-        if events:
-            with self._tx() as s:
-                self._append(s, events, now)
+        """Append events to the chain, serialised against every other writer.
+
+        On a plain connection, not an ORM session: the data plane commits a small
+        batch per decision it waits on, and the session's bookkeeping cost more than
+        the rows.
+        """
+        if not events:
+            return
+        if not self._schema_ok:
+            self.check_schema()
+        try:
+            with self._writer.begin() as conn:
+                self._append(conn, events, now)
+        except OperationalError as exc:
+            raise MedbridgeError(f"control database error: {exc.orig}") from exc
 
     @staticmethod
-    def _append(s: Session, events: Sequence[AuditEvent], now: datetime) -> None:
+    def _append(s: Session | Connection, events: Sequence[AuditEvent], now: datetime) -> None:
         """Append inside the caller's transaction, so a decision and its record commit together.
 
         One executemany of plain rows through the table, not the ORM: the data plane
         writes an entry per file opened, and ORM bulk inserts cost more than the hashing.
         """
-        if s.get_bind().dialect.name == "postgresql":
-            # One total order across every process and host: the chain's tail is read and extended under
-            # one transaction-scoped lock (SQLite's BEGIN IMMEDIATE does the same for its writers).
-            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK})
-        last = s.execute(select(AuditEntry.seq, AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1)).first()
+        last = _chain_head(s)
         seq, prev = (last[0], last[1]) if last else (0, GENESIS)
         rows = []
         for ev in events:
@@ -830,28 +858,81 @@ class Store:
                 prev_hash=prev,
             )
             prev = chain_hash(rec)
-            rows.append({f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)} | {"hash": prev})
-        s.execute(insert(_AUDIT_TABLE), rows)
+            job, dataset = index_keys(action, subject, detail)
+            rows.append({f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)}
+                        | {"hash": prev, "job": job, "dataset": dataset})  # fmt: skip
+        s.execute(_APPEND, rows)
 
-    def audit_records(self, *, last: int | None = None, action: str | None = None) -> list[Record]:
+    def audit_records(self, **filters: Unpack[AuditFilters]) -> list[Record]:
+        """Entries in chain order; each filter is answered by an index (:func:`audit_query`)."""
         with self._tx(write=False) as s:
-            q = select(AuditEntry)
-            if action:
-                q = q.where(AuditEntry.action == action)
-            q = q.order_by(AuditEntry.seq.desc())
-            if last:
-                q = q.limit(last)
-            rows = list(s.scalars(q))
+            rows = list(s.scalars(audit_query(**filters)))
         return [_record(r) for r in reversed(rows)]
+
+    def audit_entries(self, *, after: int = 0, until: int | None = None, batch: int = 5000) -> Iterator[Record]:
+        """The chain in order from entry ``after + 1``, read in pages: memory stays flat however long it is."""
+        while True:
+            with self._tx(write=False) as s:
+                q = select(AuditEntry).where(AuditEntry.seq > after)
+                if until is not None:
+                    q = q.where(AuditEntry.seq <= until)
+                page = [_record(r) for r in s.scalars(q.order_by(AuditEntry.seq).limit(batch))]
+            yield from page
+            if len(page) < batch:
+                return
+            after = page[-1].seq
+
+    def audit_head(self) -> tuple[int, str] | None:
+        """The last entry's ``(seq, hash)``, None for an empty chain."""
+        with self._tx(write=False) as s:
+            row = s.execute(_HEAD).first()
+            return None if row is None else (row[0], row[1])
 
     def verify_audit(self) -> int:
         """Check the whole chain; return the number of entries, or raise IntegrityError."""
-        with self._tx(write=False) as s:
-            records = [_record(r) for r in s.scalars(select(AuditEntry).order_by(AuditEntry.seq))]
-        broken = first_break(records)
-        if broken:
-            raise IntegrityError(f"audit chain broken at entry {broken[0]}: {broken[1]}")
-        return len(records)
+        return self.verify_chain().entries
+
+    def verify_chain(
+        self,
+        *,
+        start: Anchor | None = None,
+        anchors: Sequence[Anchor] = (),
+        check: SignatureCheck | None = None,
+        batch: int = 5000,
+    ) -> ChainWalk:
+        """Check the chain as far as it goes now; raise IntegrityError at the first entry that does not verify.
+
+        From the genesis, or from the trusted checkpoint ``start`` (work and memory
+        grow with the entries after it, not with the chain).  Every signed checkpoint
+        met is checked with ``check``; every anchor must be met (a cut end fails).
+        """
+        head = self.audit_head()
+        walk = ChainWalk(start, check=check, anchors=anchors)
+        try:
+            if start is not None:
+                with self._tx(write=False) as s:
+                    found = s.scalar(select(AuditEntry.hash).where(AuditEntry.seq == start.seq))
+                if found is None:
+                    raise ChainBroken(start.seq, "missing: the trusted checkpoint's entry is gone (the end was cut)")
+                if found != start.hash:
+                    raise ChainBroken(start.seq, "differs from the trusted checkpoint: the chain was rewritten")
+            for r in self.audit_entries(after=walk.last, until=head[0] if head else 0, batch=batch):
+                walk.feed(r)
+            walk.finish()
+        except ChainBroken as exc:
+            raise IntegrityError(str(exc)) from exc
+        return walk
+
+    def checkpoint(self, sign: Callable[[int, str], Anchor], now: datetime) -> Anchor:
+        """Append a signed checkpoint of the head (``sign(seq, hash)``) in one transaction; return it."""
+        with self._tx() as s:
+            last = _chain_head(s)
+            if last is None:
+                raise IntegrityError("the audit chain is empty: nothing to checkpoint")
+            anchor = sign(last[0], last[1])
+            detail = {"seq": anchor.seq, "hash": anchor.hash, "key": anchor.key, "signature": anchor.signature}
+            self._append(s, [AuditEvent(actor="platform", action=CHECKPOINT, outcome="ok", detail=detail)], now)
+            return dataclasses.replace(anchor, at=now.astimezone(UTC).isoformat())
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -916,6 +997,54 @@ class Store:
 
 def _node_fact(n: Node) -> NodeFact:
     return NodeFact(name=n.name, fingerprint=n.fingerprint, networks=tuple(json.loads(n.networks)))
+
+
+class AuditFilters(TypedDict, total=False):
+    """What ``audit`` queries may filter on: ``user`` is the actor; ``last`` the newest N."""
+
+    last: int | None
+    action: str | None
+    user: str | None
+    job: str | None
+    dataset: str | None
+    since: datetime | None
+    until: datetime | None
+
+
+def _chain_head(s: Session | Connection) -> Row[int, str] | None:
+    """The chain's last ``(seq, hash)``, locked against every other writer until the transaction ends.
+
+    One total order across every process and host: on PostgreSQL a transaction-scoped
+    advisory lock (taken again by the same transaction, it is held once); SQLite's
+    writers hold the database from BEGIN IMMEDIATE.
+    """
+    dialect = s.dialect if isinstance(s, Connection) else s.get_bind().dialect
+    if dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK})
+    return s.execute(_HEAD).first()
+
+
+def audit_query(**filters: Unpack[AuditFilters]) -> Select[AuditEntry]:
+    """The newest entries first (``last`` of them) matching every filter given; ``user`` is the actor.
+
+    By time alone, newest by time (the chain's order but for entries of one moment from several processes).
+    """
+    action, user, job, dataset = (filters.get(k) for k in ("action", "user", "job", "dataset"))
+    since, until, last = filters.get("since"), filters.get("until"), filters.get("last")
+    q = select(AuditEntry)
+    for column, value in ((AuditEntry.action, action), (AuditEntry.actor, user), (AuditEntry.job, job),
+                          (AuditEntry.dataset, dataset)):  # fmt: skip
+        if value:
+            q = q.where(column == value)
+    if since is not None:
+        q = q.where(AuditEntry.at >= since)
+    if until is not None:
+        q = q.where(AuditEntry.at < until)
+    if (since or until) and not (action or user or job or dataset):
+        q = q.order_by(AuditEntry.at.desc(), AuditEntry.seq.desc())  # the time index serves filter and order
+    else:
+        q = q.order_by(AuditEntry.seq.desc())
+    return q.limit(last) if last else q
 
 
 def _cert_info(c: Certificate) -> CertificateFact:

@@ -22,11 +22,11 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
@@ -34,6 +34,7 @@ from medbridge.errors import AuditUnavailable
 from medbridge.platform.metrics import process_metrics
 
 log = logging.getLogger("medbridge.platform")
+T = TypeVar("T")
 
 
 class AuditOwner(Protocol):
@@ -148,6 +149,10 @@ class AuditSink:
                 if self.failing is not None and self._attempts > begun:
                     raise AuditUnavailable(f"audit writes are failing: {self.failing}")
                 await self._settled.wait()
+
+    async def in_writer(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on the writer's thread, after what it is writing now (checkpoints)."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, work)
 
     # -- writing ------------------------------------------------------------------------
 

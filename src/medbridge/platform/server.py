@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -24,9 +25,10 @@ from medbridge import descriptors, outage
 from medbridge.config import CIPHERS, Home, PlatformSettings
 from medbridge.control.audit import AuditEvent
 from medbridge.control.store import Store
-from medbridge.errors import InvalidInput, MedbridgeError, PlatformUnavailable
+from medbridge.errors import AuditUnavailable, InvalidInput, MedbridgeError, PlatformUnavailable
 from medbridge.fastpath import coalesce, sealing_channel
 from medbridge.net import bind, parse_networks
+from medbridge.platform.anchor import audit_key, checkpoint
 from medbridge.platform.audit import AuditSink
 from medbridge.platform.catalogue import Catalogue
 from medbridge.platform.issuer import (
@@ -427,6 +429,8 @@ class Platform:
         #: Enforcement has a thread of its own, so slow work elsewhere can never delay it.
         self._enforcer = ThreadPoolExecutor(1, thread_name_prefix="medbridge-enforce")
         self.sink = AuditSink(self.store)
+        #: Signs the audit's checkpoints only (not the CA: it opens nothing).
+        self.audit_key = audit_key(home)
         self.catalogue = Catalogue(self.store, home.manifests)
         #: Manifests are built here, never in the loop: a build is as long as the dataset.
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="medbridge-catalogue")
@@ -575,6 +579,24 @@ class Platform:
             session.versions.update({n: catalogue[n].version for n in check.datasets if n in catalogue})
             session.ends_at = check.ends_at
 
+    async def checkpoint(self) -> None:
+        """Sign the chain's head into it and write the home's anchor file (a failure is logged, never fatal)."""
+        try:
+            anchor = await self.sink.in_writer(functools.partial(checkpoint, self.home, self.store, self.audit_key))
+        except (MedbridgeError, OSError) as exc:
+            log.error("audit checkpoint failed: %s", exc)
+            return
+        log.info("audit checkpoint: entry %d has hash %s (signed by %s; %s)", anchor.seq, anchor.hash, anchor.key,
+                 self.home.audit_anchor)  # fmt: skip
+
+    async def _checkpoint_forever(self) -> None:
+        signed_at = -1
+        while True:
+            await asyncio.sleep(self.settings.audit_checkpoint_interval)
+            if self.sink.written != signed_at:  # this process wrote since: its entries get a signed head
+                signed_at = self.sink.written
+                await self.checkpoint()
+
     async def _enforce_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.enforcement_interval)
@@ -636,6 +658,7 @@ class Platform:
         self.sink.start()
         self._tasks = [
             asyncio.create_task(self._enforce_forever()),
+            asyncio.create_task(self._checkpoint_forever()),
             asyncio.create_task(accept_forever(listener, proxies, serve_one, refuse, self._out_of_descriptors)),
         ]
         bound = listener.getsockname()
@@ -712,6 +735,9 @@ class Platform:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.sink.record(AuditEvent(actor="platform", action="platform.stop", outcome="ok"))
+        with contextlib.suppress(AuditUnavailable):  # close() below keeps retrying and logs what is left
+            await self.sink.flush()
+            await self.checkpoint()  # the last head this process saw, signed and in the anchor file
         await self.sink.close()
         self._enforcer.shutdown(wait=True)
         self._builder.shutdown(wait=True, cancel_futures=True)

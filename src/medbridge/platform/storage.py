@@ -60,6 +60,8 @@ trusted_proxies = []
 # results_max_file_size = "32GiB"
 # results_max_entries_per_user = 1000000
 # results_max_entries_per_job = 100000
+# Seconds between signed audit checkpoints; each is also written to audit-anchor.json here, to ship elsewhere.
+audit_checkpoint_interval = 60.0
 """
 
 CHUNK = 1 << 20
@@ -79,6 +81,7 @@ def init_home(home: Home, actor: str, database_url: str = "") -> str:
         folder.mkdir(parents=True, exist_ok=True, mode=0o750)
     host = create_private_key(home.host_key)
     create_private_key(home.ca_key)
+    create_private_key(home.audit_key)
     home.settings_file.write_text(
         DEFAULT_SETTINGS.replace('database_url = ""', f"database_url = {json.dumps(database_url)}")
     )

@@ -244,6 +244,37 @@ class RunningPlatform:
         )
 
 
+class PlatformProcess:
+    """A home served by ``medbridge platform serve --workers N`` in a process of its own, on 127.0.0.1.
+
+    For what needs real processes: several workers, a SIGTERM, a SIGKILL.  Stopped by
+    its PID (SIGTERM, or SIGKILL with :meth:`kill`).
+    """
+
+    def __init__(self, home: Home, workers: int = 1):
+        cmd = [sys.executable, "-m", "medbridge", "platform", "serve", "--home", str(home.root),
+               "--listen", "127.0.0.1:0", "--workers", str(workers)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening on 127.0.0.1:" not in line:
+            self.kill()
+            raise RuntimeError(f"platform serve did not start: {line!r}")
+        self.port = int(line.split("127.0.0.1:")[1].split()[0])
+        self.fingerprint = line.split("host key ")[1].split()[0]
+
+    def stop(self, timeout: float = 60) -> tuple[int, str]:
+        """SIGTERM; the exit code and what it wrote to stderr."""
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
