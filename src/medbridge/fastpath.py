@@ -260,8 +260,27 @@ class _Handles(Protocol):
     limit: int
 
 
+class ReplyGate(Protocol):
+    """Holds replies until the audit has committed the decisions they answer (``medbridge.platform.sftp.AuditGate``)."""
+
+    def connect(self, deliver: Callable[[bytes], None], revoke: Callable[[bytes], None]) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def when_drained(self, then: Callable[[], None]) -> None: ...
+
+
 class FileServer(Protocol):
     """What :class:`SFTPHandler` needs of the platform's SFTP server beyond asyncssh's ``SFTPServer``."""
+
+    def reply_gate(self) -> ReplyGate | None:
+        """The gate this session's replies pass (None: they leave as written)."""
+
+    async def admitted(self) -> bool:
+        """Wait until the session may be served (False: the server refuses each of its requests)."""
+
+    def abandon(self, handle: object) -> None:
+        """Close a handle whose reply was refused (the client never receives it)."""
 
     @property
     def max_read(self) -> int: ...
@@ -326,6 +345,17 @@ class SFTPHandler(SFTPServerHandler):
             writer.write(data)  # type: ignore[arg-type]
         return True
 
+    def revoke_handle(self, handle: bytes) -> None:
+        """Forget a handle the client never received (its grant could not be audited) and close it."""
+        f = self._file_handles.pop(handle, None)
+        if f is not None:
+            cast(FileServer, self._server).abandon(f)
+
+    async def serve(self, server: FileServer) -> None:
+        """Run the session once the server has settled its admission (it refuses each request if it was refused)."""
+        await server.admitted()
+        await self.run()
+
     async def _process_limits(self, packet: SSHPacket) -> SFTPLimits:
         """The platform's limits: the longest read and the handles a connection may hold (not the descriptors)."""
         packet.check_end()
@@ -370,9 +400,35 @@ class _CorkedWriter(PassJoiner):
 
     limit = 1 << 20
 
-    def __init__(self, writer: asyncssh.SSHWriter[bytes], loop: asyncio.AbstractEventLoop):
+    def __init__(self, writer: asyncssh.SSHWriter[bytes], loop: asyncio.AbstractEventLoop,
+                 gate: ReplyGate | None = None):  # fmt: skip
         super().__init__(writer, loop)
         self.channel = writer.channel
+        self._gate = gate
+
+    def write(self, data: bytes) -> None:
+        """Through the audit's gate, if there is one (it hands each reply on in order, once it may leave)."""
+        if self._gate is not None:
+            self._gate.write(data)
+        else:
+            super().write(data)
+
+    def pass_on(self, data: bytes) -> None:
+        super().write(data)
+
+    def write_eof(self) -> None:
+        """After the replies the gate still holds."""
+        if self._gate is not None:
+            self._gate.when_drained(super().write_eof)
+        else:
+            super().write_eof()
+
+    def close(self) -> None:
+        """After the replies the gate still holds."""
+        if self._gate is not None:
+            self._gate.when_drained(super().close)
+        else:
+            super().close()
 
     def _deliver(self, data: bytes, writes: int) -> None:
         if not self.channel.is_closing():
@@ -399,7 +455,10 @@ def start_sftp(
     chan.set_encoding(None)
     server = make_server(chan)
     cls = _handler_class(served, server.max_read)
-    writer = _CorkedWriter(asyncssh.SSHWriter(process, chan), asyncio.get_running_loop())
+    gate = server.reply_gate()
+    writer = _CorkedWriter(asyncssh.SSHWriter(process, chan), asyncio.get_running_loop(), gate)
     handler = cls(server, asyncssh.SSHReader(process, chan), writer, 3)  # type: ignore[arg-type]
-    chan.get_connection().create_task(handler.run(), handler.logger)
+    if gate is not None:
+        gate.connect(writer.pass_on, handler.revoke_handle)
+    chan.get_connection().create_task(handler.serve(server), handler.logger)
     return True

@@ -74,6 +74,17 @@ class _Waiter:
                 self.future.set_exception(AuditUnavailable(f"the audit could not record this: {error}"))
 
 
+class _Pledge:
+    """The owner :meth:`AuditSink.pledge` hands out: its future says None (committed) or why not."""
+
+    def __init__(self, future: asyncio.Future[str | None]):
+        self.future = future
+
+    def audit_done(self, ticket: int, error: str | None) -> None:
+        if not self.future.done():
+            self.future.set_result(error)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -140,6 +151,15 @@ class AuditSink:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.record(event, _Waiter(future))
         await future
+
+    def pledge(self, event: AuditEvent) -> asyncio.Future[str | None]:
+        """Record ``event``; the future says None once it is committed, or why it could not be.
+
+        What a decision's reply waits on: many requests in flight share one commit.
+        """
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.record(event, _Pledge(future))
+        return future
 
     async def flush(self) -> None:
         """Return once everything recorded so far is written; :class:`AuditUnavailable` if the next write fails."""

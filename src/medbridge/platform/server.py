@@ -75,6 +75,8 @@ class LiveSession:
     conn: asyncssh.SSHServerConnection = field(repr=False)
 
     via: str | None = None
+    #: The login's audit entry: None once committed, or why it could not be; every decision's reply waits on it.
+    login: asyncio.Future[str | None] | None = field(default=None, repr=False)
 
     def identity(self) -> dict[str, Any]:
         return {"job": self.job, "serial": self.serial, "peer": self.peer, **({"via": self.via} if self.via else {})}
@@ -334,6 +336,7 @@ class PlatformConnection(asyncssh.SSHServer):
             self.platform.manifest_files,
             self.handles,
             self.refusals,
+            sink=self.platform.sink,
         )
 
     async def process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
@@ -516,7 +519,7 @@ class Platform:
         )
         owner.session = session
         self.sessions[owner] = session
-        self.sink.record(
+        session.login = self.sink.pledge(
             AuditEvent(
                 actor=cert.user,
                 action="login",

@@ -18,8 +18,10 @@ import inspect
 import logging
 import os
 import stat
+import struct
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +35,9 @@ from asyncssh.constants import (
     FILEXFER_TYPE_REGULAR,
     FILEXFER_TYPE_SPECIAL,
     FILEXFER_TYPE_SYMLINK,
+    FX_PERMISSION_DENIED,
+    FXP_HANDLE,
+    FXP_STATUS,
 )
 from asyncssh.sftp import MAX_SFTP_PACKET_LEN
 
@@ -62,6 +67,7 @@ from medbridge.processes import sha256_file
 log = logging.getLogger("medbridge.platform")
 
 if TYPE_CHECKING:
+    from medbridge.platform.audit import AuditSink
     from medbridge.platform.server import LiveSession
 
 #: The platform's one SFTP extension (READ_FILE_EXTENSION): ``length`` bytes of a file from
@@ -107,16 +113,21 @@ class Backlog:
     def __init__(self) -> None:
         self._room = asyncio.Event()
         self._room.set()
+        self._why: set[str] = set()
 
     @property
     def full(self) -> bool:
         return not self._room.is_set()
 
-    def pause(self) -> None:
+    def pause(self, why: str = "channel") -> None:
+        """No room, for ``why``: the channel's buffer, or the replies the audit holds (:class:`AuditGate`)."""
+        self._why.add(why)
         self._room.clear()
 
-    def resume(self) -> None:
-        self._room.set()
+    def resume(self, why: str = "channel") -> None:
+        self._why.discard(why)
+        if not self._why:
+            self._room.set()
 
     async def room(self) -> None:
         await self._room.wait()
@@ -272,11 +283,18 @@ class JobSFTPServer(asyncssh.SFTPServer):
         catalogue: Callable[[str, int], Awaitable[tuple[Path, Path]]],
         handles: Handles | None = None,
         refusals: Refusals | None = None,
+        sink: AuditSink | None = None,
     ):
         super().__init__(chan)
         self._session = session
         self.metrics = process_metrics()
         self._record = record
+        #: Where decisions are pledged (see :meth:`_durable`); None: only recorded (a test's bare server).
+        self._sink = sink
+        #: On the fast path, holds the replies until their decisions are committed (see :meth:`reply_gate`).
+        self._gate: AuditGate | None = None
+        #: The commits this request's decisions wait on (asyncssh serves a session's requests one at a time).
+        self._pledged: list[Awaitable[str | None]] = []
         self._results = results
         #: Handles open on this session's connection, shared with its other SFTP sessions.
         self.handles = handles or Handles(limit=256)
@@ -301,8 +319,23 @@ class JobSFTPServer(asyncssh.SFTPServer):
         return self.backlog.full
 
     def _paced(self, reply: Callable[[], _T | Awaitable[_T]]) -> _T | Awaitable[_T]:
-        """``reply()`` now, or once the channel's unsent replies are back under its mark."""
-        return self.backlog.after(reply) if self.backlog.full else reply()
+        """``reply()`` now, or once the login is committed and the unsent replies are back under the mark."""
+        login = self._session.login if self._session is not None else None
+        if (login is not None and not login.done()) or self.backlog.full:
+            return self._when_ready(reply)
+        if login is not None and login.result() is not None:
+            raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
+        return reply()
+
+    async def _when_ready(self, reply: Callable[[], _T | Awaitable[_T]]) -> _T:
+        await self._logged_in()
+        return await self.backlog.after(reply)
+
+    async def _logged_in(self) -> None:
+        """Return once the session's login is in the audit; refuse (permission denied) if it could not be written."""
+        login = self._session.login if self._session is not None else None
+        if login is not None and await login is not None:
+            raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
 
     # -- the one hook ------------------------------------------------------------------
 
@@ -574,6 +607,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         return _Listing(self._scandir(path), self.give_handle, self.backlog)
 
     async def _scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
+        await self._logged_in()
         target, real = self._resolve(path, Action.LIST, "list")
         s = self._session
         assert s is not None
@@ -632,6 +666,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
     # -- files -------------------------------------------------------------------------
 
     def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile | Awaitable[OpenFile]:
+        return self._durable(self._open_file(path, pflags, attrs), self._abandon)
+
+    def _open_file(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile | Awaitable[OpenFile]:
         writing = bool(pflags & _WRITE_FLAGS)
         target, real = self._resolve(path, Action.WRITE if writing else Action.READ, "open")
         vpath = normalise(os.fsdecode(path))
@@ -734,7 +771,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def read_file(self, path: bytes, offset: int, length: int) -> bytes | Awaitable[bytes]:
         """``read-file@medbridge``: decided by the same hook as ``open``, audited as one ``sftp.read``."""
-        return self._paced(lambda: self._read_file(path, offset, length))
+        return self._durable(self._paced(lambda: self._read_file(path, offset, length)))
 
     def _read_file(self, path: bytes, offset: int, length: int) -> bytes | Awaitable[bytes]:
         target, real = self._resolve(path, Action.READ, "read-file")
@@ -750,7 +787,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         finally:
             os.close(fd)
         self.metrics.sent(vpath, len(data))
-        self._event("sftp.read", vpath, offset=offset, bytes_read=len(data))
+        self._event("sftp.read", vpath, decision=True, offset=offset, bytes_read=len(data))
         return data
 
     async def _read_catalogue(self, target: Target, which: int, vpath: str, offset: int, length: int) -> bytes:
@@ -760,19 +797,84 @@ class JobSFTPServer(asyncssh.SFTPServer):
         finally:
             os.close(fd)
         self.metrics.sent(vpath, len(data))
-        self._event("sftp.read", vpath, offset=offset, bytes_read=len(data))
+        self._event("sftp.read", vpath, decision=True, offset=offset, bytes_read=len(data))
         return data
 
-    def _event(self, action: str, subject: str, outcome: str = "ok", **detail: Any) -> None:
-        """Audit one event of this session, with who, which job and from where."""
+    def _event(self, action: str, subject: str, outcome: str = "ok", *, decision: bool = False, **detail: Any) -> None:
+        """Audit one event of this session, with who, which job and from where.
+
+        A ``decision`` (access granted, results changed) is pledged: the request's reply
+        waits until it is committed (:meth:`_durable`); an account of what happened (a
+        close's byte counts) is only recorded.
+        """
         s = self._session
         assert s is not None
-        self._record(
-            AuditEvent(actor=s.user, action=action, outcome=outcome, subject=subject, detail={**detail, **s.identity()})
-        )
+        event = AuditEvent(actor=s.user, action=action, outcome=outcome, subject=subject,
+                           detail={**detail, **s.identity()})  # fmt: skip
+        if decision and self._gate is not None:
+            self._gate.record(event)
+        elif decision and self._sink is not None:
+            self._pledged.append(self._sink.pledge(event))
+        else:
+            self._record(event)
+
+    def _durable(self, reply: _T | Awaitable[_T], undo: Callable[[_T], None] | None = None) -> _T | Awaitable[_T]:
+        """``reply`` once the decisions it answers (and the session's login) are committed to the audit.
+
+        A decision the audit could not record is refused (permission denied), what it
+        granted undone by ``undo`` (an opened file closed): the client never holds
+        access the audit does not show.  Many sessions' decisions share one commit.
+        """
+        if self._sink is None:
+            return reply
+        login = self._session.login if self._session is not None else None
+        if self._gate is not None and (login is None or (login.done() and login.result() is None)):
+            return reply  # the gate holds the reply until its decisions are committed
+        return self._settled(reply, undo)
+
+    async def _settled(self, reply: _T | Awaitable[_T], undo: Callable[[_T], None] | None) -> _T:
+        try:
+            value = await reply if inspect.isawaitable(reply) else reply
+        finally:
+            pledged, self._pledged = self._pledged, []
+        login = self._session.login if self._session is not None else None
+        errors = [e for e in await asyncio.gather(*([login] if login else []), *pledged) if e is not None]
+        if errors:
+            if undo is not None:
+                undo(value)
+            log.error("an SFTP reply refused: the audit could not record its decision (%s)", errors[0])
+            raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
+        return value
+
+    def reply_gate(self) -> AuditGate | None:
+        """The fast path's way (medbridge.fastpath.start_sftp): requests are served at once, replies held by the gate.
+
+        Its replies then leave in order once their decisions are committed, so many
+        requests in flight share one commit; asyncssh's public path awaits each instead.
+        """
+        if self._sink is not None and self._gate is None:
+            self._gate = AuditGate(self._sink, self.backlog)
+        return self._gate
+
+    async def admitted(self) -> bool:
+        """Whether the session's login is in the audit (waits for it); nothing is served before, and if it
+        could not be written every request is refused (:meth:`_paced`, :meth:`_durable`)."""
+        login = self._session.login if self._session is not None else None
+        return login is None or await login is None
+
+    def abandon(self, handle: object) -> None:
+        """Close a handle the client never received (its grant could not be audited)."""
+        if isinstance(handle, OpenFile):
+            self._abandon(handle)
+
+    def _abandon(self, handle: OpenFile) -> None:
+        """Close a handle the client never received (its grant could not be audited)."""
+        self.give_handle()
+        self._open.discard(handle.fd)
+        self._let_go(handle.fd)
 
     def _opened(self, handle: OpenFile) -> OpenFile:
-        self._event("sftp.open", handle.path, mode="write" if handle.writable else "read")
+        self._event("sftp.open", handle.path, decision=True, mode="write" if handle.writable else "read")
         return handle
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes | Awaitable[bytes]:
@@ -887,26 +989,26 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     # -- names that change ---------------------------------------------------------------
 
-    def remove(self, path: bytes) -> None:
+    def remove(self, path: bytes) -> Awaitable[None] | None:
         target, real = self._resolve(path, Action.WRITE, "remove")
         assert real is not None and target.job is not None
         with _Replaced(real) as replaced, self._charged(target.path, "remove", target.job, replaced.measure):
             os.remove(real)
-        self._audit_change("sftp.remove", path)
+        return self._audit_change("sftp.remove", path)
 
-    def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
+    def mkdir(self, path: bytes, attrs: SFTPAttrs) -> Awaitable[None] | None:
         target, real = self._resolve(path, Action.WRITE, "mkdir")
         assert real is not None and target.job is not None
         with self._charged(target.path, "mkdir", target.job, lambda: (0, 1)):
             os.mkdir(real, 0o750)
-        self._audit_change("sftp.mkdir", path)
+        return self._audit_change("sftp.mkdir", path)
 
-    def rmdir(self, path: bytes) -> None:
+    def rmdir(self, path: bytes) -> Awaitable[None] | None:
         target, real = self._resolve(path, Action.WRITE, "rmdir")
         assert real is not None and target.job is not None
         with self._charged(target.path, "rmdir", target.job, lambda: (0, -1)):
             os.rmdir(real)
-        self._audit_change("sftp.rmdir", path)
+        return self._audit_change("sftp.rmdir", path)
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
         await self._rename(oldpath, newpath, replace=False)
@@ -931,7 +1033,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
             assert target.job is not None
             with _Replaced(new, old) as replaced, self._charged(target.path, "rename", target.job, replaced.measure):
                 os.replace(old, new)
-        self._audit_change("sftp.rename", oldpath, to=normalise(os.fsdecode(newpath)))
+        done = self._audit_change("sftp.rename", oldpath, to=normalise(os.fsdecode(newpath)))
+        if done is not None:
+            await done
 
     async def _commit(self, target: Target, staged: str, final: str) -> None:
         """Outputs are complete only when a manifest naming them verifies here, on the platform."""
@@ -945,10 +1049,12 @@ class JobSFTPServer(asyncssh.SFTPServer):
             self._event("results.commit", target.path, "refused", reason=verdict)
             raise asyncssh.SFTPFailure(f"results manifest refused: {verdict}")
         files, size, digest = verdict
-        self._event("results.commit", target.path, files=files, bytes=size, manifest_sha256=digest)
+        self._event("results.commit", target.path, decision=True, files=files, bytes=size, manifest_sha256=digest)
 
-    def _audit_change(self, action: str, path: bytes, **extra: Any) -> None:
-        self._event(action, normalise(os.fsdecode(path)), **extra)
+    def _audit_change(self, action: str, path: bytes, **extra: Any) -> Awaitable[None] | None:
+        """A change to the job's results: its reply waits for the audit (it cannot be undone, only refused)."""
+        self._event(action, normalise(os.fsdecode(path)), decision=True, **extra)
+        return self._durable(None)
 
     # -- file systems ------------------------------------------------------------------
 
@@ -1017,6 +1123,106 @@ class _Listing:
         if self._backlog.full:
             await self._backlog.room()
         return await anext(self._names)
+
+
+class AuditGate:
+    """Holds an SFTP session's replies until the audit has committed the decisions they answer (the fast path).
+
+    asyncssh serves a session's requests one at a time, so the decisions recorded since
+    the previous reply belong to the next one.  A reply leaves once its decisions are
+    committed, in order; one whose decision could not be committed leaves as a
+    permission-denied status instead, and a handle it would have granted is closed.  A
+    reply with no decision of its own waits only for the replies before it.  Past
+    :data:`REPLY_HIGH_WATER` held bytes the session's backlog is full (reads wait).
+    """
+
+    def __init__(self, sink: AuditSink, backlog: Backlog):
+        self._sink = sink
+        self._backlog = backlog
+        self._outstanding: deque[int] = deque()  # this session's tickets not yet settled, in order
+        self._unanswered: list[int] = []  # tickets of the request being served
+        self._failed: dict[int, str] = {}  # settled with an error before their reply was written
+        self._held: deque[_Held] = deque()
+        self._held_bytes = 0
+        self._drained: list[Callable[[], None]] = []
+        self._deliver: Callable[[bytes], None] = _nowhere
+        self._revoke: Callable[[bytes], None] = _nowhere
+
+    def connect(self, deliver: Callable[[bytes], None], revoke: Callable[[bytes], None]) -> None:
+        """Where replies go, and how a handle the client never receives is closed."""
+        self._deliver, self._revoke = deliver, revoke
+
+    def record(self, event: AuditEvent) -> None:
+        """Record a decision; the reply to the request being served waits until it is committed."""
+        ticket = self._sink.record(event, self)
+        self._outstanding.append(ticket)
+        self._unanswered.append(ticket)
+
+    def audit_done(self, ticket: int, error: str | None) -> None:
+        if self._outstanding and self._outstanding[0] == ticket:
+            self._outstanding.popleft()
+        elif ticket in self._outstanding:
+            self._outstanding.remove(ticket)
+        if error is not None:
+            held = next((h for h in self._held if ticket in h.tickets), None)
+            if held is None:
+                self._failed[ticket] = error
+            elif held.error is None:
+                held.error = error
+        self._release()
+
+    def write(self, data: bytes) -> None:
+        tickets, self._unanswered = self._unanswered, []
+        error = next((self._failed.pop(t) for t in tickets if t in self._failed), None)
+        self._held.append(_Held(data, tickets, error))
+        self._held_bytes += len(data)
+        self._release()
+
+    def when_drained(self, then: Callable[[], None]) -> None:
+        """Run ``then`` once every held reply has left (at once if none is held)."""
+        if self._held:
+            self._drained.append(then)
+        else:
+            then()
+
+    def _release(self) -> None:
+        while self._held:
+            held = self._held[0]
+            if held.tickets and self._outstanding and self._outstanding[0] <= held.tickets[-1]:
+                break
+            self._held.popleft()
+            self._held_bytes -= len(held.data)
+            self._deliver(held.data if held.error is None else self._refusal(held.data, held.error))
+        if self._held_bytes > REPLY_HIGH_WATER:
+            self._backlog.pause("audit")
+        else:
+            self._backlog.resume("audit")
+        if not self._held:
+            drained, self._drained = self._drained, []
+            for then in drained:
+                then()
+
+    def _refusal(self, reply: bytes, error: str) -> bytes:
+        """A permission-denied status in place of ``reply`` (same request id); a handle it granted is closed."""
+        kind, pktid = struct.unpack_from(">BI", reply, 4)
+        if kind == FXP_HANDLE:
+            (size,) = struct.unpack_from(">I", reply, 9)
+            self._revoke(bytes(reply[13 : 13 + size]))
+        log.error("an SFTP reply refused: the audit could not record its decision (%s)", error)
+        message = AUDIT_REFUSED.encode()
+        body = struct.pack(f">BIII{len(message)}sI", FXP_STATUS, pktid, FX_PERMISSION_DENIED, len(message), message, 0)
+        return struct.pack(">I", len(body)) + body
+
+
+@dataclass(slots=True)
+class _Held:
+    data: bytes
+    tickets: list[int]
+    error: str | None
+
+
+def _nowhere(_data: bytes) -> None:
+    raise AssertionError("an AuditGate must be connected before it is used")
 
 
 class PlatformSession(asyncssh.SSHServerProcess[bytes]):
@@ -1093,6 +1299,9 @@ class PlatformSession(asyncssh.SSHServerProcess[bytes]):
         server.held[path] = request
         return realpath_request(request.pktid, path)
 
+
+#: What a request is told when the audit could not record its decision (or the session's login).
+AUDIT_REFUSED = "refused: the audit could not record this request"
 
 #: Longest path and path component a request may name, in bytes (Linux's PATH_MAX and NAME_MAX).
 MAX_PATH = 4096
