@@ -255,6 +255,10 @@ class ReadableFile(Protocol):
     fd: int
     bytes_read: int
 
+    @property
+    def ready(self) -> bool:
+        """Whether requests on it may be served now (its open is in the audit)."""
+
 
 class _Handles(Protocol):
     limit: int
@@ -268,6 +272,12 @@ class ReplyGate(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def when_drained(self, then: Callable[[], None]) -> None: ...
+
+    @property
+    def full(self) -> bool:
+        """Whether the session's next request must wait (:meth:`room`)."""
+
+    async def room(self) -> None: ...
 
 
 class FileServer(Protocol):
@@ -306,7 +316,13 @@ class SFTPHandler(SFTPServerHandler):
     #: The extensions named in the VERSION reply: asyncssh's, less those the platform does not serve.
     advertised: Collection[bytes] = ()
 
+    #: The audit's gate on this session's replies (set by :func:`start_sftp`).
+    gate: ReplyGate | None = None
+
     async def _process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        gate = self.gate
+        if gate is not None and gate.full:  # it holds too many replies already: serve nothing more until some left
+            await gate.room()
         if pkttype == FXP_READ and self._read_in_place(pktid, SSHPacket(packet.get_remaining_payload())):
             return
         await super()._process_packet(pkttype, pktid, packet)
@@ -328,7 +344,7 @@ class SFTPHandler(SFTPServerHandler):
             return False
         f = self._file_handles.get(handle)
         server = cast(FileServer, self._server)
-        if not isinstance(f, ReadableFile) or not 0 < length <= server.max_read or server.congested:
+        if not isinstance(f, ReadableFile) or not f.ready or not 0 < length <= server.max_read or server.congested:
             return False
         reply = bytearray(_SFTP_DATA_HEAD.size + length)
         try:
@@ -460,5 +476,6 @@ def start_sftp(
     handler = cls(server, asyncssh.SSHReader(process, chan), writer, 3)  # type: ignore[arg-type]
     if gate is not None:
         gate.connect(writer.pass_on, handler.revoke_handle)
+        handler.gate = gate
     chan.get_connection().create_task(handler.serve(server), handler.logger)
     return True

@@ -276,3 +276,18 @@ def test_job_run_names_a_file_given_for_a_folder_and_back(tmp_path: Path, option
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"Invalid value for '{option}'" in r.stderr and words in r.stderr
     assert given.is_dir() if kind == "folder" else given.read_text() == "mine", "left as it was"
+
+
+    ("args", "words"),
+    [
+        (["--until", "9999-12-31"], "use YYYY-MM-DD or an ISO 8601 time"),
+        (["--since", "0001-01-01T00:00+01:00"], "use YYYY-MM-DD or an ISO 8601 time"),
+        (["--last", "99999999999999999999"], "is not in the range"),
+        (["--user", "al\udcffice"], "--user: not UTF-8 text"),
+    ],
+)
+def test_audit_filters_out_of_range_are_one_line_errors(home: Path, args: list[str], words: str) -> None:
+    """The hostile review: each of these was an "internal error" (an overflow, a SQL statement, an encoding)."""
+    r = mb("audit", *args, home=home)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert words in r.stderr.strip().splitlines()[-1], "the last line says what is wrong"

@@ -163,3 +163,34 @@ def test_an_entry_hidden_from_queries_by_its_index_columns_fails_verify(url: str
     with pytest.raises(IntegrityError, match="broken at entry 77: its job or dataset column was altered"):
         store.verify_chain(check=CHECK)
     store.close()
+
+
+def test_a_checkpoint_or_anchor_with_a_signature_that_is_not_text_is_refused_not_a_crash(
+    url: str, tmp_path: Path
+) -> None:
+    """The hostile review: an integer signature, the chain hashed again, made `audit verify` an internal error."""
+    store, anchor = _chain(url)
+    records = list(store.audit_entries())
+    forged = []
+    for r in records:
+        if r.action == CHECKPOINT and r.seq > 200:
+            r = dataclasses.replace(r, detail=r.detail.replace(f'"{anchor.signature}"', "5"))
+        forged.append(r)
+    _rewrite(store, forged)
+    with pytest.raises(IntegrityError, match="checkpoint unreadable"):
+        store.verify_chain(check=CHECK)
+    path = tmp_path / "anchor.json"
+    write_anchor(path, anchor)
+    path.write_text(path.read_text().replace(f'"{anchor.signature}"', "5"))
+    with pytest.raises(InvalidInput, match="signature must be strings"):
+        read_anchor(path, CHECK)
+    store.close()
+
+
+def test_an_older_anchor_below_the_start_is_not_taken_for_a_cut_chain(url: str) -> None:
+    """``--from NEW --anchor OLD`` on an intact chain said "the end was cut": OLD lies before where the walk starts."""
+    store, anchor = _chain(url)
+    newer = store.checkpoint(signer(KEY), datetime.now(UTC))
+    walk = store.verify_chain(start=newer, anchors=[anchor], check=CHECK)
+    assert (walk.entries, walk.checkpoints) == (1, 1), "the new checkpoint's own entry, nothing before it"
+    store.close()

@@ -592,7 +592,7 @@ _ANCHOR_PATH = click.Path(dir_okay=False, path_type=Path)
 @cli.group("audit", invoke_without_command=True)
 @home_option
 @json_option
-@click.option("--last", type=click.IntRange(min=1), default=None, help="Only the last N entries.")
+@click.option("--last", type=click.IntRange(1, 10**9), default=None, help="Only the last N entries.")
 @click.option("--action", default=None, help="Only entries of this action (e.g. sftp.refused).")
 @click.option("--user", default=None, help="Only entries whose actor is this user.")
 @click.option("--job", default=None, help="Only entries about this job.")
@@ -618,6 +618,8 @@ def audit_cmd(
     """
     if ctx.invoked_subcommand is not None:
         return
+    for option, value in (("--action", action), ("--user", user), ("--job", job), ("--dataset", dataset)):
+        _utf8(option, value)
     _, store = _store(home)
     records = store.audit_records(last=last, action=action, user=user, job=job, dataset=dataset,
                                   since=_audit_time("--since", since, end=False),
@@ -642,9 +644,18 @@ def _audit_time(option: str, value: str | None, *, end: bool) -> datetime | None
         if len(value) == 10:
             return datetime.combine(date.fromisoformat(value) + timedelta(days=int(end)), time(), tzinfo=UTC)
         at = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise InvalidInput(f"{option} {value!r}: use YYYY-MM-DD or an ISO 8601 time") from exc
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
+        return at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidInput(f"{option} {value!r}: use YYYY-MM-DD or an ISO 8601 time from 0001 to 9999") from exc
+
+
+def _utf8(option: str, value: str | None) -> None:
+    """A filter that is not UTF-8 text (bytes a shell passed through) names nothing: say so, not a traceback."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInput(f"{option}: not UTF-8 text") from exc
 
 
 @audit_cmd.command("verify")

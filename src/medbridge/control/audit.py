@@ -262,8 +262,10 @@ class Anchor:
             anchor = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
         except KeyError as exc:
             raise ValueError(f"missing {exc.args[0]!r}") from exc
-        if not isinstance(anchor.seq, int) or anchor.seq < 1 or not isinstance(anchor.hash, str):
-            raise ValueError("seq must be a positive entry number and hash a string")
+        if type(anchor.seq) is not int or anchor.seq < 1:
+            raise ValueError("seq must be a positive entry number")
+        if not all(isinstance(v, str) for v in (anchor.hash, anchor.at, anchor.key, anchor.signature)):
+            raise ValueError("hash, at, key and signature must be strings")
         return anchor
 
     @classmethod
@@ -302,7 +304,8 @@ class ChainWalk:
         self.entries = 0
         self.checkpoints = 0
         self._check = check
-        self._anchors = {a.seq: a for a in anchors}
+        #: Anchors at or below the start were verified with it (the caller checks ``start`` itself).
+        self._anchors = {a.seq: a for a in anchors if a.seq > self.last}
 
     def feed(self, r: Record) -> None:
         if r.seq != self.last + 1:
@@ -324,6 +327,8 @@ class ChainWalk:
     def _checkpoint(self, r: Record) -> None:
         try:
             signed = Anchor.from_checkpoint(r)
+            if not all(isinstance(v, str) for v in (signed.hash, signed.key, signed.signature)):
+                raise TypeError("its hash, key and signature must be strings")
         except (ValueError, KeyError, TypeError) as exc:
             raise ChainBroken(r.seq, f"checkpoint unreadable ({exc})") from exc
         if signed.seq != self.last or signed.hash != self.prev_hash:

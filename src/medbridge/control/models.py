@@ -228,9 +228,9 @@ class AuditEntry(Base):
     dataset: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (
-        Index("ix_audit_actor_seq", "actor", "seq"),
-        Index("ix_audit_action_seq", "action", "seq"),
-        Index("ix_audit_job_seq", "job", "seq"),
-        Index("ix_audit_dataset_seq", "dataset", "seq"),
+        Index("ix_audit_actor_at", "actor", "at", "seq"),
+        Index("ix_audit_action_at", "action", "at", "seq"),
+        Index("ix_audit_job_at", "job", "at", "seq"),
+        Index("ix_audit_dataset_at", "dataset", "at", "seq"),
         Index("ix_audit_at_seq", "at", "seq"),
     )

@@ -1027,7 +1027,8 @@ def _chain_head(s: Session | Connection) -> Row[int, str] | None:
 def audit_query(**filters: Unpack[AuditFilters]) -> Select[AuditEntry]:
     """The newest entries first (``last`` of them) matching every filter given; ``user`` is the actor.
 
-    By time alone, newest by time (the chain's order but for entries of one moment from several processes).
+    Filtered, newest by time (the chain's order but for entries of one moment from several processes):
+    each filter's index is (column, time, entry), so a filter with a time window reads only what it returns.
     """
     action, user, job, dataset = (filters.get(k) for k in ("action", "user", "job", "dataset"))
     since, until, last = filters.get("since"), filters.get("until"), filters.get("last")
@@ -1040,8 +1041,8 @@ def audit_query(**filters: Unpack[AuditFilters]) -> Select[AuditEntry]:
         q = q.where(AuditEntry.at >= since)
     if until is not None:
         q = q.where(AuditEntry.at < until)
-    if (since or until) and not (action or user or job or dataset):
-        q = q.order_by(AuditEntry.at.desc(), AuditEntry.seq.desc())  # the time index serves filter and order
+    if since is not None or until is not None or action or user or job or dataset:
+        q = q.order_by(AuditEntry.at.desc(), AuditEntry.seq.desc())  # the filter's index serves filter and order
     else:
         q = q.order_by(AuditEntry.seq.desc())
     return q.limit(last) if last else q

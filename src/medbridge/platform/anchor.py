@@ -58,7 +58,7 @@ def checker(public: asyncssh.SSHKey) -> SignatureCheck:
             return False
         try:
             return bool(public.verify(message, base64.b64decode(signature, validate=True)))
-        except (binascii.Error, ValueError):
+        except (binascii.Error, ValueError, TypeError):  # not base64, not a signature, not even a string
             return False
 
     return check

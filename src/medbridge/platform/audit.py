@@ -96,7 +96,14 @@ def _lags(batch: Sequence[_Item], results: Sequence[_Failed | None]) -> list[flo
 
 
 def _refused(event: AuditEvent, reason: str) -> AuditEvent:
-    """What an event becomes when the request that waited on it was refused because it could not be written."""
+    """What an event becomes when the request that waited on it was refused because it could not be written.
+
+    A change already made (``"acted"`` in its detail: a remove, a truncate) keeps its outcome:
+    it happened, and the client was told it was refused.
+    """
+    if event.detail.get("acted"):
+        note = f"written late: the first write failed ({reason}); the change was made, the client told it was refused"
+        return dataclasses.replace(event, detail={**event.detail, "audit": note})
     note = f"written late: the first write failed ({reason}); the request was refused"
     outcome = "refused" if event.outcome == "ok" else event.outcome
     return dataclasses.replace(event, outcome=outcome, detail={**event.detail, "audit": note})

@@ -154,7 +154,15 @@ class OpenFile:
     bytes_written: int = 0
     opened: float = field(default_factory=time.monotonic)
     write_failed: bool = False
+    #: Its open's audit entry: no request on the handle is served before it is committed (None: nothing waits).
+    granted: asyncio.Future[str | None] | None = field(default=None, repr=False)
     _bytes_read: int = field(default=0, init=False, repr=False)
+
+    @property
+    def ready(self) -> bool:
+        """Whether its open is in the audit (the fast path's READ in place serves only such a handle)."""
+        g = self.granted
+        return g is None or (g.done() and g.result() is None)
 
     @property
     def bytes_read(self) -> int:
@@ -651,7 +659,10 @@ class JobSFTPServer(asyncssh.SFTPServer):
     async def _catalogue_attrs(self, target: Target, which: int) -> SFTPAttrs:
         return _attrs(os.stat(await self._catalogue_path(target, which)), read_only=True)
 
-    def readlink(self, path: bytes) -> bytes:
+    def readlink(self, path: bytes) -> bytes | Awaitable[bytes]:
+        return self._paced(lambda: self._readlink(path))
+
+    def _readlink(self, path: bytes) -> bytes:
         self._resolve(path, Action.READ, "readlink")
         raise asyncssh.SFTPNoSuchFile("symbolic links are not served")
 
@@ -666,11 +677,14 @@ class JobSFTPServer(asyncssh.SFTPServer):
     # -- files -------------------------------------------------------------------------
 
     def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile | Awaitable[OpenFile]:
+        if pflags & _WRITE_FLAGS:
+            return self._settled_first(lambda: self._durable(self._open_file(path, pflags, attrs), self._abandon))
         return self._durable(self._open_file(path, pflags, attrs), self._abandon)
 
     def _open_file(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile | Awaitable[OpenFile]:
         writing = bool(pflags & _WRITE_FLAGS)
         target, real = self._resolve(path, Action.WRITE if writing else Action.READ, "open")
+        self._audit_up(path, "open")
         vpath = normalise(os.fsdecode(path))
         self.take_handle(vpath, "open")
         try:
@@ -775,6 +789,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def _read_file(self, path: bytes, offset: int, length: int) -> bytes | Awaitable[bytes]:
         target, real = self._resolve(path, Action.READ, "read-file")
+        self._audit_up(path, "read-file")
         vpath = normalise(os.fsdecode(path))
         self._offset_bound(vpath, "read-file", offset)
         length = min(length, MAX_READ)
@@ -800,7 +815,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self._event("sftp.read", vpath, decision=True, offset=offset, bytes_read=len(data))
         return data
 
-    def _event(self, action: str, subject: str, outcome: str = "ok", *, decision: bool = False, **detail: Any) -> None:
+    def _event(
+        self, action: str, subject: str, outcome: str = "ok", *, decision: bool = False, **detail: Any
+    ) -> asyncio.Future[str | None] | None:
         """Audit one event of this session, with who, which job and from where.
 
         A ``decision`` (access granted, results changed) is pledged: the request's reply
@@ -812,11 +829,13 @@ class JobSFTPServer(asyncssh.SFTPServer):
         event = AuditEvent(actor=s.user, action=action, outcome=outcome, subject=subject,
                            detail={**detail, **s.identity()})  # fmt: skip
         if decision and self._gate is not None:
-            self._gate.record(event)
-        elif decision and self._sink is not None:
-            self._pledged.append(self._sink.pledge(event))
-        else:
-            self._record(event)
+            return self._gate.record(event)
+        if decision and self._sink is not None:
+            pledge = self._sink.pledge(event)
+            self._pledged.append(pledge)
+            return pledge
+        self._record(event)
+        return None
 
     def _durable(self, reply: _T | Awaitable[_T], undo: Callable[[_T], None] | None = None) -> _T | Awaitable[_T]:
         """``reply`` once the decisions it answers (and the session's login) are committed to the audit.
@@ -874,12 +893,67 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self._let_go(handle.fd)
 
     def _opened(self, handle: OpenFile) -> OpenFile:
-        self._event("sftp.open", handle.path, decision=True, mode="write" if handle.writable else "read")
+        handle.granted = self._event(
+            "sftp.open", handle.path, decision=True, mode="write" if handle.writable else "read"
+        )
         return handle
+
+    def _granted(self, f: OpenFile, reply: Callable[[], _T | Awaitable[_T]]) -> _T | Awaitable[_T]:
+        """``reply()`` once ``f``'s open is committed to the audit; refused if it could not be.
+
+        On the fast path an open's reply is held until then, but its handle exists: a client
+        that guesses it must get nothing through it before the audit has the open.
+        """
+        g = f.granted
+        if g is None or g.done():
+            if g is not None and g.result() is not None:
+                raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
+            return reply()
+        return self._after_grant(g, reply)
+
+    async def _after_grant(self, granted: asyncio.Future[str | None], reply: Callable[[], _T | Awaitable[_T]]) -> _T:
+        if await granted is not None:
+            raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
+        result = reply()
+        return await result if inspect.isawaitable(result) else result
+
+    def _settled_first(self, change: Callable[[], _T | Awaitable[_T]]) -> _T | Awaitable[_T]:
+        """``change()`` once this session's earlier decisions are settled (the fast path serves ahead of them).
+
+        A change is made only while the audit is known to write (:meth:`_audit_up`): never
+        made behind requests whose entries may yet fail.
+        """
+        gate = self._gate
+        login = self._session.login if self._session is not None else None
+        if (gate is None or not gate.unsettled) and (login is None or login.done()):
+            return change()
+        return self._after_settled(gate, change)
+
+    async def _after_settled(self, gate: AuditGate | None, change: Callable[[], _T | Awaitable[_T]]) -> _T:
+        await self._logged_in()
+        if gate is not None:
+            await gate.settled()
+        result = change()
+        return await result if inspect.isawaitable(result) else result
+
+    def _audit_up(self, path: bytes | str, op: str) -> None:
+        """Refuse before acting while the audit cannot write: nothing is changed or read that it would not show."""
+        login = self._session.login if self._session is not None else None
+        if login is not None and login.done() and login.result() is not None:
+            raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)  # the session's login is not in the audit
+        failing = self._sink.failing if self._sink is not None else None
+        if failing is None:
+            return
+        s = self._session
+        self._record(AuditEvent(actor=s.user if s else "?", action="sftp.refused", outcome="refused",
+                                subject=_subject(path if isinstance(path, str) else os.fsdecode(path)),
+                                detail={"op": op, "reason": f"the audit cannot write: {failing}",
+                                        **(s.identity() if s else {})}))  # fmt: skip
+        raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes | Awaitable[bytes]:
         f = _handle(file_obj)
-        return self._paced(lambda: self._read(f, offset, size))
+        return self._paced(lambda: self._granted(f, lambda: self._read(f, offset, size)))
 
     def _offset_bound(self, vpath: str, op: str, offset: int) -> None:
         if offset > MAX_OFFSET:
@@ -894,8 +968,11 @@ class JobSFTPServer(asyncssh.SFTPServer):
         f.bytes_read += len(data)
         return data
 
-    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+    def write(self, file_obj: object, offset: int, data: bytes) -> int | Awaitable[int]:
         f = _handle(file_obj)
+        return self._granted(f, lambda: self._write(f, offset, data))
+
+    def _write(self, f: OpenFile, offset: int, data: bytes) -> int:
         view, cut_short = memoryview(data), []
 
         def write_all() -> int:
@@ -940,12 +1017,18 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     def fstat(self, file_obj: object) -> SFTPAttrs | Awaitable[SFTPAttrs]:
         f = _handle(file_obj)
-        return self._paced(lambda: _attrs(os.fstat(f.fd), read_only=f.read_only_view))
+        return self._paced(lambda: self._granted(f, lambda: _attrs(os.fstat(f.fd), read_only=f.read_only_view)))
 
-    def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+    def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> Awaitable[None] | None:
         f = _handle(file_obj)
+        return self._settled_first(lambda: self._granted(f, lambda: self._fsetstat(f, attrs)))
+
+    def _fsetstat(self, f: OpenFile, attrs: SFTPAttrs) -> Awaitable[None] | None:
         self._writable(f, "fsetstat")
+        if attrs.size is not None:
+            self._audit_up(f.path, "fsetstat")
         self._set_attrs(f, attrs, "fsetstat")
+        return self._durable(None)
 
     def _set_attrs(self, f: OpenFile, attrs: SFTPAttrs, op: str) -> None:
         """Apply what a client may change (size, permission bits, times); a size is charged like a write."""
@@ -957,17 +1040,20 @@ class JobSFTPServer(asyncssh.SFTPServer):
                 return 0
 
             self._resize(f, op, size, -1, truncate)
-            self._event("sftp.truncate", f.path, size=size, op=op)
+            self._event("sftp.truncate", f.path, decision=True, acted=True, size=size, op=op)
         if attrs.permissions is not None:
             os.fchmod(f.fd, _result_mode(attrs.permissions))
         if attrs.atime is not None and attrs.mtime is not None:
             os.utime(f.fd, (attrs.atime, attrs.mtime))
 
-    def fsync(self, file_obj: object) -> None:
+    def fsync(self, file_obj: object) -> Awaitable[None] | None:
         f = _handle(file_obj)
-        os.fsync(f.fd)
+        return self._granted(f, lambda: os.fsync(f.fd))
 
-    def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+    def setstat(self, path: bytes, attrs: SFTPAttrs) -> Awaitable[None] | None:
+        return self._paced(lambda: self._settled_first(lambda: self._setstat(path, attrs)))
+
+    def _setstat(self, path: bytes, attrs: SFTPAttrs) -> Awaitable[None] | None:
         target, real = self._resolve(path, Action.WRITE, "setstat")
         assert real is not None and target.job is not None
         vpath = normalise(os.fsdecode(path))
@@ -980,32 +1066,47 @@ class JobSFTPServer(asyncssh.SFTPServer):
                 raise asyncssh.SFTPFailure(f"{vpath}: not a regular file")
             job_root = self._root(self._session, target) if self._session is not None else None
             f = OpenFile(fd, vpath, True, False, job_root=job_root, job=target.job)
+            if attrs.size is not None:
+                self._audit_up(vpath, "setstat")
             self._set_attrs(f, attrs, "setstat")
         finally:
             os.close(fd)
+        return self._durable(None)
 
-    def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        self.setstat(path, attrs)
+    def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> Awaitable[None] | None:
+        return self.setstat(path, attrs)
 
     # -- names that change ---------------------------------------------------------------
 
     def remove(self, path: bytes) -> Awaitable[None] | None:
+        return self._settled_first(lambda: self._remove(path))
+
+    def _remove(self, path: bytes) -> Awaitable[None] | None:
         target, real = self._resolve(path, Action.WRITE, "remove")
         assert real is not None and target.job is not None
+        self._audit_up(path, "remove")
         with _Replaced(real) as replaced, self._charged(target.path, "remove", target.job, replaced.measure):
             os.remove(real)
         return self._audit_change("sftp.remove", path)
 
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> Awaitable[None] | None:
+        return self._settled_first(lambda: self._mkdir(path, attrs))
+
+    def _mkdir(self, path: bytes, attrs: SFTPAttrs) -> Awaitable[None] | None:
         target, real = self._resolve(path, Action.WRITE, "mkdir")
         assert real is not None and target.job is not None
+        self._audit_up(path, "mkdir")
         with self._charged(target.path, "mkdir", target.job, lambda: (0, 1)):
             os.mkdir(real, 0o750)
         return self._audit_change("sftp.mkdir", path)
 
     def rmdir(self, path: bytes) -> Awaitable[None] | None:
+        return self._settled_first(lambda: self._rmdir(path))
+
+    def _rmdir(self, path: bytes) -> Awaitable[None] | None:
         target, real = self._resolve(path, Action.WRITE, "rmdir")
         assert real is not None and target.job is not None
+        self._audit_up(path, "rmdir")
         with self._charged(target.path, "rmdir", target.job, lambda: (0, -1)):
             os.rmdir(real)
         return self._audit_change("sftp.rmdir", path)
@@ -1017,6 +1118,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
         await self._rename(oldpath, newpath, replace=True)
 
     async def _rename(self, oldpath: bytes, newpath: bytes, *, replace: bool) -> None:
+        await self._logged_in()
+        if self._gate is not None:
+            await self._gate.settled()
         _, old = self._resolve(oldpath, Action.WRITE, "rename")
         try:
             named = parse(normalise(os.fsdecode(newpath)))
@@ -1025,6 +1129,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         committing = named is not None and named.kind is Kind.RESULT and named.rest == (RESULTS_MANIFEST,)
         target, new = self._resolve(newpath, Action.WRITE, "commit" if committing else "rename")
         assert old is not None and new is not None
+        self._audit_up(newpath, "commit" if committing else "rename")
         if not replace and os.path.lexists(new):
             raise asyncssh.SFTPFailure(f"{os.fsdecode(newpath)}: already exists")
         if committing:
@@ -1049,25 +1154,30 @@ class JobSFTPServer(asyncssh.SFTPServer):
             self._event("results.commit", target.path, "refused", reason=verdict)
             raise asyncssh.SFTPFailure(f"results manifest refused: {verdict}")
         files, size, digest = verdict
-        self._event("results.commit", target.path, decision=True, files=files, bytes=size, manifest_sha256=digest)
+        self._event("results.commit", target.path, decision=True, acted=True, files=files, bytes=size,
+                    manifest_sha256=digest)  # fmt: skip
 
     def _audit_change(self, action: str, path: bytes, **extra: Any) -> Awaitable[None] | None:
-        """A change to the job's results: its reply waits for the audit (it cannot be undone, only refused)."""
-        self._event(action, normalise(os.fsdecode(path)), decision=True, **extra)
+        """A change to the job's results: its reply waits for the audit (made, it cannot be undone, only refused)."""
+        self._event(action, normalise(os.fsdecode(path)), decision=True, acted=True, **extra)
         return self._durable(None)
 
     # -- file systems ------------------------------------------------------------------
 
-    def statvfs(self, path: bytes) -> os.statvfs_result:
+    def statvfs(self, path: bytes) -> os.statvfs_result | Awaitable[os.statvfs_result]:
         """The job's results quotas and what is left of them (limits.Account.statvfs), for any path it may see."""
+        return self._paced(lambda: self._statvfs(path))
+
+    def _statvfs(self, path: bytes) -> os.statvfs_result:
         self._resolve(path, Action.READ, "statvfs")
         assert self._session is not None
         return self._account().statvfs(self._session.job)
 
-    def fstatvfs(self, file_obj: object) -> os.statvfs_result:
-        _handle(file_obj)
+    def fstatvfs(self, file_obj: object) -> os.statvfs_result | Awaitable[os.statvfs_result]:
+        f = _handle(file_obj)
         assert self._session is not None
-        return self._account().statvfs(self._session.job)
+        job = self._session.job
+        return self._granted(f, lambda: self._account().statvfs(job))
 
     def exit(self) -> None:
         for fd in list(self._open):
@@ -1125,6 +1235,11 @@ class _Listing:
         return await anext(self._names)
 
 
+#: Most replies an :class:`AuditGate` holds before the session's next request waits (a store that stalls
+#: must not let one session pile up requests without bound).
+MAX_HELD_REPLIES = 4096
+
+
 class AuditGate:
     """Holds an SFTP session's replies until the audit has committed the decisions they answer (the fast path).
 
@@ -1147,18 +1262,49 @@ class AuditGate:
         self._drained: list[Callable[[], None]] = []
         self._deliver: Callable[[bytes], None] = _nowhere
         self._revoke: Callable[[bytes], None] = _nowhere
+        self._futures: dict[int, asyncio.Future[str | None]] = {}
+        #: Set while the session may send requests: cleared past the held-replies mark (the handler waits).
+        self._room = asyncio.Event()
+        self._room.set()
 
     def connect(self, deliver: Callable[[bytes], None], revoke: Callable[[bytes], None]) -> None:
         """Where replies go, and how a handle the client never receives is closed."""
         self._deliver, self._revoke = deliver, revoke
 
-    def record(self, event: AuditEvent) -> None:
-        """Record a decision; the reply to the request being served waits until it is committed."""
+    def record(self, event: AuditEvent) -> asyncio.Future[str | None]:
+        """Record a decision; the reply to the request being served waits until it is committed.
+
+        The future says None once it is, else why not (what waits on the decision, a handle's requests).
+        """
         ticket = self._sink.record(event, self)
         self._outstanding.append(ticket)
         self._unanswered.append(ticket)
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._futures[ticket] = future
+        return future
+
+    @property
+    def unsettled(self) -> bool:
+        """Whether decisions of this session still wait for the audit."""
+        return bool(self._outstanding)
+
+    async def settled(self) -> None:
+        """Return once every decision recorded so far is settled (committed or refused)."""
+        if self._outstanding:
+            await asyncio.gather(*(f for t, f in self._futures.items() if t <= self._outstanding[-1]))
+
+    @property
+    def full(self) -> bool:
+        """Past the mark of held replies: the session's next request waits (:meth:`room`)."""
+        return not self._room.is_set()
+
+    async def room(self) -> None:
+        await self._room.wait()
 
     def audit_done(self, ticket: int, error: str | None) -> None:
+        future = self._futures.pop(ticket, None)
+        if future is not None and not future.done():
+            future.set_result(error)
         if self._outstanding and self._outstanding[0] == ticket:
             self._outstanding.popleft()
         elif ticket in self._outstanding:
@@ -1193,10 +1339,12 @@ class AuditGate:
             self._held.popleft()
             self._held_bytes -= len(held.data)
             self._deliver(held.data if held.error is None else self._refusal(held.data, held.error))
-        if self._held_bytes > REPLY_HIGH_WATER:
+        if self._held_bytes > REPLY_HIGH_WATER or len(self._held) > MAX_HELD_REPLIES:
             self._backlog.pause("audit")
+            self._room.clear()
         else:
             self._backlog.resume("audit")
+            self._room.set()
         if not self._held:
             drained, self._drained = self._drained, []
             for then in drained:

@@ -18,10 +18,10 @@ branch_labels = None
 depends_on = None
 
 INDEXES = {
-    "ix_audit_actor_seq": ["actor", "seq"],
-    "ix_audit_action_seq": ["action", "seq"],
-    "ix_audit_job_seq": ["job", "seq"],
-    "ix_audit_dataset_seq": ["dataset", "seq"],
+    "ix_audit_actor_at": ["actor", "at", "seq"],
+    "ix_audit_action_at": ["action", "at", "seq"],
+    "ix_audit_job_at": ["job", "at", "seq"],
+    "ix_audit_dataset_at": ["dataset", "at", "seq"],
     "ix_audit_at_seq": ["at", "seq"],
 }
 BATCH = 5000
