@@ -278,6 +278,7 @@ def test_job_run_names_a_file_given_for_a_folder_and_back(tmp_path: Path, option
     assert given.is_dir() if kind == "folder" else given.read_text() == "mine", "left as it was"
 
 
+@pytest.mark.parametrize(
     ("args", "words"),
     [
         (["--until", "9999-12-31"], "use YYYY-MM-DD or an ISO 8601 time"),
