@@ -18,8 +18,9 @@ import pytest
 
 from medbridge.control.audit import AuditEvent
 from medbridge.errors import MedbridgeError
+from medbridge.platform.limits import Refusals
 from medbridge.testing import RunningPlatform
-from medbridge.testing.wait import until
+from medbridge.testing.wait import HANG, until
 
 OPEN, CLOSE, READ, WRITE, FSTAT, SETSTAT, REMOVE, MKDIR = 3, 4, 5, 6, 8, 9, 13, 14
 STATUS, HANDLE, DATA = 101, 102, 103
@@ -170,3 +171,63 @@ def test_a_session_whose_login_the_audit_lacks_changes_nothing(
     assert all(kind == STATUS and REFUSED in rest for kind, rest in got.values()), got
     assert sorted(p.name for p in folder.iterdir()) == ["b.txt", "c.txt"]
     assert (folder / "b.txt").stat().st_size == 900
+
+
+def test_the_first_change_to_fail_is_written_late_as_made(
+    platform: RunningPlatform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second review: a truncating open, the first request after the store failed, was written as "refused"."""
+    assert platform.platform is not None
+    folder = _seed(platform, ["kept.txt"])
+    working = platform.platform.store.audit
+
+    async def go() -> dict[int, tuple[int, bytes]]:
+        key, cred = await platform.credential("alice")
+        async with await platform.connect("alice", [(key, cred.certificate)]) as conn:
+            raw = await Raw.start(conn)
+            monkeypatch.setattr(platform.platform.store, "audit", _down)
+            raw.writer.write(_open(1, RESULTS + "kept.txt", WRITE_FLAG | TRUNCATE))
+            got = await raw.replies(1)
+            monkeypatch.setattr(platform.platform.store, "audit", working)
+            return got
+
+    got = asyncio.run(go())
+    assert got[1][0] == STATUS and REFUSED in got[1][1]
+    assert (folder / "kept.txt").stat().st_size == 0, "the window the docs name: made before the failure was known"
+    late = [r for r in platform.audit(until=lambda r: "written late" in r.detail) if "written late" in r.detail]
+    assert [(r.action, r.outcome) for r in late] == [("sftp.open", "ok")]
+    assert '"made":"truncated"' in late[0].detail and "the change was made" in late[0].detail
+
+
+def test_refusals_while_the_audit_cannot_write_spend_the_connections_budget(
+    platform: RunningPlatform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second review: 5,000 opens refused while the store failed were never counted; the connection stayed."""
+    assert platform.platform is not None
+    working = platform.platform.store.audit
+    budget = Refusals().certificate_limit
+
+    async def go() -> int:
+        key, cred = await platform.credential("alice")
+        conn = await platform.connect("alice", [(key, cred.certificate)])
+        async with conn:
+            raw = await Raw.start(conn)
+            monkeypatch.setattr(platform.platform.store, "audit", _down)
+            raw.writer.write(_open(0, "/datasets/chest/scan-002.bin", READ_FLAG))
+            assert REFUSED in (await raw.reply())[1], "the first to fail: now the audit is known to fail"
+            raw.writer.write(
+                b"".join(_open(i, "/datasets/chest/scan-002.bin", READ_FLAG) for i in range(1, budget + 200))
+            )
+            spent = 0
+            try:
+                while True:  # bounded: a connection left open would hang here
+                    _, rest = await asyncio.wait_for(raw.reply(), HANG)
+                    spent += b"too many refused requests" in rest
+            except asyncio.IncompleteReadError:  # the connection was closed
+                pass
+            monkeypatch.setattr(platform.platform.store, "audit", working)
+        return spent
+
+    assert asyncio.run(go()) > 0, "past its budget the connection's refusals say so, and it is closed"
+    ends = platform.audit("sftp.refused", until=lambda r: "too many refused requests" in r.detail)
+    assert any("too many refused requests on one connection (1024)" in r.detail for r in ends)

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from medbridge.testing import RunningPlatform
+from medbridge.testing import PlatformProcess, RunningPlatform
 from tests.conftest import CHEST, KNEE
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (scripts/setup installs it)")
@@ -27,22 +26,12 @@ pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-class Served:
-    """``medbridge platform serve`` in a process of its own, stopped by PID."""
+class Served(PlatformProcess):
+    """``medbridge platform serve`` in a process of its own, stopped by PID; its metrics address if asked."""
 
     def __init__(self, p: RunningPlatform, *args: str):
-        cmd = [sys.executable, "-m", "medbridge", "platform", "serve", "--home", str(p.home.root),
-               "--listen", "127.0.0.1:0", *args]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        super().__init__(p.home, *args)
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if "listening on 127.0.0.1:" not in line:
-            self.kill()
-            raise AssertionError(
-                f"platform serve did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}"
-            )
-        self.port = int(line.split("127.0.0.1:")[1].split()[0])
-        self.fingerprint = line.split("host key ")[1].split()[0]
         self.metrics = self.proc.stdout.readline().split()[-1] if "--metrics" in args else ""
 
     def scrape(self) -> Samples:
@@ -54,17 +43,6 @@ class Served:
             for family in text_string_to_metric_families(r.stdout)
             for s in family.samples
         }
-
-    def stop(self, timeout: float = 60) -> tuple[int, str]:
-        """SIGTERM; its exit code and stderr."""
-        self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, err
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
 
 
 @pytest.fixture

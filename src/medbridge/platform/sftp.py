@@ -154,6 +154,8 @@ class OpenFile:
     bytes_written: int = 0
     opened: float = field(default_factory=time.monotonic)
     write_failed: bool = False
+    #: What its open did to the file ("created", "truncated"), if anything: a refused open cannot undo it.
+    made: str = ""
     #: Its open's audit entry: no request on the handle is served before it is committed (None: nothing waits).
     granted: asyncio.Future[str | None] | None = field(default=None, repr=False)
     _bytes_read: int = field(default=0, init=False, repr=False)
@@ -347,7 +349,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
 
     # -- the one hook ------------------------------------------------------------------
 
-    def _refuse(self, path: str, op: str, refusal: Refusal, reason: str) -> NoReturn:
+    def _refuse(self, path: str, op: str, refusal: Refusal, reason: str, *, told: str | None = None) -> NoReturn:
+        """Audit a refusal (counted against the connection's budget) and raise it; ``told``: what the client reads."""
         s = self._session
         budget = self.refusals
         budget.count += 1
@@ -364,6 +367,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
             )
         )
         shown = escape_text(path) if needs_escape(path) else path  # the reply is UTF-8 too
+        if told is not None:
+            raise asyncssh.SFTPPermissionDenied(told)
         if refusal is Refusal.NOT_FOUND:
             raise asyncssh.SFTPNoSuchFile(f"{shown}: no such file")
         if refusal is Refusal.LIMIT:
@@ -760,16 +765,22 @@ class JobSFTPServer(asyncssh.SFTPServer):
                 flags |= os_flag
         perms = 0o640 if attrs.permissions is None else _result_mode(attrs.permissions)
 
+        made = []
+
         def measure() -> tuple[int, int]:  # a new file is one more entry, a truncated one gives its bytes back
             before = _lstat(real)
             if before is None:
+                made.append("created" if flags & os.O_CREAT else "")
                 return 0, 1 if flags & os.O_CREAT else 0
+            truncated = bool(flags & os.O_TRUNC and stat.S_ISREG(before.st_mode) and before.st_size)
+            made.append("truncated" if truncated else "")
             return (-before.st_size if flags & os.O_TRUNC and stat.S_ISREG(before.st_mode) else 0), 0
 
         with self._charged(vpath, "open", target.job, measure):
             fd, _ = _open_regular(target, real, vpath, flags, perms)
         job_root = self._root(self._session, target)
-        handle = OpenFile(fd, vpath, True, False, job_root=job_root, job=target.job, append=bool(flags & os.O_APPEND))
+        handle = OpenFile(fd, vpath, True, False, job_root=job_root, job=target.job, append=bool(flags & os.O_APPEND),
+                          made=made[-1] if made else "")  # fmt: skip
         self._hold(handle)
         return handle
 
@@ -893,9 +904,9 @@ class JobSFTPServer(asyncssh.SFTPServer):
         self._let_go(handle.fd)
 
     def _opened(self, handle: OpenFile) -> OpenFile:
-        handle.granted = self._event(
-            "sftp.open", handle.path, decision=True, mode="write" if handle.writable else "read"
-        )
+        mode = "write" if handle.writable else "read"
+        acted: dict[str, Any] = {"acted": True, "made": handle.made} if handle.made else {}  # it stays made
+        handle.granted = self._event("sftp.open", handle.path, decision=True, mode=mode, **acted)
         return handle
 
     def _granted(self, f: OpenFile, reply: Callable[[], _T | Awaitable[_T]]) -> _T | Awaitable[_T]:
@@ -944,12 +955,8 @@ class JobSFTPServer(asyncssh.SFTPServer):
         failing = self._sink.failing if self._sink is not None else None
         if failing is None:
             return
-        s = self._session
-        self._record(AuditEvent(actor=s.user if s else "?", action="sftp.refused", outcome="refused",
-                                subject=_subject(path if isinstance(path, str) else os.fsdecode(path)),
-                                detail={"op": op, "reason": f"the audit cannot write: {failing}",
-                                        **(s.identity() if s else {})}))  # fmt: skip
-        raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
+        shown = path if isinstance(path, str) else os.fsdecode(path)
+        self._refuse(shown, op, Refusal.DENIED, f"the audit cannot write: {failing}", told=AUDIT_REFUSED)
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes | Awaitable[bytes]:
         f = _handle(file_obj)

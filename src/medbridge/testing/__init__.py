@@ -245,21 +245,22 @@ class RunningPlatform:
 
 
 class PlatformProcess:
-    """A home served by ``medbridge platform serve --workers N`` in a process of its own, on 127.0.0.1.
+    """A home served by ``medbridge platform serve`` (with ``args``) in a process of its own, on 127.0.0.1.
 
     For what needs real processes: several workers, a SIGTERM, a SIGKILL.  Stopped by
     its PID (SIGTERM, or SIGKILL with :meth:`kill`).
     """
 
-    def __init__(self, home: Home, workers: int = 1):
+    def __init__(self, home: Home, *args: str):
         cmd = [sys.executable, "-m", "medbridge", "platform", "serve", "--home", str(home.root),
-               "--listen", "127.0.0.1:0", "--workers", str(workers)]  # fmt: skip
+               "--listen", "127.0.0.1:0", *args]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if "listening on 127.0.0.1:" not in line:
             self.kill()
-            raise RuntimeError(f"platform serve did not start: {line!r}")
+            said = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"platform serve did not start: {line!r} {said}")
         self.port = int(line.split("127.0.0.1:")[1].split()[0])
         self.fingerprint = line.split("host key ")[1].split()[0]
 
