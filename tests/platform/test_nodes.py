@@ -15,7 +15,7 @@ import pytest
 from medbridge.control.store import Store
 from medbridge.errors import AlreadyExists, InvalidInput
 from medbridge.platform.issuer import END_JOB_COMMAND, ISSUE_COMMAND
-from medbridge.platform.keys import fingerprint, public_line
+from medbridge.platform.keys import KEY_ALG, fingerprint, public_line
 from medbridge.policy.nodes import NodeFact, Placement, jobs_to_end, may_log_in
 from medbridge.testing import RunningPlatform, write_key
 from tests.conftest import CHEST
@@ -130,3 +130,27 @@ def test_node_policy_is_pure() -> None:
     assert may_log_in(node, "not-an-ip") is not None
     with pytest.raises(InvalidInput):
         Store.__new__(Store).add_node("n", ("k", "f"), [], _now(), "t")
+
+
+def test_each_node_of_a_job_of_several_nodes_ends_its_own_platform_job(
+    nodes: tuple[RunningPlatform, dict[str, asyncssh.SSHKey]],
+) -> None:
+    """A two-node Slurm job 43 runs platform jobs 43-n0 (from n1) and 43-n1 (from n2): each epilog ends its own."""
+    p, keys = nodes
+
+    async def ask(job_id: str, source: str) -> None:
+        key = asyncssh.read_private_key(str(p.keys["alice"]))
+        async with await p.connect("alice", [key], local_addr=(source, 0)) as conn:
+            ephemeral = asyncssh.generate_private_key(KEY_ALG)
+            request = {"public_key": ephemeral.export_public_key().decode(), "job_id": job_id, "lifetime": 600,
+                       "datasets": None, "slurm_job_id": "43"}  # fmt: skip
+            done = await conn.run(ISSUE_COMMAND, input=json.dumps(request).encode(), encoding=None)
+            assert done.exit_status == 0, done.stdout
+
+    asyncio.run(ask("43-n0", "127.0.0.1"))
+    asyncio.run(ask("43-n1", "127.0.0.2"))
+    code, reply, _ = asyncio.run(as_node(p, "n1", keys["n1"], END_JOB_COMMAND, {"slurm_job_id": "43"}))
+    assert (code, [j["job_id"] for j in reply["jobs"]]) == (0, ["43-n0"])
+    code, reply, _ = asyncio.run(as_node(p, "n2", keys["n2"], END_JOB_COMMAND, {"slurm_job_id": "43"}, "127.0.0.2"))
+    assert (code, [j["job_id"] for j in reply["jobs"]]) == (0, ["43-n1"])
+    assert {r.subject for r in p.audit("job.end")} == {"43-n0", "43-n1"}
