@@ -11,9 +11,7 @@ import logging
 import random
 import socket
 import struct
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncssh
@@ -37,15 +35,8 @@ from medbridge.platform.metrics import (
 )
 from medbridge.platform.requests import SERVED_TYPES, RequestFilter
 from medbridge.testing import RunningPlatform
+from medbridge.testing.wait import until
 from tests.conftest import CHEST
-
-
-def until(check: Callable[[], bool], timeout: float = 10) -> None:
-    """Wait for ``check`` (the timeout only bounds a hang)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 def value(name: str, **labels: str) -> float:
@@ -86,7 +77,7 @@ def test_a_job_session_moves_sessions_bytes_requests_refusals_and_certificates(p
 
     open_during = asyncio.run(go())
     assert open_during == open_before + 1
-    until(lambda: value("medbridge_platform_sessions_open") == open_before)
+    until(lambda: value("medbridge_platform_sessions_open") == open_before, "the session to close", timeout=10)
     platform.audit()  # flushed: every event's write lag observed
     moved = {key: value(key[0], **dict(key[1])) - was for key, was in before.items()}
     assert moved[("medbridge_platform_sessions_total", ())] == 1

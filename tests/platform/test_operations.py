@@ -11,14 +11,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from medbridge.testing import PlatformProcess, RunningPlatform
+from medbridge.testing.wait import until
 from tests.conftest import CHEST, KNEE
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (scripts/setup installs it)")
@@ -55,13 +55,6 @@ def served_platform(tmp_path: Path, database_url: str) -> Iterator[RunningPlatfo
     p.grant("alice", "chest")
     yield p
     p.store.close()
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def get(samples: Samples, name: str, **labels: str) -> float:
@@ -103,7 +96,7 @@ def test_curl_shows_the_counters_moving_during_a_job(served_platform: RunningPla
                "--job-id", "j-metrics", "--", sys.executable, str(tmp_path / "payload.py"), str(signals)]  # fmt: skip
         with subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as job:
             try:
-                until(lambda: (signals / "read").exists() or job.poll() is not None, "the job's reads")
+                until(lambda: (signals / "read").exists() or job.poll() is not None, "the job's reads", timeout=60)
                 assert job.poll() is None, job.communicate()
                 during = server.scrape()
             finally:
@@ -112,7 +105,11 @@ def test_curl_shows_the_counters_moving_during_a_job(served_platform: RunningPla
         assert job.returncode == 0, err
         assert "knee refused" in out
         after = server.scrape()
-        until(lambda: get(server.scrape(), "medbridge_platform_sessions_open") == 0, "the job's sessions to close")
+        until(
+            lambda: get(server.scrape(), "medbridge_platform_sessions_open") == 0,
+            "the job's sessions to close",
+            timeout=60,
+        )
     finally:
         code, err = server.stop()
     assert code == 0, err
@@ -168,7 +165,11 @@ def test_sigterm_closes_live_sessions_with_a_reason_flushes_the_audit_and_exits_
                 assert client.stdin is not None
                 client.stdin.write(f"get /datasets/chest/scan-002.bin {copy}\n")
                 client.stdin.flush()
-                until(lambda: copy.exists() and copy.stat().st_size == len(CHEST["scan-002.bin"]), "sftp's get")
+                until(
+                    lambda: copy.exists() and copy.stat().st_size == len(CHEST["scan-002.bin"]),
+                    "sftp's get",
+                    timeout=60,
+                )
                 assert get(server.scrape(), "medbridge_platform_sessions_open") == 1
                 code, err = server.stop()
             finally:

@@ -60,22 +60,8 @@ class _Failed:
     replaced: bool
 
 
-class _Waiter:
-    """The owner :meth:`AuditSink.commit` waits on."""
-
-    def __init__(self, future: asyncio.Future[None]):
-        self.future = future
-
-    def audit_done(self, ticket: int, error: str | None) -> None:
-        if not self.future.done():
-            if error is None:
-                self.future.set_result(None)
-            else:
-                self.future.set_exception(AuditUnavailable(f"the audit could not record this: {error}"))
-
-
 class _Pledge:
-    """The owner :meth:`AuditSink.pledge` hands out: its future says None (committed) or why not."""
+    """The owner :meth:`AuditSink.pledge` (and so :meth:`AuditSink.commit`) waits on: None (committed) or why not."""
 
     def __init__(self, future: asyncio.Future[str | None]):
         self.future = future
@@ -155,9 +141,9 @@ class AuditSink:
 
     async def commit(self, event: AuditEvent) -> None:
         """Record ``event`` and return once it is committed; :class:`AuditUnavailable` if it cannot be."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.record(event, _Waiter(future))
-        await future
+        error = await self.pledge(event)
+        if error is not None:
+            raise AuditUnavailable(f"the audit could not record this: {error}")
 
     def pledge(self, event: AuditEvent) -> asyncio.Future[str | None]:
         """Record ``event``; the future says None once it is committed, or why it could not be.

@@ -135,8 +135,33 @@ class Backlog:
     async def after(self, reply: Callable[[], _T | Awaitable[_T]]) -> _T:
         """``reply()``, once there is room."""
         await self._room.wait()
-        result = reply()
-        return await result if inspect.isawaitable(result) else result
+        return await _answer(reply)
+
+
+async def _answer(reply: Callable[[], _T | Awaitable[_T]]) -> _T:
+    """``reply()``, awaited if it is awaitable (a server method may answer either way)."""
+    result = reply()
+    return await result if inspect.isawaitable(result) else result
+
+
+async def _committed(entry: asyncio.Future[str | None] | None) -> None:
+    """Return once ``entry`` (an audit entry a request depends on) is committed; refuse if it could not be."""
+    if entry is not None and await entry is not None:
+        raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
+
+
+def _after(entry: asyncio.Future[str | None] | None, reply: Callable[[], _T | Awaitable[_T]]) -> _T | Awaitable[_T]:
+    """``reply()`` now if ``entry`` is settled (refused if it failed), else once it is committed."""
+    if entry is None or entry.done():
+        if entry is not None and entry.result() is not None:
+            raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
+        return reply()
+    return _after_commit(entry, reply)
+
+
+async def _after_commit(entry: asyncio.Future[str | None], reply: Callable[[], _T | Awaitable[_T]]) -> _T:
+    await _committed(entry)
+    return await _answer(reply)
 
 
 @dataclass
@@ -328,24 +353,14 @@ class JobSFTPServer(asyncssh.SFTPServer):
         """Whether the channel holds more unsent replies than it may: a reply waits for room (:class:`Backlog`)."""
         return self.backlog.full
 
+    @property
+    def _login(self) -> asyncio.Future[str | None] | None:
+        """The session's login entry: nothing the session asks is answered before it is committed."""
+        return self._session.login if self._session is not None else None
+
     def _paced(self, reply: Callable[[], _T | Awaitable[_T]]) -> _T | Awaitable[_T]:
         """``reply()`` now, or once the login is committed and the unsent replies are back under the mark."""
-        login = self._session.login if self._session is not None else None
-        if (login is not None and not login.done()) or self.backlog.full:
-            return self._when_ready(reply)
-        if login is not None and login.result() is not None:
-            raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
-        return reply()
-
-    async def _when_ready(self, reply: Callable[[], _T | Awaitable[_T]]) -> _T:
-        await self._logged_in()
-        return await self.backlog.after(reply)
-
-    async def _logged_in(self) -> None:
-        """Return once the session's login is in the audit; refuse (permission denied) if it could not be written."""
-        login = self._session.login if self._session is not None else None
-        if login is not None and await login is not None:
-            raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
+        return _after(self._login, lambda: self.backlog.after(reply) if self.backlog.full else reply())
 
     # -- the one hook ------------------------------------------------------------------
 
@@ -620,7 +635,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         return _Listing(self._scandir(path), self.give_handle, self.backlog)
 
     async def _scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
-        await self._logged_in()
+        await _committed(self._login)
         target, real = self._resolve(path, Action.LIST, "list")
         s = self._session
         assert s is not None
@@ -857,7 +872,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         """
         if self._sink is None:
             return reply
-        login = self._session.login if self._session is not None else None
+        login = self._login
         if self._gate is not None and (login is None or (login.done() and login.result() is None)):
             return reply  # the gate holds the reply until its decisions are committed
         return self._settled(reply, undo)
@@ -867,7 +882,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
             value = await reply if inspect.isawaitable(reply) else reply
         finally:
             pledged, self._pledged = self._pledged, []
-        login = self._session.login if self._session is not None else None
+        login = self._login
         errors = [e for e in await asyncio.gather(*([login] if login else []), *pledged) if e is not None]
         if errors:
             if undo is not None:
@@ -889,7 +904,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
     async def admitted(self) -> bool:
         """Whether the session's login is in the audit (waits for it); nothing is served before, and if it
         could not be written every request is refused (:meth:`_paced`, :meth:`_durable`)."""
-        login = self._session.login if self._session is not None else None
+        login = self._login
         return login is None or await login is None
 
     def abandon(self, handle: object) -> None:
@@ -915,18 +930,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         On the fast path an open's reply is held until then, but its handle exists: a client
         that guesses it must get nothing through it before the audit has the open.
         """
-        g = f.granted
-        if g is None or g.done():
-            if g is not None and g.result() is not None:
-                raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
-            return reply()
-        return self._after_grant(g, reply)
-
-    async def _after_grant(self, granted: asyncio.Future[str | None], reply: Callable[[], _T | Awaitable[_T]]) -> _T:
-        if await granted is not None:
-            raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)
-        result = reply()
-        return await result if inspect.isawaitable(result) else result
+        return _after(f.granted, reply)
 
     def _settled_first(self, change: Callable[[], _T | Awaitable[_T]]) -> _T | Awaitable[_T]:
         """``change()`` once this session's earlier decisions are settled (the fast path serves ahead of them).
@@ -934,22 +938,20 @@ class JobSFTPServer(asyncssh.SFTPServer):
         A change is made only while the audit is known to write (:meth:`_audit_up`): never
         made behind requests whose entries may yet fail.
         """
-        gate = self._gate
-        login = self._session.login if self._session is not None else None
+        gate, login = self._gate, self._login
         if (gate is None or not gate.unsettled) and (login is None or login.done()):
             return change()
         return self._after_settled(gate, change)
 
     async def _after_settled(self, gate: AuditGate | None, change: Callable[[], _T | Awaitable[_T]]) -> _T:
-        await self._logged_in()
+        await _committed(self._login)
         if gate is not None:
             await gate.settled()
-        result = change()
-        return await result if inspect.isawaitable(result) else result
+        return await _answer(change)
 
     def _audit_up(self, path: bytes | str, op: str) -> None:
         """Refuse before acting while the audit cannot write: nothing is changed or read that it would not show."""
-        login = self._session.login if self._session is not None else None
+        login = self._login
         if login is not None and login.done() and login.result() is not None:
             raise asyncssh.SFTPPermissionDenied(AUDIT_REFUSED)  # the session's login is not in the audit
         failing = self._sink.failing if self._sink is not None else None
@@ -1125,7 +1127,7 @@ class JobSFTPServer(asyncssh.SFTPServer):
         await self._rename(oldpath, newpath, replace=True)
 
     async def _rename(self, oldpath: bytes, newpath: bytes, *, replace: bool) -> None:
-        await self._logged_in()
+        await _committed(self._login)
         if self._gate is not None:
             await self._gate.settled()
         _, old = self._resolve(oldpath, Action.WRITE, "rename")
