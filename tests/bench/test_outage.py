@@ -23,6 +23,22 @@ def test_stall_is_the_longest_wait_for_one_volume() -> None:
     assert outage.stall([]) == (0.0, None)
 
 
+def test_a_read_asked_for_and_never_answered_is_pending_unless_every_volume_was_read() -> None:
+    reads = [{"asked": 0.0, "got": 1.0}, {"asked": 2.0, "got": 3.0}]
+    assert outage.pending(reads, asking=4.0, count=3) == 4.0, "the payload died waiting for the third"
+    assert outage.pending(reads, asking=4.0, count=2) is None, "it asked once more and heard: no more volumes"
+    assert outage.pending(reads, asking=None, count=3) is None
+    assert outage.pending([], asking=0.5, count=3) == 0.5, "it never got its first"
+
+
+def test_differences_name_the_masks_that_differ_are_missing_or_extra() -> None:
+    expected = {"a": "1", "b": "2", "c": "3"}
+    assert outage.differences({"a": "1", "b": "X", "d": "4"}, expected) == {
+        "differ": ["b"], "missing": ["c"], "extra": ["d"]}  # fmt: skip
+    assert outage.differences(None, expected)["missing"] == ["a", "b", "c"], "nothing committed"
+    assert outage.differences(dict(expected), expected) == {"differ": [], "missing": [], "extra": []}
+
+
 def test_enough_volumes_that_the_job_reads_past_the_cut() -> None:
     plan = outage.Plan(cut_at=500, cut_for=300)
     n = outage.volumes_for(plan, seconds_per_volume=1.6)
@@ -45,9 +61,16 @@ def test_a_small_run_with_its_link_cut_completes_with_identical_outputs(tmp_path
     """Small volumes (16x32x32) so the job is short; the cut lands while it reads (after its fifth volume, not
     at a time: a quiet machine once read all 100 before a cut at 4 s)."""
     plan = outage.Plan(path="native", cut_for=8.0, volumes=100, shape=(16, 32, 32), cut_after_reads=5)
-    result = outage.run(plan)
+    kept = tmp_path / "kept"
+    result = outage.run(plan, keep=kept)
     for key in ("path", "completed", "outputs_match", "cut_at_s", "cut_s", "stall_s", "timeline"):
         assert key in result
+    assert result["outputs"] == {"differ": [], "missing": [], "extra": [], "reference_volumes": 100}
+    assert not result["unfinished_read"]
+    assert len(list((kept / "ref").glob("*_lungs.nii"))) == 100, "the reference masks are kept"
+    assert (kept / "job.log").exists() and (kept / "world").is_dir()
+    tcp = (kept / "tcp.log").read_text()
+    assert "=== " in tcp and "ESTAB" in tcp, "the TCP state of the job's connection was recorded"
     assert result["cut_landed"], result["cut_at_s"]
     assert result["completed"] and result["outputs_match"], result["job_said"]
     assert result["stall_s"] <= result["cut_s"] + 30

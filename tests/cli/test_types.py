@@ -18,6 +18,8 @@ from tests.cli.test_cli import mb
         (["--tolerance", "-5"], "is not in the range"),
         (["--plot", "{tmp}/missing/x.png"], "is not a folder: the chart could not be written there"),
         (["--plot", "{tmp}"], "is a directory"),
+        (["--keep", "{tmp}"], "already exists: name a folder that does not"),
+        (["--keep", "{tmp}/missing/kept"], "is not a writable folder"),
     ],
 )
 def test_bench_outage_refuses_bad_options_before_it_starts(tmp_path: Path, args: list[str], words: str) -> None:

@@ -9,6 +9,11 @@ link is dropped at ``gw`` in both directions (a silent cut, not a reset) for
 the timeline.  Every mask the job commits is compared (SHA-256) with an uncut run of
 the same segmentation over the same volumes, computed here at a lower CPU priority
 while the job runs.
+
+With ``keep`` the run's folder stays (the sites' logs, the job's log and outputs, the
+committed and the reference masks) and the TCP state of every connection at the three
+sites is written to ``tcp.log`` every :data:`TCP_EVERY` seconds (``ss -tnoi``): what a
+failed long cut needs to be understood.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ USER, DATASET = "radiologist", "chest-ct"
 SAMPLE_EVERY = 0.5
 #: The job runs this much longer than the cut's start (uncut), so there is work left when the link returns.
 AFTER_CUT = 1.3
+#: How often a kept run records the TCP state of its connections, seconds.
+TCP_EVERY = 10.0
 
 _SAMPLER = (
     "import sys, time, urllib.request\n"
@@ -100,7 +107,7 @@ def volumes_for(plan: Plan, seconds_per_volume: float) -> int:
     return max(8, math.ceil((plan.cut_at * AFTER_CUT + 20) / max(seconds_per_volume, 0.05)))
 
 
-def reference(folder: Path, out: Path) -> dict[str, str]:
+def reference(folder: Path, out: Path, keep: bool = False) -> dict[str, str]:
     """The uncut run: every volume in ``folder`` segmented as the job does it; mask name -> SHA-256."""
     out.mkdir(parents=True, exist_ok=True)
     digests = {}
@@ -108,8 +115,43 @@ def reference(folder: Path, out: Path) -> dict[str, str]:
         segment.segment_one(src.name, src.read_bytes(), out)
         mask = out / segment.mask_name(src.name)
         digests[mask.name] = processes.sha256_file(mask)
-        mask.unlink()
+        if not keep:
+            mask.unlink()
     return digests
+
+
+def differences(committed: dict[str, str] | None, expected: dict[str, str]) -> dict[str, list[str]]:
+    """Which masks differ from the uncut run's, which it made and the job did not commit, and the reverse."""
+    got = committed or {}
+    return {
+        "differ": sorted(n for n in got.keys() & expected.keys() if got[n] != expected[n]),
+        "missing": sorted(expected.keys() - got.keys()),
+        "extra": sorted(got.keys() - expected.keys()),
+    }
+
+
+class _TcpLog:
+    """Every TCP connection at the three sites with its timers and back-off (``ss -tnoi``), now and then."""
+
+    def __init__(self, d: Deployment, path: Path):
+        self._d, self._path = d, path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tcp-log")
+        self._thread.start()
+
+    def _run(self) -> None:
+        with open(self._path, "a") as out:
+            while not self._stop.is_set():
+                for site in ("hpc", "gw", "platform"):
+                    r = subprocess.run([*self._d.sites_prefix(site), "ss", "-tnoi"], capture_output=True, text=True,
+                                       timeout=30, check=False)  # fmt: skip
+                    out.write(f"=== {time.time():.3f} {site}\n{r.stdout}")
+                out.flush()
+                self._stop.wait(TCP_EVERY)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
 
 
 class _Sampler:
@@ -155,8 +197,23 @@ def stall(reads: list[dict[str, float]]) -> tuple[float, float | None]:
     return worst["got"] - worst["asked"], worst["got"]
 
 
-def run(plan: Plan, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build the sites, run the job with its link cut, and compare its outputs with an uncut run."""
+def pending(reads: list[dict[str, float]], asking: float | None, count: int) -> float | None:
+    """When the payload asked for the volume it never got (it failed, or was stopped, waiting), else None.
+
+    A failed run's longest wait is often that one: counting only reads that finished
+    made a job that died waiting out a cut look as if it had never stalled.
+    """
+    last = max((r["got"] for r in reads), default=0.0)
+    return asking if asking is not None and len(reads) < count and asking >= last else None
+
+
+def run(plan: Plan, progress: Callable[[str], None] | None = None, keep: Path | None = None) -> dict[str, Any]:
+    """Build the sites, run the job with its link cut, and compare its outputs with an uncut run.
+
+    ``keep``: a folder, not yet there, to move the run's folder to when it ends (else removed).
+    """
+    if keep is not None and (keep.exists() or keep.is_symlink()):
+        raise InvalidInput(f"--keep {str(keep)!r} already exists: name a folder that does not")
     plan.check()
     say = progress or (lambda _m: None)
     why = netns.available()
@@ -169,6 +226,7 @@ def run(plan: Plan, progress: Callable[[str], None] | None = None) -> dict[str, 
     d: Deployment | None = None
     sampler: _Sampler | None = None
     ref: subprocess.Popen[bytes] | None = None
+    tcp: _TcpLog | None = None
     try:
         source = root / "volumes"
         source.mkdir()
@@ -182,7 +240,8 @@ def run(plan: Plan, progress: Callable[[str], None] | None = None) -> dict[str, 
         ref = subprocess.Popen(
             ["nice", "-n", "10", sys.executable, "-c", "import json, sys; from pathlib import Path; "
              "from medbridge.bench.outage import reference; "
-             "print(json.dumps(reference(Path(sys.argv[1]), Path(sys.argv[2]))))", str(source), str(root / "ref")],
+             "print(json.dumps(reference(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == 'keep')))",
+             str(source), str(root / "ref"), "keep" if keep else "drop"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
@@ -198,6 +257,8 @@ def run(plan: Plan, progress: Callable[[str], None] | None = None) -> dict[str, 
         d.home.grant(USER, DATASET)
         d.start()
         sampler = _Sampler(d)
+        if keep is not None:
+            tcp = _TcpLog(d, root / "tcp.log")
         job = _Job(d, plan, root)
         when = f"at {plan.cut_at:.0f} s" if plan.cut_after_reads is None else f"after {plan.cut_after_reads} volumes"
         say(f"job started ({plan.path}); the link will be cut {when} for {plan.cut_for:.0f} s")
@@ -207,6 +268,8 @@ def run(plan: Plan, progress: Callable[[str], None] | None = None) -> dict[str, 
         expected: dict[str, str] = json.loads(ref.communicate()[0] or b"{}")
         return _result(plan, job, cut, sampler, expected, count)
     finally:
+        if tcp is not None:
+            tcp.stop()
         if sampler is not None:
             sampler.stop()
         if ref is not None and ref.poll() is None:
@@ -217,7 +280,11 @@ def run(plan: Plan, progress: Callable[[str], None] | None = None) -> dict[str, 
             d.stop()
         if sites is not None:
             sites.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if keep is not None:
+            shutil.move(root, keep)
+            say(f"the run's folder is kept: {keep}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 class _Job:
@@ -246,10 +313,16 @@ class _Job:
             return []
         return [json.loads(line) for line in self.timings.read_text().splitlines() if line.strip()]
 
+    def asking(self) -> float | None:
+        """When the payload asked for the volume it is reading now, or last asked for (a file of its own)."""
+        with contextlib.suppress(OSError, ValueError):
+            return float(self.timings.with_suffix(".asking").read_text())
+        return None
+
     def _first_asked(self) -> list[dict[str, float]]:
-        """The payload's first request, before its answer arrives (it says so in a file of its own)."""
-        asked = self.timings.with_suffix(".started")
-        return [{"asked": float(asked.read_text())}] if asked.exists() and asked.read_text().strip() else []
+        """The payload's first request, before its answer arrives."""
+        asked = self.asking()
+        return [{"asked": asked}] if asked is not None else []
 
     def cut_and_wait(self, say: Callable[[str], None]) -> tuple[float, float] | None:
         """Cut the link ``cut_at`` seconds after the payload asked for its first volume (if the job still runs),
@@ -314,18 +387,25 @@ def _result(plan: Plan, job: _Job, cut: tuple[float, float] | None, sampler: _Sa
     report = job.report()
     stall_s, stall_end = stall(reads)
     ended = max((r["got"] for r in reads), default=job.t0)
+    asked = pending(reads, job.asking(), count)
+    if asked is not None:  # it waited until the payload gave up, at most until the job ended
+        ended = job.ended
+        if job.ended - asked > stall_s:
+            stall_s, stall_end = job.ended - asked, job.ended
     restored = cut[1] if cut else None
     after = [r["got"] for r in reads if restored is not None and r["got"] >= restored]
     return {
         "path": plan.path,
         "completed": job.proc.returncode == 0 and committed is not None and len(committed) == count,
         "outputs_match": committed is not None and committed == expected and len(expected) == count,
+        "outputs": {**differences(committed, expected), "reference_volumes": len(expected)},
         "cut_at_s": round(cut[0] - job.t0, 1) if cut else None,
         "cut_s": round(cut[1] - cut[0], 1) if cut else 0.0,
         "stall_s": round(stall_s, 1),
         "stall_ended_at_s": round(stall_end - job.t0, 1) if stall_end else None,
         "first_read_after_cut_s": round(min(after) - restored, 1) if after and restored else None,
         "cut_landed": cut is not None and cut[0] < ended,
+        "unfinished_read": asked is not None,
         "setup_s": round(job.t0 - job.launched, 1),
         "volumes": count,
         "volumes_read": len(reads),

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from medbridge.cli import output
-from medbridge.cli.types import PLOT, Seconds
+from medbridge.cli.types import NEW_FOLDER, PLOT, Seconds
 
 _Plan = TypeVar("_Plan")
 
@@ -212,8 +212,11 @@ def bench_io(quick: bool, rtts: str, repeats: int | None, server_workers: int | 
 @click.option("--quick", is_flag=True, help="A 30 s cut 20 s in, fewer volumes (a few minutes here).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--plot", type=PLOT, default=None, help="Write the timeline, cut shaded (PNG).")
+@click.option("--keep", type=NEW_FOLDER, default=None,
+              help="Keep the run's folder here (a new folder): logs, masks, TCP state every 10 s.")  # fmt: skip
 def bench_outage(read_path: str, cut_at: float | None, cut_for: float | None, volumes: int | None,
-                 tolerance: float | None, quick: bool, as_json: bool, plot: Path | None) -> None:  # fmt: skip
+                 tolerance: float | None, quick: bool, as_json: bool, plot: Path | None,
+                 keep: Path | None) -> None:  # fmt: skip
     """The original's figure: a lung-segmentation job on the three sites, its link cut at gw mid-inference.
 
     Reports whether the job completed, whether every mask matches an uncut run (SHA-256),
@@ -228,7 +231,8 @@ def bench_outage(read_path: str, cut_at: float | None, cut_for: float | None, vo
     changes = {k: v for k, v in (("cut_at", cut_at), ("cut_for", cut_for), ("volumes", volumes),
                                  ("tolerance", tolerance)) if v is not None}  # fmt: skip
     plan = dataclasses.replace(plan, **changes)  # type: ignore[arg-type]
-    result = outage.run(plan, progress=None if as_json else (lambda m: output.err.print(m, highlight=False)))
+    result = outage.run(plan, progress=None if as_json else (lambda m: output.err.print(m, highlight=False)),
+                        keep=keep)  # fmt: skip
     if plot is not None:
         outage.plot(result, plot)
     if as_json:
@@ -242,6 +246,9 @@ def bench_outage(read_path: str, cut_at: float | None, cut_for: float | None, vo
             ("first volume after the link returned", f"{result['first_read_after_cut_s']} s"),
             ("volumes", f"{result['volumes_read']}/{result['volumes']}"),
             ("job", f"{result['job_seconds']} s, exit {result['exit_code']}"),
+            *((f"masks {k} (of {result['outputs']['reference_volumes']})",
+               ", ".join(v[:5]) + (" …" if len(v) > 5 else ""))
+              for k, v in result["outputs"].items() if k != "reference_volumes" and v),
         ])  # fmt: skip
         if result["job_said"]:
             output.err.print(result["job_said"], highlight=False, markup=False)

@@ -45,3 +45,25 @@ class PlotFile(click.Path):
 
 
 PLOT = PlotFile()
+
+
+class NewFolder(click.Path):
+    """A folder a run will create when it ends (to keep what it made): it must not exist yet, its parent must.
+
+    Never an existing path: a run keeps its files in a folder of its own and overwrites nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path, file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = Path(os.fsdecode(super().convert(value, param, ctx)))
+        if path.exists() or path.is_symlink():
+            self.fail(f"{str(path)!r} already exists: name a folder that does not, it will be created", param, ctx)
+        parent = path.absolute().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            self.fail(f"{str(parent)!r} is not a writable folder: {path.name!r} could not be made there", param, ctx)
+        return path.absolute()
+
+
+NEW_FOLDER = NewFolder()

@@ -101,7 +101,8 @@ def mask_name(volume: str) -> str:
 def main() -> int:
     """The demo job's payload: read every volume, write a lung mask per volume to $MEDBRIDGE_DEMO_OUTPUTS.
 
-    With $MEDBRIDGE_DEMO_TIMINGS, each read's start and end (seconds since the epoch) go there as JSON lines.
+    With $MEDBRIDGE_DEMO_TIMINGS, each read's start and end (seconds since the epoch) go there as JSON lines, and
+    the start of the read under way to a file beside it (``.asking``), so a read that never returns is seen too.
     """
     outputs = Path(os.environ["MEDBRIDGE_DEMO_OUTPUTS"])
     outputs.mkdir(parents=True, exist_ok=True)
@@ -110,12 +111,12 @@ def main() -> int:
     cache = os.environ.get("MEDBRIDGE_DEMO_CACHE")
     timings = os.environ.get("MEDBRIDGE_DEMO_TIMINGS")
     log = open(timings, "a", buffering=1) if timings else None  # noqa: SIM115 - one line per read, closed below
-    if timings:
-        Path(timings).with_suffix(".started").write_text(f"{time.time()}")
     volumes = _volumes(os.environ.get("MEDBRIDGE_DEMO_DATASET", "chest-ct"))
     try:
         while True:
             asked = time.time()
+            if timings:  # a read that never returns still says when it was asked (bench outage's stall)
+                Path(timings).with_suffix(".asking").write_text(f"{asked}")
             item = next(volumes, None)
             if item is None:
                 break
