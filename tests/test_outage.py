@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from medbridge import outage
+from medbridge import outage, processes
 from medbridge.compute.job import ssh_config
 from medbridge.compute.mount import sshfs_options
 from medbridge.config import PlatformSettings
 from medbridge.errors import InvalidInput
+from medbridge.gateway.config import IDLE_TIMEOUT
+from medbridge.testing import netns, wait
 
 
 @pytest.mark.parametrize("tolerance", [3, 8, 20, 60, 299, 300, 1800, 2400, 86400])
@@ -80,3 +85,123 @@ def test_job_submit_passes_the_tolerance_to_job_run() -> None:
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert "job run --platform gw:2201 --key /k --host-key-fingerprint SHA256:x --outage-tolerance 600 " in r.output
+
+
+def test_persist_retries_outlast_the_patience_asked_and_no_fewer() -> None:
+    assert outage.probing_seconds(15) == pytest.approx(804.6), "Linux's default: a zero window dies in ~13 minutes"
+    for seconds in (10, 300, 2490, 3600, 86400):
+        retries = outage.persist_retries(seconds)
+        assert outage.probing_seconds(retries) >= seconds > outage.probing_seconds(retries - 1)
+
+
+def test_persist_shortfall_names_the_setting_and_the_value_to_set(tmp_path: Path) -> None:
+    setting = tmp_path / "tcp_retries2"
+    setting.write_text("15\n")
+    why = outage.persist_shortfall(3600, setting)
+    assert why is not None and "tcp_retries2 is 15" in why and "~805 s" in why and "tcp_retries2=39" in why
+    setting.write_text("39\n")
+    assert outage.persist_shortfall(3600, setting) is None
+    assert outage.persist_shortfall(3600, tmp_path / "missing") is None, "not Linux: nothing to say"
+
+
+_RECEIVER = """
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before listen: the connection's window stays small
+srv.bind((sys.argv[1], 7100))
+srv.listen()
+print("listening", flush=True)
+conn, _ = srv.accept()
+print("accepted", flush=True)
+sys.stdin.readline()  # never reads until told: its window fills and stays zero
+total = 0
+while chunk := conn.recv(65536):
+    total += len(chunk)
+print(total, flush=True)
+"""
+
+_SENDER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+s.connect((sys.argv[1], 7100))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 3600 * 1000)  # the gateway's patience
+s.setblocking(False)
+sent = 0
+while True:
+    try:
+        sent += s.send(b"x" * 4096)
+    except BlockingIOError:
+        break
+print("full", flush=True)
+s.setblocking(True)
+try:
+    s.sendall(b"y" * 4 * 2**20)  # far more than the node's window: blocks until it reads, or the connection dies
+    s.shutdown(socket.SHUT_WR)
+    print("sent", sent + 4 * 2**20, flush=True)
+except OSError as exc:
+    print("died", exc.errno, flush=True)
+"""
+
+
+@pytest.mark.skipif(netns.available() is not None, reason=f"no network namespaces here: {netns.available()}")
+def test_a_zero_window_over_a_silent_link_lives_as_long_as_tcp_retries2_allows_whatever_the_user_timeout() -> None:
+    """Why the sites (and the operator guides) raise ``tcp_retries2`` at gw and the platform.
+
+    The node stops reading, so gw's side probes a zero window; the link is cut. At gw's
+    retries2 = 2 the connection dies mid-cut (ETIMEDOUT) though TCP_USER_TIMEOUT is an
+    hour: the cause of a 30-minute cut failing on the mount path. At the sites' setting
+    it outlives more probes than that, and every byte arrives once the link returns.
+    Waits on events (a probe count, the sender's word), never on a time.
+    """
+    with netns.Sites() as sites:
+        assert sites.exec("gw", "sysctl", "-n", "net.ipv4.tcp_retries2").stdout.strip() == str(
+            outage.persist_retries(IDLE_TIMEOUT))  # fmt: skip
+        sites.exec("gw", "sysctl", "-qw", "net.ipv4.tcp_retries2=2").check_returncode()
+        assert _zero_window_through_a_cut(sites, probes=None) == "died 110"
+        sites.exec("gw", "sysctl", "-qw", f"net.ipv4.tcp_retries2={outage.persist_retries(IDLE_TIMEOUT)}")
+        assert _zero_window_through_a_cut(sites, probes=4).startswith("sent")
+
+
+def _zero_window_through_a_cut(sites: netns.Sites, probes: int | None) -> str:
+    """Fill the node's window from gw, cut the link; ``probes``: restore after that many unanswered probes."""
+    receiver = _in(sites, "hpc", _RECEIVER)
+    sender: subprocess.Popen[str] | None = None
+    try:
+        assert receiver.stdout is not None and receiver.stdin is not None
+        assert receiver.stdout.readline().strip() == "listening"
+        sender = _in(sites, "gw", _SENDER)
+        assert sender.stdout is not None
+        assert receiver.stdout.readline().strip() == "accepted"
+        assert sender.stdout.readline().strip() == "full"
+        wait.until(lambda: _persist(sites) is not None, "gw probing the node's zero window")
+        sites.cut("hpc")
+        try:
+            if probes is None:
+                return sender.stdout.readline().strip()  # it dies during the cut, or hangs (the test's timeout)
+            wait.until(lambda: (_persist(sites) or 0) >= probes, f"{probes} unanswered probes")
+        finally:
+            sites.restore("hpc")
+        receiver.stdin.write("read\n")
+        receiver.stdin.flush()
+        said = sender.stdout.readline().strip()
+        assert receiver.stdout.readline().strip() == said.split()[-1], "every byte arrived"
+        return said
+    finally:
+        for proc in (sender, receiver):
+            if proc is not None:
+                processes.stop(proc, timeout=5)
+                for pipe in (proc.stdin, proc.stdout):
+                    if pipe is not None:
+                        pipe.close()
+
+
+def _in(sites: netns.Sites, site: str, script: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(["ip", "netns", "exec", sites.ns[site], sys.executable, "-c", script, sites.node],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _persist(sites: netns.Sites) -> int | None:
+    """Unanswered zero-window probes of gw's connection to the node, or None when it is not probing."""
+    found = re.search(r"timer:\(persist,[^,]*,(\d+)\)", sites.exec("gw", "ss", "-tno", "dport", "=", ":7100").stdout)
+    return int(found.group(1)) if found else None

@@ -8,11 +8,19 @@ others (a keepalive budget of its own was how a 300 s cut broke the mount path):
   watch) waits the tolerance, then says so;
 - the platform keeps a silent session two keepalive rounds longer, so the job is
   always the side that decides and names the outage;
-- TCP under both is asked to give up only after SSH has (``TCP_USER_TIMEOUT``).  Where
-  the kernel holds to its own limit instead (Linux 6.18 drops a connection holding
-  unacknowledged data after ``tcp_retries2`` back-offs, ~15 minutes by default, whatever
-  the option says), a longer cut ends the connection: the loader, the upload and the
-  link watch reconnect and go on; sshfs reconnects for files opened afterwards.
+- TCP under both is asked to give up only after SSH has (``TCP_USER_TIMEOUT``);
+- one case the option does not cover: a connection whose peer's receive window was
+  full when the link went silent is kept alive by zero-window probes, and Linux drops
+  it after ``net.ipv4.tcp_retries2`` unanswered probes *whatever* ``TCP_USER_TIMEOUT``
+  says (``tcp_probe_timer``; measured on 6.18: 5 s at 3, about 13 minutes at the default
+  15).  A job that was slow to read when the link went (a loaded node) then loses its
+  connection at the gateway mid-cut, and its read fails when the link returns: how a
+  30-minute cut once broke the mount path.  So the gateway and the platform hosts need
+  ``tcp_retries2`` of :func:`persist_retries` of their patience (the test sites set it
+  in their namespaces); both say at start when it is lower (:func:`persist_shortfall`).
+  Where it still happens (a node's own kernel, not ours to tune), the loader, the
+  upload and the link watch reconnect and go on; sshfs reconnects for files opened
+  afterwards.
 
 TCP's retransmission back-off is left alone: capping it (``TCP_RTO_MAX_MS``) would make
 a returning link noticed sooner, but the kernel then drops the connection after its
@@ -28,6 +36,7 @@ import contextlib
 import math
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 #: The default, seconds: a 30-minute cut is waited out with ten minutes to spare (the original system survived 300 s).
@@ -38,6 +47,10 @@ MIN_TOLERANCE = 3.0
 MAX_TOLERANCE = 86400.0
 #: How long the client's keepalive rounds may be at most, seconds.
 MAX_INTERVAL = 15
+#: Linux's unanswered zero-window probes before it drops a connection (per network namespace).
+RETRIES2 = Path("/proc/sys/net/ipv4/tcp_retries2")
+#: Linux's shortest first probe interval (``TCP_RTO_MIN``) and longest interval (``TCP_RTO_MAX``), seconds.
+RTO_MIN, RTO_MAX = 0.2, 120.0
 
 
 @dataclass(frozen=True)
@@ -88,3 +101,37 @@ def tune(sock: Any, user_timeout_ms: int) -> None:
         return
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(0, min(user_timeout_ms, 2**31 - 1)))
+
+
+def probing_seconds(retries: int) -> float:
+    """How long, at least, Linux probes a zero window over a silent link before it drops the connection.
+
+    ``retries`` probes (``tcp_retries2``), each interval double the last from 200 ms, at
+    most 120 s: 15, the default, is ~805 s.  At least: a back-off already raised when the
+    link went makes it longer.
+    """
+    return float(sum(min(RTO_MIN * 2.0**i, RTO_MAX) for i in range(max(0, retries))))
+
+
+def persist_retries(seconds: float) -> int:
+    """The ``tcp_retries2`` whose zero-window probing outlasts ``seconds`` of silence."""
+    retries = 0
+    while probing_seconds(retries) < seconds:
+        retries += 1
+    return retries
+
+
+def persist_shortfall(seconds: float, setting: Path | None = None) -> str | None:
+    """Why this host's kernel may drop a connection before ``seconds`` of silence, or None (or not Linux)."""
+    try:
+        retries = int((setting or RETRIES2).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if probing_seconds(retries) >= seconds:
+        return None
+    need = persist_retries(seconds)
+    return (
+        f"net.ipv4.tcp_retries2 is {retries}: a connection whose peer was slow to read when the link went "
+        f"silent is dropped by this host's kernel after ~{probing_seconds(retries):.0f} s, not {seconds:.0f} s; "
+        f"set it to {need} (sysctl -w net.ipv4.tcp_retries2={need}, and in /etc/sysctl.d)"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import resource
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from medbridge import outage
 from medbridge.gateway import proxy
 from medbridge.gateway.config import parse
 from medbridge.gateway.server import Gateway
@@ -505,3 +507,20 @@ def test_one_source_cannot_take_the_descriptors_of_the_others(tmp_path: Path) ->
                 c.close()
             gw.terminate()
             gw.wait(timeout=HANG)
+
+
+@pytest.mark.parametrize(("retries", "warned"), [(15, True), (39, False)])
+def test_a_kernel_that_would_drop_a_silent_link_before_idle_timeout_is_named_at_start(
+    gateway: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    retries: int, warned: bool,
+) -> None:  # fmt: skip
+    """``tcp_retries2`` read from a file of the test's: setting the machine's own is not a test's to do."""
+    setting = tmp_path / "tcp_retries2"
+    setting.write_text(f"{retries}\n")
+    monkeypatch.setattr(outage, "RETRIES2", setting)
+    with caplog.at_level(logging.WARNING, logger="medbridge.gateway"):
+        gateway.apply(parse(config(("prod", ["127.0.0.1:9"], "127.0.0.0/8", False))))
+    said = [r.getMessage() for r in caplog.records if "tcp_retries2" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert "route prod: idle_timeout is 3600 s" in said[0] and "tcp_retries2=39" in said[0]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from pathlib import Path
 
 import asyncssh
 import pytest
 
+from medbridge import outage
 from medbridge.errors import InvalidInput
 from medbridge.platform.issuer import LOOKUP_COMMAND, MAX_REQUEST, REPORT_COMMAND, RESIDUE_REPORTED
 from medbridge.platform.server import read_request
@@ -86,3 +89,19 @@ def test_an_oversized_request_gets_a_clear_refusal(platform: RunningPlatform) ->
     code, reply = asyncio.run(send())
     assert code == InvalidInput.exit_code and reply["type"] == "InvalidInput"
     assert "a request is at most" in str(reply["error"])
+
+
+@pytest.mark.parametrize(("retries", "warned"), [(15, True), (30, False)])
+def test_a_kernel_that_would_drop_a_silent_link_before_the_tolerance_is_named_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, retries: int, warned: bool
+) -> None:
+    """``tcp_retries2`` read from a file of the test's: setting the machine's own is not a test's to do."""
+    setting = tmp_path / "tcp_retries2"
+    setting.write_text(f"{retries}\n")
+    monkeypatch.setattr(outage, "RETRIES2", setting)
+    with caplog.at_level(logging.WARNING, logger="medbridge.platform"), RunningPlatform(tmp_path / "home"):
+        pass
+    said = [r.getMessage() for r in caplog.records if "tcp_retries2" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert "outage_tolerance is 2400 s" in said[0] and "tcp_retries2=30" in said[0]

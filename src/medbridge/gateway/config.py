@@ -37,6 +37,11 @@ class Address:
         return format_address(self.host, self.port)
 
 
+#: How long a relayed connection may stay silent, seconds, unless a route says otherwise (longer than any job's
+#: outage tolerance by default: the job decides, the gateway does not).
+IDLE_TIMEOUT = 3600.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class RouteConfig:
     name: str
@@ -44,7 +49,7 @@ class RouteConfig:
     backends: tuple[Address, ...]
     allow: tuple[Network, ...]
     proxy_protocol: bool = False
-    idle_timeout: float = 3600.0
+    idle_timeout: float = IDLE_TIMEOUT
     connect_timeout: float = 5.0
     require_ssh: bool = True
     #: Seconds a client has to send its whole SSH identification line before it is dropped.
@@ -113,7 +118,7 @@ def _route(table: object, index: int) -> RouteConfig:
         backends=tuple(_address(b, f"{where}.backends[{i}]") for i, b in enumerate(backends)),
         allow=networks,
         proxy_protocol=bool(table.get("proxy_protocol", False)),
-        idle_timeout=_number(table, "idle_timeout", 3600.0, where),
+        idle_timeout=_number(table, "idle_timeout", IDLE_TIMEOUT, where),
         connect_timeout=_number(table, "connect_timeout", 5.0, where),
         require_ssh=bool(table.get("require_ssh", True)),
         banner_timeout=_number(table, "banner_timeout", 5.0, where),

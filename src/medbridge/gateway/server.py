@@ -500,6 +500,9 @@ class Gateway:
                             "a limit of %d would allow %d", route.name, self.sources.limit, route.max_per_source,
                             self.descriptor_limit, DESCRIPTORS, descriptors.needed(route.max_per_source, DESCRIPTORS),
                             route.max_per_source)  # fmt: skip
+            shortfall = outage.persist_shortfall(route.idle_timeout)
+            if shortfall is not None:
+                log.warning("route %s: idle_timeout is %g s, but %s", route.name, route.idle_timeout, shortfall)
         wanted = {_key(r): r for r in config.routes}
         started: list[Listener] = []
         try:
