@@ -161,6 +161,37 @@ def test_outputs_written_during_the_upload_are_kept_not_wiped(platform: RunningP
     assert not (outputs / "b.bin").exists(), "uploaded and unchanged: wiped"
 
 
+class DeleteDuringUpload(JobSFTPServer):
+    """The payload's leftovers at work while the upload runs: an output not yet uploaded is removed."""
+
+    outputs: Path
+
+    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        assert isinstance(file_obj, OpenFile)
+        if "a.bin" in file_obj.path:
+            (self.outputs / "b.bin").unlink(missing_ok=True)
+        return super().write(file_obj, offset, data)
+
+
+def test_an_output_removed_during_the_upload_fails_it_at_once_with_its_name_not_as_a_link_fault(
+    platform: RunningPlatform,
+) -> None:
+    """Before, the missing file was taken for a dropped link: three attempts, then an error that named none."""
+    outputs = platform.root / "job" / "outputs"
+    platform.root.joinpath("job").mkdir(exist_ok=True)
+    assert platform.platform is not None
+    DeleteDuringUpload.outputs = outputs
+    platform.platform.sftp_class = DeleteDuringUpload
+    r = job_run(platform, f"mkdir -p {outputs} && printf aaa > {outputs}/a.bin && printf bbb > {outputs}/b.bin",
+                "--job-id", "d1", "--outputs", str(outputs))  # fmt: skip
+    assert r.returncode == 9, r.stderr
+    assert "the output 'b.bin' could not be read (No such file or directory)" in r.stderr, r.stderr
+    assert "attempts" not in r.stderr, "not retried as a link fault"
+    assert "Traceback" not in r.stderr
+    assert not (results(platform, "d1") / "MANIFEST.sha256").exists(), "nothing looks complete"
+    assert (outputs / "a.bin").read_bytes() == b"aaa", "kept for the retry"
+
+
 def test_an_output_with_a_name_that_is_not_utf8_is_refused_and_the_teardown_completes(
     platform: RunningPlatform,
 ) -> None:

@@ -220,6 +220,11 @@ async def upload_outputs(
         except AccessDenied as exc:
             raise _upload_failed(root, job_id, outputs, str(exc)) from exc
         except (OSError, asyncssh.Error, PlatformUnavailable) as exc:
+            gone = _local(exc, outputs, files)
+            if gone is not None:  # not the link: no retry brings the file back
+                raise _upload_failed(root, job_id, outputs, f"the output {gone!r} could not be read "
+                                     f"({exc.strerror if isinstance(exc, OSError) else exc}): it was removed or "
+                                     "changed while it was being uploaded") from exc  # fmt: skip
             error = exc
         fruitless = fruitless + 1 if reached and len(placed) == before else 0
         waited = time.monotonic() - progress
@@ -230,6 +235,14 @@ async def upload_outputs(
                 root, job_id, outputs, f"{error}; no progress for {waited:.0f} s (outage tolerance {tolerance:.0f} s)"
             ) from error
         await asyncio.sleep(min(2.0, max(0.2, tolerance / 20)))
+
+
+def _local(exc: BaseException, outputs: Path | None, files: Sequence[Path]) -> str | None:
+    """The output (relative path) an error is about, when it is about one of ours on this node, else None."""
+    if outputs is None or not isinstance(exc, OSError) or exc.filename is None:
+        return None
+    named = os.fsdecode(exc.filename)
+    return next((p.relative_to(outputs).as_posix() for p in files if str(p) == named), None)
 
 
 def _upload_failed(root: str, job_id: str, outputs: Path | None, why: str) -> JobFailed:
