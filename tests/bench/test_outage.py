@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from medbridge.bench import outage
 from medbridge.errors import InvalidInput
 from medbridge.testing.netns import available
+from medbridge.testing.wait import Lines
 
 
 def test_timeline_is_bytes_per_second_by_direction_and_survives_a_counter_reset() -> None:
@@ -78,3 +82,70 @@ def test_a_small_run_with_its_link_cut_completes_with_identical_outputs(tmp_path
     assert all(len(row) == 4 for row in result["timeline"]) and result["timeline"]
     outage.plot(result, tmp_path / "outage.png")
     assert (tmp_path / "outage.png").stat().st_size > 5000
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every living process under ``pid``: PID -> its start time (so a reused PID is not taken for it)."""
+    found: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            start = _started(child)
+            if start is not None:
+                found[child] = start
+                todo.append(child)
+    return found
+
+
+def _started(pid: int) -> str | None:
+    """A living process's start time; None once it is gone or a zombie (ended, its parent yet to reap it)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(available() is not None, reason=f"no network namespaces here: {available()}")
+def test_a_run_stopped_by_sigterm_mid_cut_stops_its_job_servers_namespaces_and_files() -> None:
+    """SIGTERM while the job waits out a cut on the mount (a batch system's time limit): the job run, its payload
+    and sshfs, the platform, the gateway and the namespaces all go, and the run's folder too. Before, the job run
+    outlived the run: with its platform gone it went on trying to upload for the whole outage tolerance."""
+    namespaces = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    folders = set(Path("/var/tmp").glob("medbridge-bench-outage-*"))
+    cmd = [sys.executable, "-m", "medbridge", "bench", "outage", "--path", "mount", "--volumes", "8",
+           "--cut-at", "0", "--cut-for", "86400"]  # fmt: skip
+    bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert bench.stderr is not None
+        said = Lines(bench.stderr)
+        said.wait_for("link cut at gw", timeout=600)
+        seen = _descendants(bench.pid)
+        assert any(" job run " in _cmdline(p) for p in seen) and any("sshfs" in _cmdline(p) for p in seen)
+        bench.send_signal(signal.SIGTERM)
+        bench.wait(timeout=300)
+        err = said.join()
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        if bench.stderr is not None:
+            bench.stderr.close()
+    assert bench.returncode == 130, err
+    assert "Traceback" not in err
+    left = [f"{p} {_cmdline(p)}" for p, start in seen.items() if _started(p) == start]
+    assert not left, left
+    assert set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()) <= namespaces
+    assert set(Path("/var/tmp").glob("medbridge-bench-outage-*")) <= folders

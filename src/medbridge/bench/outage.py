@@ -50,6 +50,8 @@ USER, DATASET = "radiologist", "chest-ct"
 SAMPLE_EVERY = 0.5
 #: The job runs this much longer than the cut's start (uncut), so there is work left when the link returns.
 AFTER_CUT = 1.3
+#: How long an interrupted run gives its job to tear down (unmount, stop its payload) before killing it, seconds.
+JOB_STOP = 60.0
 #: How often a kept run records the TCP state of its connections, seconds.
 TCP_EVERY = 10.0
 
@@ -227,6 +229,7 @@ def run(plan: Plan, progress: Callable[[str], None] | None = None, keep: Path | 
     sampler: _Sampler | None = None
     ref: subprocess.Popen[bytes] | None = None
     tcp: _TcpLog | None = None
+    job: _Job | None = None
     try:
         source = root / "volumes"
         source.mkdir()
@@ -268,6 +271,8 @@ def run(plan: Plan, progress: Callable[[str], None] | None = None, keep: Path | 
         expected: dict[str, str] = json.loads(ref.communicate()[0] or b"{}")
         return _result(plan, job, cut, sampler, expected, count)
     finally:
+        if job is not None and job.proc.poll() is None:  # interrupted (SIGTERM, ^C): the job tears down first
+            processes.stop(job.proc, timeout=JOB_STOP)
         if tcp is not None:
             tcp.stop()
         if sampler is not None:
