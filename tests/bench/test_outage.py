@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -111,6 +112,11 @@ def _started(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
+def _netns(pid: int) -> str:
+    """The named network namespace ``pid`` runs in ("" for the machine's own)."""
+    return subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True).stdout.strip()
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
@@ -123,8 +129,6 @@ def test_a_run_stopped_by_sigterm_mid_cut_stops_its_job_servers_namespaces_and_f
     """SIGTERM while the job waits out a cut on the mount (a batch system's time limit): the job run, its payload
     and sshfs, the platform, the gateway and the namespaces all go, and the run's folder too. Before, the job run
     outlived the run: with its platform gone it went on trying to upload for the whole outage tolerance."""
-    namespaces = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    folders = set(Path("/var/tmp").glob("medbridge-bench-outage-*"))
     cmd = [sys.executable, "-m", "medbridge", "bench", "outage", "--path", "mount", "--volumes", "8",
            "--cut-at", "0", "--cut-for", "86400"]  # fmt: skip
     bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -134,6 +138,10 @@ def test_a_run_stopped_by_sigterm_mid_cut_stops_its_job_servers_namespaces_and_f
         said.wait_for("link cut at gw", timeout=600)
         seen = _descendants(bench.pid)
         assert any(" job run " in _cmdline(p) for p in seen) and any("sshfs" in _cmdline(p) for p in seen)
+        # its own namespaces and folder (other runs on the machine may make theirs meanwhile)
+        namespaces = {_netns(p) for p in seen} - {""}
+        folders = set(re.findall(r"/var/tmp/medbridge-bench-outage-[A-Za-z0-9_]+", " ".join(map(_cmdline, seen))))
+        assert len(namespaces) >= 3 and len(folders) == 1, (namespaces, folders)
         bench.send_signal(signal.SIGTERM)
         bench.wait(timeout=300)
         err = said.join()
@@ -147,5 +155,6 @@ def test_a_run_stopped_by_sigterm_mid_cut_stops_its_job_servers_namespaces_and_f
     assert "Traceback" not in err
     left = [f"{p} {_cmdline(p)}" for p, start in seen.items() if _started(p) == start]
     assert not left, left
-    assert set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()) <= namespaces
-    assert set(Path("/var/tmp").glob("medbridge-bench-outage-*")) <= folders
+    listed = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not namespaces & listed, namespaces & listed
+    assert not any(Path(f).exists() for f in folders), folders
