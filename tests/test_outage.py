@@ -148,9 +148,10 @@ except OSError as exc:
 def test_a_zero_window_over_a_silent_link_lives_as_long_as_tcp_retries2_allows_whatever_the_user_timeout() -> None:
     """Why the sites (and the operator guides) raise ``tcp_retries2`` at gw and the platform.
 
-    The node stops reading, so gw's side probes a zero window; the link is cut. At gw's
-    retries2 = 2 the connection dies mid-cut (ETIMEDOUT) though TCP_USER_TIMEOUT is an
-    hour: the cause of a 30-minute cut failing on the mount path. At the sites' setting
+    The node stops reading, so gw's side probes a zero window; the link is cut at gw (its
+    own sends fail too: the same probing). At gw's retries2 = 2 the connection dies
+    mid-cut (ETIMEDOUT) though TCP_USER_TIMEOUT is an hour: the cause of a 30-minute cut
+    failing on the mount path. At the sites' setting
     it outlives more probes than that, and every byte arrives once the link returns.
     Waits on events (a probe count, the sender's word), never on a time.
     """

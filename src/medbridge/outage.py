@@ -9,13 +9,14 @@ others (a keepalive budget of its own was how a 300 s cut broke the mount path):
 - the platform keeps a silent session two keepalive rounds longer, so the job is
   always the side that decides and names the outage;
 - TCP under both is asked to give up only after SSH has (``TCP_USER_TIMEOUT``);
-- one case the option does not cover: a connection whose peer's receive window was
-  full when the link went silent is kept alive by zero-window probes, and Linux drops
-  it after ``net.ipv4.tcp_retries2`` unanswered probes *whatever* ``TCP_USER_TIMEOUT``
-  says (``tcp_probe_timer``; measured on 6.18: 5 s at 3, about 13 minutes at the default
-  15).  A job that was slow to read when the link went (a loaded node) then loses its
-  connection at the gateway mid-cut, and its read fails when the link returns: how a
-  30-minute cut once broke the mount path.  So the gateway and the platform hosts need
+- what the option does not cover: a connection that cannot send at all — its peer's
+  receive window full when the link went silent, or its own sends failing at its host
+  (a firewall rule, its link down) — *probes* instead of retransmitting, and Linux
+  drops it after ``net.ipv4.tcp_retries2`` unanswered probes whatever
+  ``TCP_USER_TIMEOUT`` says (``tcp_probe_timer``; measured on 6.18: 4-5 s at 3, about
+  13 minutes at the default 15).  The gateway's side of a job's connection then dies
+  mid-cut, and the job's read fails when the link returns: how a 30-minute cut broke
+  the mount path (``bench outage`` cuts at gw).  So the gateway and the platform hosts need
   ``tcp_retries2`` of :func:`persist_retries` of their patience (the test sites set it
   in their namespaces); both say at start when it is lower (:func:`persist_shortfall`).
   Where it still happens (a node's own kernel, not ours to tune), the loader, the
