@@ -44,6 +44,13 @@ def test_differences_name_the_masks_that_differ_are_missing_or_extra() -> None:
     assert outage.differences(dict(expected), expected) == {"differ": [], "missing": [], "extra": []}
 
 
+def test_misread_names_the_volumes_whose_bytes_are_not_the_datasets() -> None:
+    source = {"a.nii": "1", "b.nii": "2"}
+    reads = [{"volume": "a.nii", "sha256": "1"}, {"volume": "b.nii", "sha256": "X"}, {"volume": "c.nii", "sha256": "3"}]
+    assert outage.misread(reads, source) == ["b.nii", "c.nii"]
+    assert outage.misread([{"volume": "a.nii"}], source) == [], "no digest recorded: nothing to say"
+
+
 def test_enough_volumes_that_the_job_reads_past_the_cut() -> None:
     plan = outage.Plan(cut_at=500, cut_for=300)
     n = outage.volumes_for(plan, seconds_per_volume=1.6)
@@ -72,6 +79,7 @@ def test_a_small_run_with_its_link_cut_completes_with_identical_outputs(tmp_path
         assert key in result
     assert result["outputs"] == {"differ": [], "missing": [], "extra": [], "reference_volumes": 100}
     assert not result["unfinished_read"]
+    assert result["reads_differ"] == [], "every volume's bytes were the dataset's"
     assert len(list((kept / "ref").glob("*_lungs.nii"))) == 100, "the reference masks are kept"
     assert (kept / "job.log").exists() and (kept / "world").is_dir()
     tcp = (kept / "tcp.log").read_text()

@@ -220,8 +220,9 @@ def bench_outage(read_path: str, cut_at: float | None, cut_for: float | None, vo
     """The original's figure: a lung-segmentation job on the three sites, its link cut at gw mid-inference.
 
     Reports whether the job completed, whether every mask matches an uncut run (SHA-256),
-    the longest the job waited for a volume (stall), and bytes per second through the
-    gateway over time.  Exits 0 when the job completed with identical outputs, 1 otherwise.
+    whether every volume the job read was the dataset's (SHA-256), the longest the job
+    waited for a volume (stall), and bytes per second through the gateway over time.
+    Exits 0 when the job completed with identical outputs and reads, 1 otherwise.
     """
     import dataclasses
 
@@ -246,13 +247,15 @@ def bench_outage(read_path: str, cut_at: float | None, cut_for: float | None, vo
             ("first volume after the link returned", f"{result['first_read_after_cut_s']} s"),
             ("volumes", f"{result['volumes_read']}/{result['volumes']}"),
             ("job", f"{result['job_seconds']} s, exit {result['exit_code']}"),
+            *((("volumes read with wrong bytes", ", ".join(result["reads_differ"][:5])),)
+              if result["reads_differ"] else ()),
             *((f"masks {k} (of {result['outputs']['reference_volumes']})",
                ", ".join(v[:5]) + (" …" if len(v) > 5 else ""))
               for k, v in result["outputs"].items() if k != "reference_volumes" and v),
         ])  # fmt: skip
         if result["job_said"]:
             output.err.print(result["job_said"], highlight=False, markup=False)
-    if not (result["completed"] and result["outputs_match"]):
+    if not (result["completed"] and result["outputs_match"]) or result["reads_differ"]:
         raise click.exceptions.Exit(1)
 
 

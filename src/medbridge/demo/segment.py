@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -101,7 +102,8 @@ def mask_name(volume: str) -> str:
 def main() -> int:
     """The demo job's payload: read every volume, write a lung mask per volume to $MEDBRIDGE_DEMO_OUTPUTS.
 
-    With $MEDBRIDGE_DEMO_TIMINGS, each read's start and end (seconds since the epoch) go there as JSON lines, and
+    With $MEDBRIDGE_DEMO_TIMINGS, each read's start and end (seconds since the epoch) and the SHA-256 of the bytes it
+    got go there as JSON lines, and
     the start of the read under way to a file beside it (``.asking``), so a read that never returns is seen too.
     """
     outputs = Path(os.environ["MEDBRIDGE_DEMO_OUTPUTS"])
@@ -122,7 +124,9 @@ def main() -> int:
                 break
             name, data = item
             if log is not None:
-                log.write(json.dumps({"volume": name, "asked": asked, "got": time.time(), "bytes": len(data)}) + "\n")
+                got = time.time()
+                log.write(json.dumps({"volume": name, "asked": asked, "got": got, "bytes": len(data),
+                                      "sha256": hashlib.sha256(data).hexdigest()}) + "\n")  # fmt: skip
             if cache and not summary:
                 # What many loaders do: keep a local copy for the next epoch. The residue scan must catch it.
                 Path(cache).mkdir(parents=True, exist_ok=True)
