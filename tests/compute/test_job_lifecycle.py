@@ -145,14 +145,22 @@ class WriteDuringUpload(JobSFTPServer):
         return super().write(file_obj, offset, data)
 
 
-def test_outputs_written_during_the_upload_are_kept_not_wiped(platform: RunningPlatform) -> None:
+def _two_outputs_served_by(
+    platform: RunningPlatform, server: type[WriteDuringUpload | DeleteDuringUpload], job_id: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """A job that writes a.bin and b.bin to its outputs, its upload served by ``server`` (which acts mid-upload)."""
     outputs = platform.root / "job" / "outputs"
     platform.root.joinpath("job").mkdir(exist_ok=True)
     assert platform.platform is not None
-    WriteDuringUpload.outputs = outputs
-    platform.platform.sftp_class = WriteDuringUpload
+    server.outputs = outputs
+    platform.platform.sftp_class = server
     r = job_run(platform, f"mkdir -p {outputs} && printf aaa > {outputs}/a.bin && printf bbb > {outputs}/b.bin",
-                "--job-id", "w1", "--outputs", str(outputs))  # fmt: skip
+                "--job-id", job_id, "--outputs", str(outputs))  # fmt: skip
+    return r, outputs
+
+
+def test_outputs_written_during_the_upload_are_kept_not_wiped(platform: RunningPlatform) -> None:
+    r, outputs = _two_outputs_served_by(platform, WriteDuringUpload, "w1")
     assert r.returncode == 0, r.stderr
     assert "2 files appeared or changed in --outputs" in r.stderr and "not uploaded, kept" in r.stderr
     assert (results(platform, "w1") / "MANIFEST.sha256").exists()
@@ -177,13 +185,7 @@ def test_an_output_removed_during_the_upload_fails_it_at_once_with_its_name_not_
     platform: RunningPlatform,
 ) -> None:
     """Before, the missing file was taken for a dropped link: three attempts, then an error that named none."""
-    outputs = platform.root / "job" / "outputs"
-    platform.root.joinpath("job").mkdir(exist_ok=True)
-    assert platform.platform is not None
-    DeleteDuringUpload.outputs = outputs
-    platform.platform.sftp_class = DeleteDuringUpload
-    r = job_run(platform, f"mkdir -p {outputs} && printf aaa > {outputs}/a.bin && printf bbb > {outputs}/b.bin",
-                "--job-id", "d1", "--outputs", str(outputs))  # fmt: skip
+    r, outputs = _two_outputs_served_by(platform, DeleteDuringUpload, "d1")
     assert r.returncode == 9, r.stderr
     assert "the output 'b.bin' could not be read (No such file or directory)" in r.stderr, r.stderr
     assert "attempts" not in r.stderr, "not retried as a link fault"
