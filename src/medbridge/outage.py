@@ -14,7 +14,7 @@ others (a keepalive budget of its own was how a 300 s cut broke the mount path):
   (a firewall rule, its link down) — *probes* instead of retransmitting, and Linux
   drops it after ``net.ipv4.tcp_retries2`` unanswered probes whatever
   ``TCP_USER_TIMEOUT`` says (``tcp_probe_timer``; measured on 6.18: 4-5 s at 3, about
-  13 minutes at the default 15).  The gateway's side of a job's connection then dies
+  15 minutes at the default 15).  The gateway's side of a job's connection then dies
   mid-cut, and the job's read fails when the link returns: how a 30-minute cut broke
   the mount path (``bench outage`` cuts at gw).  So the gateway and the platform hosts need
   ``tcp_retries2`` of :func:`persist_retries` of their patience (the test sites set it
@@ -52,6 +52,10 @@ MAX_INTERVAL = 15
 RETRIES2 = Path("/proc/sys/net/ipv4/tcp_retries2")
 #: Linux's shortest first probe interval (``TCP_RTO_MIN``) and longest interval (``TCP_RTO_MAX``), seconds.
 RTO_MIN, RTO_MAX = 0.2, 120.0
+#: Intervals that double before they reach ``RTO_MAX`` (200 ms x 2**10 > 120 s).
+DOUBLINGS = 10
+#: The most ``tcp_retries2`` Linux accepts (a byte on this kernel; older ones took more: what we advise at most).
+MAX_RETRIES2 = 255
 
 
 @dataclass(frozen=True)
@@ -105,19 +109,22 @@ def tune(sock: Any, user_timeout_ms: int) -> None:
 
 
 def probing_seconds(retries: int) -> float:
-    """How long, at least, Linux probes a zero window over a silent link before it drops the connection.
+    """How long, at least, Linux probes over a silent link before it drops the connection.
 
-    ``retries`` probes (``tcp_retries2``), each interval double the last from 200 ms, at
-    most 120 s: 15, the default, is ~805 s.  At least: a back-off already raised when the
-    link went makes it longer.
+    It gives up when a probe timer fires with ``retries`` (``tcp_retries2``) probes
+    unanswered: ``retries`` + 1 intervals, each double the last from 200 ms, at most
+    120 s — 15, the default, is ~925 s.  At least: a back-off already raised when the link
+    went makes it longer.
     """
-    return float(sum(min(RTO_MIN * 2.0**i, RTO_MAX) for i in range(max(0, retries))))
+    n = max(0, retries) + 1
+    doubling = min(n, DOUBLINGS)  # 200 ms x 2**i stays under 120 s for i < 10
+    return RTO_MIN * (2.0**doubling - 1) + RTO_MAX * (n - doubling)
 
 
 def persist_retries(seconds: float) -> int:
-    """The ``tcp_retries2`` whose zero-window probing outlasts ``seconds`` of silence."""
+    """The ``tcp_retries2`` whose probing outlasts ``seconds`` of silence, at most Linux's 255."""
     retries = 0
-    while probing_seconds(retries) < seconds:
+    while retries < MAX_RETRIES2 and probing_seconds(retries) < seconds:
         retries += 1
     return retries
 
@@ -128,11 +135,16 @@ def persist_shortfall(seconds: float, setting: Path | None = None) -> str | None
         retries = int((setting or RETRIES2).read_text().strip())
     except (OSError, ValueError):
         return None
-    if probing_seconds(retries) >= seconds:
+    held = probing_seconds(retries)
+    if held >= seconds:
         return None
     need = persist_retries(seconds)
-    return (
-        f"net.ipv4.tcp_retries2 is {retries}: a connection whose peer was slow to read when the link went "
-        f"silent is dropped by this host's kernel after ~{probing_seconds(retries):.0f} s, not {seconds:.0f} s; "
-        f"set it to {need} (sysctl -w net.ipv4.tcp_retries2={need}, and in /etc/sysctl.d)"
-    )
+    why = (f"net.ipv4.tcp_retries2 is {retries}: a connection that cannot send when the link goes silent (its "
+           f"peer slow to read, or its own sends failing at this host) is dropped by this host's kernel after "
+           f"~{held:.0f} s, not {seconds:.0f} s")  # fmt: skip
+    if probing_seconds(need) < seconds:
+        most = probing_seconds(need) / 3600
+        return (f"{why}; Linux allows at most {MAX_RETRIES2}, which holds ~{most:.1f} h: set it to {need} (sysctl -w "
+                f"net.ipv4.tcp_retries2={need}, and in /etc/sysctl.d) and expect such a connection to end sooner "
+                "than that")  # fmt: skip
+    return f"{why}; set it to {need} (sysctl -w net.ipv4.tcp_retries2={need}, and in /etc/sysctl.d)"

@@ -509,7 +509,7 @@ def test_one_source_cannot_take_the_descriptors_of_the_others(tmp_path: Path) ->
             gw.wait(timeout=HANG)
 
 
-@pytest.mark.parametrize(("retries", "warned"), [(15, True), (39, False)])
+@pytest.mark.parametrize(("retries", "warned"), [(15, True), (38, False)])
 def test_a_kernel_that_would_drop_a_silent_link_before_idle_timeout_is_named_at_start(
     gateway: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
     retries: int, warned: bool,
@@ -523,4 +523,4 @@ def test_a_kernel_that_would_drop_a_silent_link_before_idle_timeout_is_named_at_
     said = [r.getMessage() for r in caplog.records if "tcp_retries2" in r.getMessage()]
     assert bool(said) == warned, said
     if warned:
-        assert "route prod: idle_timeout is 3600 s" in said[0] and "tcp_retries2=39" in said[0]
+        assert "route prod: idle_timeout is 3600 s" in said[0] and "tcp_retries2=38" in said[0]

@@ -37,6 +37,8 @@ class Address:
         return format_address(self.host, self.port)
 
 
+#: The longest span of seconds a setting takes (30 days): past it, or nan or inf, a value is a typo.
+MAX_SECONDS = 30 * 86400.0
 #: How long a relayed connection may stay silent, seconds, unless a route says otherwise (longer than any job's
 #: outage tolerance by default: the job decides, the gateway does not).
 IDLE_TIMEOUT = 3600.0
@@ -78,8 +80,8 @@ def _address(value: object, where: str) -> Address:
 
 def _number(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise InvalidInput(f"{where}.{key}: must be a positive number of seconds")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SECONDS:
+        raise InvalidInput(f"{where}.{key}: must be a positive number of seconds, at most {MAX_SECONDS:.0f}")
     return float(value)
 
 

@@ -622,7 +622,8 @@ class Platform:
         user_timeout = outage.tcp_user_timeout_ms(self.settings.outage_tolerance)
         shortfall = outage.persist_shortfall(user_timeout / 1000)
         if shortfall is not None:
-            log.warning("outage_tolerance is %g s, but %s", self.settings.outage_tolerance, shortfall)
+            log.warning("outage_tolerance is %g s (a silent session is held %g s), but %s",
+                        self.settings.outage_tolerance, user_timeout / 1000, shortfall)  # fmt: skip
         options = asyncssh.SSHServerConnectionOptions(
             server_host_keys=[self.host_key],
             encryption_algs=list(CIPHERS),
