@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from medbridge import processes
 from medbridge.bench import outage
 from medbridge.errors import InvalidInput
 from medbridge.testing.netns import available
@@ -154,9 +155,7 @@ def test_a_run_stopped_by_sigterm_mid_cut_stops_its_job_servers_namespaces_and_f
         bench.wait(timeout=300)
         err = said.join()
     finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
+        processes.stop(bench, timeout=120)  # SIGTERM first: a failed test must not leave the run's world behind
         if bench.stderr is not None:
             bench.stderr.close()
     assert bench.returncode == 130, err

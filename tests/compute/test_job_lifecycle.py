@@ -146,7 +146,7 @@ class WriteDuringUpload(JobSFTPServer):
 
 
 def _two_outputs_served_by(
-    platform: RunningPlatform, server: type[WriteDuringUpload | DeleteDuringUpload], job_id: str
+    platform: RunningPlatform, server: type[WriteDuringUpload | ReplaceDuringUpload], job_id: str
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     """A job that writes a.bin and b.bin to its outputs, its upload served by ``server`` (which acts mid-upload)."""
     outputs = platform.root / "job" / "outputs"
@@ -169,26 +169,43 @@ def test_outputs_written_during_the_upload_are_kept_not_wiped(platform: RunningP
     assert not (outputs / "b.bin").exists(), "uploaded and unchanged: wiped"
 
 
-class DeleteDuringUpload(JobSFTPServer):
-    """The payload's leftovers at work while the upload runs: an output not yet uploaded is removed."""
+class ReplaceDuringUpload(JobSFTPServer):
+    """The payload's leftovers at work while the upload runs: an output not yet uploaded is removed or replaced."""
 
     outputs: Path
+    by = "nothing"
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
         assert isinstance(file_obj, OpenFile)
-        if "a.bin" in file_obj.path:
-            (self.outputs / "b.bin").unlink(missing_ok=True)
+        b = self.outputs / "b.bin"
+        if "a.bin" in file_obj.path and b.is_file() and not b.is_symlink():
+            b.unlink()
+            if self.by == "a FIFO":  # opening it to read would block the upload for good
+                os.mkfifo(b)
+            elif self.by == "a folder":
+                b.mkdir()
+            elif self.by == "a link":
+                b.symlink_to("/etc/hostname")
         return super().write(file_obj, offset, data)
 
 
-def test_an_output_removed_during_the_upload_fails_it_at_once_with_its_name_not_as_a_link_fault(
-    platform: RunningPlatform,
+@pytest.mark.parametrize(
+    ("by", "words"),
+    [("nothing", "the output 'b.bin' could not be read (No such file or directory) (removed or replaced"),
+     ("a FIFO", "the output 'b.bin' is no longer a regular file"),
+     ("a folder", "the output 'b.bin' is no longer a regular file"),
+     ("a link", "the output 'b.bin' is no longer a regular file")],
+)  # fmt: skip
+def test_an_output_removed_or_replaced_during_the_upload_fails_it_at_once_naming_it(
+    platform: RunningPlatform, by: str, words: str
 ) -> None:
-    """Before, the missing file was taken for a dropped link: three attempts, then an error that named none."""
-    r, outputs = _two_outputs_served_by(platform, DeleteDuringUpload, "d1")
+    """Before, a removed file was taken for a dropped link (three attempts, then an error that named none), a FIFO
+    hung the upload for good, and a folder or link was reported as the platform's refusal."""
+    ReplaceDuringUpload.by = by
+    r, outputs = _two_outputs_served_by(platform, ReplaceDuringUpload, "d1")
     assert r.returncode == 9, r.stderr
-    assert "the output 'b.bin' could not be read (No such file or directory)" in r.stderr, r.stderr
-    assert "attempts" not in r.stderr, "not retried as a link fault"
+    assert words in r.stderr, r.stderr
+    assert "attempts" not in r.stderr and "the platform refused" not in r.stderr
     assert "Traceback" not in r.stderr
     assert not (results(platform, "d1") / "MANIFEST.sha256").exists(), "nothing looks complete"
     assert (outputs / "a.bin").read_bytes() == b"aaa", "kept for the retry"

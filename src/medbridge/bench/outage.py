@@ -26,12 +26,13 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,9 @@ USER, DATASET = "radiologist", "chest-ct"
 SAMPLE_EVERY = 0.5
 #: The job runs this much longer than the cut's start (uncut), so there is work left when the link returns.
 AFTER_CUT = 1.3
-#: How long an interrupted run gives its job to tear down (unmount, stop its payload) before killing it, seconds.
-JOB_STOP = 60.0
+#: How long an interrupted run gives its job to tear down (unmount, stop its payload) before killing it, seconds:
+#: well inside Slurm's default KillWait (30 s), after which the whole run is SIGKILLed.
+JOB_STOP = 15.0
 #: How often a kept run records the TCP state of its connections, seconds.
 TCP_EVERY = 10.0
 
@@ -219,8 +221,13 @@ def run(plan: Plan, progress: Callable[[str], None] | None = None, keep: Path | 
 
     ``keep``: a folder, not yet there, to move the run's folder to when it ends (else removed).
     """
-    if keep is not None and (keep.exists() or keep.is_symlink()):
-        raise InvalidInput(f"--keep {str(keep)!r} already exists: name a folder that does not")
+    if keep is not None:
+        try:
+            keep.mkdir()  # claimed now, so the run's end cannot meet a folder someone else made meanwhile
+        except FileExistsError:
+            raise InvalidInput(f"--keep {str(keep)!r} already exists: name a folder that does not") from None
+        except OSError as exc:
+            raise InvalidInput(f"--keep {str(keep)!r} cannot be made: {exc.strerror}") from None
     plan.check()
     say = progress or (lambda _m: None)
     why = netns.available()
@@ -277,25 +284,58 @@ def run(plan: Plan, progress: Callable[[str], None] | None = None, keep: Path | 
         source_digests = {p.name: processes.sha256_file(p) for p in sorted(source.glob("*.nii"))}
         return _result(plan, job, cut, sampler, expected, count, source_digests)
     finally:
-        if job is not None and job.proc.poll() is None:  # interrupted (SIGTERM, ^C): the job tears down first
-            processes.stop(job.proc, timeout=JOB_STOP)
-        if tcp is not None:
-            tcp.stop()
-        if sampler is not None:
-            sampler.stop()
-        if ref is not None and ref.poll() is None:
-            processes.stop(ref, timeout=5)
-        if ref is not None and ref.stdout is not None:
-            ref.stdout.close()
-        if d is not None:
-            d.stop()
-        if sites is not None:
-            sites.stop()
-        if keep is not None:
-            shutil.move(root, keep)
-            say(f"the run's folder is kept: {keep}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        with _uninterrupted():
+            _end(job, tcp, sampler, ref, d, sites)
+            _keep(root, keep, say)
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """A cleanup that a second SIGTERM or ^C must not cut short: it would leave the job, namespaces and folder."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _end(job: _Job | None, tcp: _TcpLog | None, sampler: _Sampler | None, ref: subprocess.Popen[bytes] | None,
+         d: Deployment | None, sites: netns.Sites | None) -> None:  # fmt: skip
+    """Stop what a run started, the job first (interrupted, it tears down while its platform is still there)."""
+    if job is not None and job.proc.poll() is None:
+        processes.stop(job.proc, timeout=JOB_STOP)
+    if tcp is not None:
+        tcp.stop()
+    if sampler is not None:
+        sampler.stop()
+    if ref is not None and ref.poll() is None:
+        processes.stop(ref, timeout=5)
+    if ref is not None and ref.stdout is not None:
+        ref.stdout.close()
+    if d is not None:
+        d.stop()
+    if sites is not None:
+        sites.stop()
+
+
+def _keep(root: Path, keep: Path | None, say: Callable[[str], None]) -> None:
+    """Move the run's files into ``keep`` (made at the start), or remove them; a move that fails leaves them."""
+    if keep is None:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    try:
+        if keep.is_symlink() or not keep.is_dir():
+            raise OSError(f"{keep} is no longer the folder this run made")
+        for entry in root.iterdir():
+            shutil.move(entry, keep / entry.name)
+        root.rmdir()
+        say(f"the run's folder is kept: {keep}")
+    except OSError as exc:
+        say(f"the run could not be kept in {keep} ({exc}); what it made is still in {root}")
 
 
 class _Job:

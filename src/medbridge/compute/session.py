@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import posixpath
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -196,6 +198,9 @@ async def upload_outputs(
                     parent = posixpath.dirname(remote)
                     if parent != root:
                         await sftp.makedirs(parent, exist_ok=True)
+                    if not stat.S_ISREG(path.lstat().st_mode):  # a link, folder or FIFO put in its place since
+                        raise _upload_failed(root, job_id, outputs, f"the output {rel!r} is no longer a regular "
+                                             "file (replaced while the outputs were being uploaded)")  # fmt: skip
                     read = _identity(path)
                     await sftp.put(str(path), remote + PARTIAL_SUFFIX, progress_handler=moved)
                     await sftp.posix_rename(remote + PARTIAL_SUFFIX, remote)
@@ -221,10 +226,10 @@ async def upload_outputs(
             raise _upload_failed(root, job_id, outputs, str(exc)) from exc
         except (OSError, asyncssh.Error, PlatformUnavailable) as exc:
             gone = _local(exc, outputs, files)
-            if gone is not None:  # not the link: no retry brings the file back
+            if gone is not None and isinstance(exc, OSError):  # not the link: no retry brings the file back
+                why = " (removed or replaced while it was being uploaded)" if exc.errno in REPLACED else ""
                 raise _upload_failed(root, job_id, outputs, f"the output {gone!r} could not be read "
-                                     f"({exc.strerror if isinstance(exc, OSError) else exc}): it was removed or "
-                                     "changed while it was being uploaded") from exc  # fmt: skip
+                                     f"({exc.strerror}){why}") from exc  # fmt: skip
             error = exc
         fruitless = fruitless + 1 if reached and len(placed) == before else 0
         waited = time.monotonic() - progress
@@ -235,6 +240,10 @@ async def upload_outputs(
                 root, job_id, outputs, f"{error}; no progress for {waited:.0f} s (outage tolerance {tolerance:.0f} s)"
             ) from error
         await asyncio.sleep(min(2.0, max(0.2, tolerance / 20)))
+
+
+#: Errors that mean an output was removed or replaced (by a link, a folder) while it was being uploaded.
+REPLACED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP})
 
 
 def _local(exc: BaseException, outputs: Path | None, files: Sequence[Path]) -> str | None:
