@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -178,7 +179,11 @@ class ReplaceDuringUpload(JobSFTPServer):
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
         assert isinstance(file_obj, OpenFile)
         b = self.outputs / "b.bin"
-        if "a.bin" in file_obj.path and b.is_file() and not b.is_symlink():
+        if self.by == "a FIFO, during its own upload":
+            if "b.bin" in file_obj.path and b.is_file():
+                b.unlink()
+                os.mkfifo(b)  # reading or hashing it by name afterwards would block for good
+        elif "a.bin" in file_obj.path and b.is_file() and not b.is_symlink():
             b.unlink()
             if self.by == "a FIFO":  # opening it to read would block the upload for good
                 os.mkfifo(b)
@@ -209,6 +214,20 @@ def test_an_output_removed_or_replaced_during_the_upload_fails_it_at_once_naming
     assert "Traceback" not in r.stderr
     assert not (results(platform, "d1") / "MANIFEST.sha256").exists(), "nothing looks complete"
     assert (outputs / "a.bin").read_bytes() == b"aaa", "kept for the retry"
+
+
+def test_an_output_replaced_by_a_fifo_during_its_own_upload_is_committed_as_sent_and_the_fifo_kept(
+    platform: RunningPlatform,
+) -> None:
+    """The upload sends and hashes the file it opened, not whatever the name points to later (asyncssh's put
+    reopened it by name, and the hash was taken by name: a FIFO put there blocked the upload for good)."""
+    ReplaceDuringUpload.by = "a FIFO, during its own upload"
+    r, outputs = _two_outputs_served_by(platform, ReplaceDuringUpload, "f1")
+    assert r.returncode == 0, r.stderr
+    manifest = (results(platform, "f1") / "MANIFEST.sha256").read_text()
+    assert f"{hashlib.sha256(b'bbb').hexdigest()}  b.bin" in manifest, manifest
+    assert (results(platform, "f1") / "b.bin").read_bytes() == b"bbb"
+    assert stat.S_ISFIFO((outputs / "b.bin").lstat().st_mode), "changed after it was read: kept, not wiped"
 
 
 def test_an_output_with_a_name_that_is_not_utf8_is_refused_and_the_teardown_completes(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import os
 import posixpath
 import stat
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from medbridge.errors import AccessDenied, InvalidInput, JobFailed, PlatformUnav
 from medbridge.net import parse_address
 from medbridge.policy.credentials import REFUSED_BANNER
 from medbridge.policy.manifest import PARTIAL_SUFFIX, RESULTS_MANIFEST, format_manifest
-from medbridge.processes import sha256_file
 
 
 @dataclass(frozen=True)
@@ -198,13 +198,18 @@ async def upload_outputs(
                     parent = posixpath.dirname(remote)
                     if parent != root:
                         await sftp.makedirs(parent, exist_ok=True)
-                    if not stat.S_ISREG(path.lstat().st_mode):  # a link, folder or FIFO put in its place since
+                    fd = _open_regular(path)
+                    if fd is None:  # a link, folder or FIFO put in its place since the outputs were listed
                         raise _upload_failed(root, job_id, outputs, f"the output {rel!r} is no longer a regular "
                                              "file (replaced while the outputs were being uploaded)")  # fmt: skip
-                    read = _identity(path)
-                    await sftp.put(str(path), remote + PARTIAL_SUFFIX, progress_handler=moved)
+                    try:
+                        st = os.fstat(fd)
+                        read = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                        sha = await _send(sftp, fd, remote + PARTIAL_SUFFIX, moved)
+                    finally:
+                        os.close(fd)
                     await sftp.posix_rename(remote + PARTIAL_SUFFIX, remote)
-                    placed[rel] = sha256_file(path)
+                    placed[rel] = sha
                     if _identity(path) == read:  # unchanged while it was sent: only then may wipe remove it
                         sent[path] = read
                     total += read[2]
@@ -241,6 +246,42 @@ async def upload_outputs(
             ) from error
         await asyncio.sleep(min(2.0, max(0.2, tolerance / 20)))
 
+
+def _open_regular(path: Path) -> int | None:
+    """``path`` opened to read, never through a link nor blocking on a FIFO; None when it is not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link
+            return None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+async def _send(sftp: asyncssh.SFTPClient, fd: int, remote: str, moved: Callable[[], None]) -> str:
+    """Copy the file open at ``fd`` to a new ``remote`` file; the SHA-256 of exactly the bytes sent.
+
+    From our own descriptor, not by name (asyncssh's ``put`` reopens its path): a name
+    swapped meanwhile — for a FIFO that would block the upload for good, or a link —
+    cannot make it send or hash anything else.  Large writes, which asyncssh splits into
+    parallel requests.
+    """
+    digest = hashlib.sha256()
+    offset = 0
+    async with sftp.open(remote, "wb") as f:
+        while chunk := os.pread(fd, SEND_CHUNK, offset):
+            await f.write(chunk, offset)
+            digest.update(chunk)
+            offset += len(chunk)
+            moved()
+    return digest.hexdigest()
+
+
+#: Bytes read from an output and written to the platform at a time (asyncssh sends them as parallel requests).
+SEND_CHUNK = 4 * 2**20
 
 #: Errors that mean an output was removed or replaced (by a link, a folder) while it was being uploaded.
 REPLACED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP})
