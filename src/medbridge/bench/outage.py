@@ -370,11 +370,6 @@ class _Job:
             return float(self.timings.with_suffix(".asking").read_text())
         return None
 
-    def _first_asked(self) -> list[dict[str, float]]:
-        """The payload's first request, before its answer arrives."""
-        asked = self.asking()
-        return [{"asked": asked}] if asked is not None else []
-
     def cut_and_wait(self, say: Callable[[str], None]) -> tuple[float, float] | None:
         """Cut the link ``cut_at`` seconds after the payload asked for its first volume (if the job still runs),
         restore it ``cut_for`` later, wait for the end."""
@@ -384,11 +379,12 @@ class _Job:
         started = False
         while self.proc.poll() is None:
             if not started:
-                first = self.reads()[:1] or self._first_asked()
-                if not first:
+                reads = self.reads()
+                first = reads[0]["asked"] if reads else self.asking()  # asked, not yet answered
+                if first is None:
                     time.sleep(0.1)
                     continue
-                started, self.t0 = True, first[0]["asked"]
+                started, self.t0 = True, first
                 say(f"the job set up in {self.t0 - self.launched:.1f} s; inference started (t=0)")
             now = time.time() - self.t0
             due = now >= plan.cut_at if plan.cut_after_reads is None else len(self.reads()) >= plan.cut_after_reads
@@ -473,6 +469,11 @@ def _result(plan: Plan, job: _Job, cut: tuple[float, float] | None, sampler: _Sa
     }
 
 
+def whole(result: dict[str, Any]) -> bool:
+    """The run's verdict: the job completed, every mask matches the uncut run's, every read was the dataset's."""
+    return bool(result["completed"] and result["outputs_match"] and not result.get("reads_differ"))
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """Bytes per second through the gateway over the job's life, the cut shaded (the original's figure)."""
     import matplotlib
@@ -492,8 +493,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.axvspan(result["cut_at_s"], result["cut_at_s"] + result["cut_s"], color="#c44e52", alpha=0.18,
                    label=f"link cut at gw ({result['cut_s']:.0f} s)")  # fmt: skip
     ax.legend(loc="upper left", fontsize=8)
-    whole = result["completed"] and result["outputs_match"] and not result.get("reads_differ")
-    verdict = "completed, outputs identical" if whole else "FAILED"
+    verdict = "completed, outputs identical" if whole(result) else "FAILED"
     ax.set_title(f"bench outage, {result['path']}: {verdict}; longest wait for a volume {result['stall_s']:.0f} s",
                  fontsize=10)  # fmt: skip
     ax.set_xlabel("seconds since the job asked for its first volume")

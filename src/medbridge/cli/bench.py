@@ -255,7 +255,7 @@ def bench_outage(read_path: str, cut_at: float | None, cut_for: float | None, vo
         ])  # fmt: skip
         if result["job_said"]:
             output.err.print(result["job_said"], highlight=False, markup=False)
-    if not (result["completed"] and result["outputs_match"]) or result["reads_differ"]:
+    if not outage.whole(result):
         raise click.exceptions.Exit(1)
 
 

@@ -203,8 +203,7 @@ async def upload_outputs(
                         raise _upload_failed(root, job_id, outputs, f"the output {rel!r} is no longer a regular "
                                              "file (replaced while the outputs were being uploaded)")  # fmt: skip
                     try:
-                        st = os.fstat(fd)
-                        read = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                        read = _identity_of(os.fstat(fd))
                         sha = await _send(sftp, fd, remote + PARTIAL_SUFFIX, moved)
                     finally:
                         os.close(fd)
@@ -303,7 +302,10 @@ def _upload_failed(root: str, job_id: str, outputs: Path | None, why: str) -> Jo
 
 
 def _identity(path: Path) -> tuple[int, int, int, int]:
-    st = path.lstat()
+    return _identity_of(path.lstat())
+
+
+def _identity_of(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 

@@ -124,8 +124,7 @@ def main() -> int:
                 break
             name, data = item
             if log is not None:
-                got = time.time()
-                log.write(json.dumps({"volume": name, "asked": asked, "got": got, "bytes": len(data),
+                log.write(json.dumps({"volume": name, "asked": asked, "got": time.time(), "bytes": len(data),
                                       "sha256": hashlib.sha256(data).hexdigest()}) + "\n")  # fmt: skip
             if cache and not summary:
                 # What many loaders do: keep a local copy for the next epoch. The residue scan must catch it.
